@@ -1,0 +1,1359 @@
+"""
+transformer.py: a GPT you can read top to bottom, train on one GPU or many, and sample from.
+
+    python transformer.py                          # prepare tiny Shakespeare, train, save, print a sample
+    python transformer.py --sample --ckpt checkpoints/ckpt.pt --prompt "ROMEO:"
+    python transformer.py --eval --ckpt checkpoints/ckpt.pt --data data/shakespeare_byte
+    torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
+
+The file is a story, in this order:
+    1. Config      GPTConfig: sizes (gpt2 ... gpt2-xl, tiny) and architectures (gpt2, llama, olmo)
+    2. Positions   RoPE and ALiBi, the two alternatives to learned position embeddings
+    3. Attention   causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
+    4. MLP         GELU (GPT-2) or SwiGLU (LLaMA)
+    5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
+    6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
+    7. Data        tokenizers, the uint16 shard format, DataLoaderLite
+    8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
+    9. Sampling    KV cache, top-k / top-p generation, perplexity
+   10. CLI         argparse and main()
+"""
+
+import argparse
+import codecs
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config
+# A GPT is fixed by a handful of numbers (depth, width, heads, context, vocab) plus
+# a few architectural choices. GPT-2, LLaMA and OLMo differ only in those choices.
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length T
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: Optional[int] = None  # < n_head: grouped-query attention (1: multi-query); None: n_head
+    head_dim: Optional[int] = None  # None: n_embd // n_head
+    mlp_hidden: Optional[int] = None  # None: 4 * n_embd for gelu, ~8/3 * n_embd for swiglu (same params)
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorm
+    pos: str = "learned"  # 'learned' | 'rope' | 'alibi'
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
+    mlp: str = "gelu"  # 'gelu' | 'swiglu'
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # lm_head shares its weight with the token embedding
+    attn_impl: str = "sdpa"  # 'sdpa' (fused kernel, flash on GPU) | 'explicit' (the math, spelled out)
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for field, allowed in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("attn_impl", ("sdpa", "explicit"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: expected one of {', '.join(allowed)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    @classmethod
+    def preset(cls, size="gpt2", arch="gpt2", **overrides):
+        """GPTConfig.preset('gpt2-medium', 'llama', n_kv_head=4): a size, an architecture, then any field."""
+        for name, table in (("size", SIZES), ("arch", ARCHS)):
+            if (size if name == "size" else arch) not in table:
+                raise ValueError(f"unknown {name} {size if name == 'size' else arch!r}: choose from {', '.join(table)}")
+        return cls(**{**SIZES[size], **ARCHS[arch], **overrides})
+
+    def architecture(self):
+        """The fields that decide the shape and meaning of the weights (not dropout or the attention kernel)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "attn_impl")}
+
+
+POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm"), ("gelu", "swiglu")
+SIZES = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),  # for tests and CPUs
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+ARCHS = {
+    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
+}
+
+# -----------------------------------------------------------------------------
+# 2. Positions
+# Attention by itself is blind to order. GPT-2 adds a learned vector per position to
+# the token embedding (wpe, in GPT below). RoPE instead rotates queries and keys by an
+# angle proportional to their position, so q·k depends only on the distance between
+# them. ALiBi adds no vectors at all: each head subtracts slope × distance from its
+# attention scores, and so runs past the length it was trained on.
+
+
+def rope_cos_sin(head_dim, n_pos, theta, device=None):
+    """cos and sin tables, each (n_pos, head_dim): position p rotates pair i by p * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), inv_freq)  # (n_pos, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (n_pos, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hd) by cos/sin (T, hd).
+
+    This is HF's 'half-split' layout: dimension i is paired with i + hd/2, so HF Llama
+    checkpoints load unchanged. Meta's original code pairs neighbours (2i, 2i+1) instead;
+    its q/k weights are the same up to a permutation of their rows.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # rotate each (x1, x2) pair by 90 degrees
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def alibi_slopes(n_head):
+    """Per-head slopes of ALiBi (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ...
+
+    For a head count that is not a power of two, the paper takes the slopes of the
+    closest power of two below it, then every other slope of the next power up.
+    """
+
+    def power_of_2(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes)
+
+
+# -----------------------------------------------------------------------------
+# 3. Attention
+# Every position asks a question (query), advertises what it holds (key) and what it
+# would hand over (value). Position t mixes the values of positions <= t, weighted
+# by softmax(q·k / sqrt(head_dim)). The causal mask is what makes this a language
+# model: no position sees the future. With grouped-query attention, several query
+# heads share one key/value head, which shrinks the KV cache.
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.attn_impl, self.dropout = config.attn_impl, config.dropout
+        # q, k and v for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, bias=None, cache=None):
+        """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention, else an
+        additive (nh or 1, T, S) float mask; cache: this layer's KVCache view during generation."""
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached keys/values followed by these
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, is_causal=bias is None, dropout_p=dropout_p,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, nh, T, hd)
+        else:
+            y = explicit_attention(q, k, v, bias, dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def explicit_attention(q, k, v, bias, dropout_p):
+    """What scaled_dot_product_attention computes, spelled out. q (B, nh, T, hd), k/v (B, nkv, S, hd)."""
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if bias is None:  # plain causal: position t sees positions <= t
+        T = q.size(2)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    else:
+        att = att + bias
+    att = F.dropout(F.softmax(att, dim=-1), p=dropout_p)
+    return att @ v  # (B, nh, T, hd)
+
+
+# -----------------------------------------------------------------------------
+# 4. MLP
+# After attention has moved information between positions, the MLP processes each
+# position on its own. GPT-2: Linear, GELU, Linear. LLaMA's SwiGLU gates one half of
+# a wider projection with SiLU of the other half.
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        fc_out = 2 * config.mlp_hidden if self.swiglu else config.mlp_hidden  # SwiGLU: gate and up in one matmul
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, fc_out)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # (B, T, mlp_hidden)
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# 5. Block
+# Pre-norm residual: each sublayer reads a normalized copy of the residual stream and
+# adds its output back, so gradients flow straight through the sum from top to bottom.
+
+
+def make_norm(config):
+    if config.norm == "rmsnorm":  # scale only: x / rms(x) * weight
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)  # (x - mean) / std * weight + bias
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, bias=None, cache=None):  # x (B, T, C)
+        x = x + self.attn(self.ln_1(x), rope, bias, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x  # (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# 6. Model
+# Token embedding (+ learned position embedding for GPT-2), n_layer blocks, a final
+# norm, and the language-model head: a Linear back to vocabulary logits, by default
+# sharing its weight with the token embedding (weight tying, as in GPT-2).
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=make_norm(config),
+            )
+        )
+        if config.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.pos == "rope":  # cos/sin tables, grown on demand (generation can run past block_size)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if config.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(config.n_head), persistent=False)
+        self.grad_checkpointing = False
+        # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
+        # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (PaLM appendix B): 6 per matmul weight (2 forward, 4 backward),
+        plus 12 * n_layer * n_head * head_dim * T for the attention scores and their mix of values."""
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        c = self.config
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None).
+
+        targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a
+        KVCache, idx holds only the new tokens and the cache supplies everything before them.
+        """
+        B, T = idx.size()
+        c = self.config
+        start = cache.pos if cache is not None else 0  # absolute position of idx[:, 0]
+        if c.pos == "learned" and start + T > c.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than block_size={c.block_size}: "
+                "learned position embeddings exist only for positions < block_size"
+            )
+        S = T
+        if cache is not None:
+            cache.make_room(T)
+            S = cache.len + T  # keys each query can see: the cached ones plus these
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if c.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+        x = self.transformer.drop(x)
+        rope = self._rope(start, T) if c.pos == "rope" else None
+        bias = self._attention_bias(start, T, S, x.device)
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = cache.layer(i) if cache is not None else None
+            if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, rope, bias, layer_cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _rope(self, start, T):
+        """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
+        if self.rope_cos.size(0) < start + T:
+            n = max(2 * (start + T), self.config.block_size)
+            cos, sin = rope_cos_sin(self.config.head_dim, n, self.config.rope_theta, self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+    def _attention_bias(self, start, T, S, device):
+        """None when attention is plain causal over a square (T == S) window: SDPA then takes
+        its fastest (flash) path. Otherwise an additive float mask (nh or 1, T, S): 0 where
+        query i may look at key j, -inf where j is in its future, plus ALiBi's -slope * distance."""
+        if self.config.pos != "alibi" and T == S:
+            return None
+        q_pos = torch.arange(start, start + T, device=device)
+        k_pos = torch.arange(start + T - S, start + T, device=device)
+        distance = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S), >= 0 for keys in the past
+        bias = torch.zeros(T, S, device=device)
+        if self.config.pos == "alibi":
+            bias = -self.alibi.view(-1, 1, 1) * distance  # (nh, T, S)
+        return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+        """idx (B, T) -> (B, T + max_new_tokens). See section 9."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)], 1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+        """Yield the new tokens one step at a time, each (B, 1). See section 9."""
+        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or Llama-family
+        models from the hub, or any local directory holding an HF GPT2LMHeadModel or
+        LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin)."""
+        from transformers import AutoConfig  # only this function needs transformers
+
+        path = name_or_path if os.path.isdir(name_or_path) else download_hf(name_or_path)
+        hf = AutoConfig.from_pretrained(path)
+        if hf.model_type not in HF_LOADERS:
+            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported (supported: {', '.join(HF_LOADERS)})")
+        config_from_hf, weights_from_hf = HF_LOADERS[hf.model_type]
+        config = config_from_hf(hf)
+        config.dropout = dropout
+        model = cls(config)
+        ours = weights_from_hf(read_hf_weights(path), config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(ours))
+        extra = sorted(set(ours) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{name_or_path}: missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
+        for k, v in ours.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        model.load_state_dict(ours)
+        model.tokenizer = "gpt2" if hf.model_type == "gpt2" else "hf:" + path  # what sampling should decode with
+        return model
+
+
+def download_hf(name):
+    """Fetch config and weights of a hub model (users who are online) and return the local folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    except Exception as e:  # an unknown name or no network: one line that says which
+        raise ValueError(f"{name!r} is neither a local directory nor a model that could be downloaded: {e}") from None
+
+
+def read_hf_weights(path):
+    """All tensors of an HF checkpoint folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+
+        return {k: v for f in files for k, v in load_file(f).items()}
+    binary = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def gpt2_config_from_hf(hf):
+    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported (only tanh GELU)")
+    if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or getattr(hf, "reorder_and_upcast_attn", False):
+        raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    return GPTConfig.preset(
+        "gpt2", "gpt2", n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
+        vocab_size=hf.vocab_size, mlp_hidden=hf.n_inner or 4 * hf.n_embd, norm_eps=hf.layer_norm_epsilon,
+        tie_embeddings=getattr(hf, "tie_word_embeddings", True),
+    )
+
+
+def gpt2_weights_from_hf(sd, config):
+    """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old checkpoints store the causal mask as a buffer
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        out[k] = v
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out.get("transformer.wte.weight")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def llama_config_from_hf(hf):
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope scaling {rope_type!r} is not implemented: only plain RoPE ('default')")
+    if hf.hidden_act != "silu":
+        raise ValueError(f"Llama activation {hf.hidden_act!r} is not supported (only silu)")
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise ValueError("Llama checkpoints with attention_bias / mlp_bias are not supported")
+    return GPTConfig.preset(
+        "gpt2", "llama", n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
+        n_kv_head=hf.num_key_value_heads, head_dim=getattr(hf, "head_dim", None), vocab_size=hf.vocab_size,
+        block_size=hf.max_position_embeddings, mlp_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
+        rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)),
+        tie_embeddings=hf.tie_word_embeddings,
+    )
+
+
+def llama_weights_from_hf(sd, config):
+    """Llama keeps q/k/v and gate/up as separate matrices; we fuse each group into one Linear."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    out = {"transformer.wte.weight": sd.pop("embed_tokens.weight"), "transformer.ln_f.weight": sd.pop("norm.weight")}
+    out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_embeddings else sd.pop("lm_head.weight", None)
+    for i in range(config.n_layer):
+        p, q = f"layers.{i}.", f"transformer.h.{i}."
+        attn = [sd.pop(p + f"self_attn.{n}_proj.weight", None) for n in "qkv"]
+        mlp = [sd.pop(p + f"mlp.{n}_proj.weight", None) for n in ("gate", "up")]
+        out.update({
+            q + "ln_1.weight": sd.pop(p + "input_layernorm.weight", None),
+            q + "attn.c_attn.weight": torch.cat(attn) if None not in attn else None,
+            q + "attn.c_proj.weight": sd.pop(p + "self_attn.o_proj.weight", None),
+            q + "ln_2.weight": sd.pop(p + "post_attention_layernorm.weight", None),
+            q + "mlp.c_fc.weight": torch.cat(mlp) if None not in mlp else None,
+            q + "mlp.c_proj.weight": sd.pop(p + "mlp.down_proj.weight", None),
+        })
+    sd.pop("lm_head.weight", None)  # a tied checkpoint may still carry the copy
+    out.update(sd)  # whatever is left is unexpected: from_pretrained reports it
+    return {k: v for k, v in out.items() if v is not None}
+
+
+HF_LOADERS = {"gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf), "llama": (llama_config_from_hf, llama_weights_from_hf)}
+
+
+# -----------------------------------------------------------------------------
+# 7. Data
+# Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
+# waits for a tokenizer. A shard is a 1 KiB header of 256 little-endian int32
+# (magic, format version, vocab size, token count, then zeros) followed by the tokens
+# as uint16: 2 bytes a token, which is why vocabularies stop at 65,536.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 1, 256
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocab 256). On ASCII text such as tiny Shakespeare this is character level."""
+
+    name, vocab_size, eot = "byte", 256, None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class TiktokenTokenizer:
+    """OpenAI's BPE through tiktoken ('gpt2': 50,257 tokens, <|endoftext|> = 50256 separates documents)."""
+
+    def __init__(self, name):
+        import tiktoken
+
+        self.enc, self.name = tiktoken.get_encoding(name), name
+        self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+class HFTokenizer:
+    """The tokenizer saved beside an HF checkpoint (for Llama-family models loaded with --init-from)."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+
+        self.tok, self.name = AutoTokenizer.from_pretrained(path), "hf:" + path
+        self.vocab_size, self.eot = len(self.tok), self.tok.eos_token_id
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def get_tokenizer(name):
+    """'byte', a tiktoken encoding ('gpt2'), or 'hf:<dir>' for an HF checkpoint's own tokenizer."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name.startswith("hf:"):
+        return HFTokenizer(name[3:])
+    try:
+        return TiktokenTokenizer(name)
+    except ValueError:
+        raise ValueError(f"unknown tokenizer {name!r}: use 'byte', 'gpt2' or 'hf:<dir>'") from None
+
+
+def load_shard(path, vocab_size=None):
+    """Memory-map a shard's tokens (uint16, shape (n,)) after checking its header against the file."""
+    try:
+        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (bad magic); make shards with prepare_data.py")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: shard format version {header[1]}, this code reads version {SHARD_VERSION}")
+    if vocab_size is not None and header[2] != vocab_size:
+        raise ValueError(f"{path}: shard vocab_size {header[2]} does not match the dataset's {vocab_size}")
+    n, offset = int(header[3]), SHARD_HEADER_INTS * 4
+    if os.path.getsize(path) != offset + 2 * n:
+        raise ValueError(f"{path}: header says {n} tokens but the file holds {(os.path.getsize(path) - offset) / 2:g}: truncated or corrupt")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
+
+
+def read_meta(data_dir):
+    """meta.json of a prepared dataset: tokenizer, vocab_size, token counts. Written last, so it marks a complete dataset."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
+    with open(path) as f:
+        return json.load(f)
+
+
+class DataLoaderLite:
+    """(x, y) LongTensor batches of shape (B, T) from one split's shards; y is x shifted left by one.
+
+    Each epoch cuts every shard into windows of T + 1 tokens starting at a random offset and
+    visits the windows in a random order, both drawn from (seed, epoch) alone. A global
+    batch is B * num_processes consecutive windows of that order, and rank r takes windows
+    r*B ... r*B + B - 1 of it. So the stream of global batches depends only on the seed, T and
+    the global batch size, not on how many processes share it, and (epoch, step) is all the
+    state a resumed run needs.
+    """
+
+    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, seed=0):
+        files = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+        if not files:
+            raise ValueError(f"{data_dir}: no {split}_*.bin shards; make them with prepare_data.py")
+        meta_path = os.path.join(data_dir, "meta.json")
+        vocab_size = read_meta(data_dir)["vocab_size"] if os.path.exists(meta_path) else None
+        self.shards = [load_shard(f, vocab_size) for f in files]
+        self.B, self.T, self.rank, self.seed = B, T, process_rank, seed
+        self.global_batch = B * num_processes
+        n_tokens = sum(len(s) for s in self.shards)
+        if self._windows(offset=T - 1).sum() < self.global_batch:  # the worst offset must still fill one batch
+            raise ValueError(
+                f"{data_dir}: the {split} split has {n_tokens:,} tokens, too few for one batch of "
+                f"{self.global_batch} x {T + 1} tokens (batch size x processes x (seq len + 1)): lower them"
+            )
+        self.reset()
+
+    def _windows(self, offset):
+        return np.array([max(0, (len(s) - offset - 1) // self.T) for s in self.shards])
+
+    def reset(self, epoch=0, step=0):
+        """Go to batch `step` of epoch `epoch` and draw that epoch's offset and order."""
+        self.epoch, self.step = epoch, step
+        rng = np.random.default_rng([self.seed, epoch])
+        self.offset = int(rng.integers(self.T))
+        counts = self._windows(self.offset)
+        self.first_window = np.concatenate([[0], np.cumsum(counts)])  # window ids of shard i start here
+        self.order = rng.permutation(int(counts.sum()))
+        self.batches_per_epoch = len(self.order) // self.global_batch
+
+    def next_batch(self):
+        if self.step >= self.batches_per_epoch:
+            self.reset(self.epoch + 1)
+        start = self.step * self.global_batch + self.rank * self.B
+        rows = []
+        for w in self.order[start : start + self.B]:
+            shard = int(np.searchsorted(self.first_window, w, side="right")) - 1
+            pos = self.offset + (w - self.first_window[shard]) * self.T
+            rows.append(self.shards[shard][pos : pos + self.T + 1])
+        self.step += 1
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        return buf[:, :-1], buf[:, 1:]  # x, y: (B, T) each
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, T=self.T, global_batch=self.global_batch)
+
+    def load_state_dict(self, state):
+        for key in ("seed", "T", "global_batch"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data loader state has {key}={state[key]}, this run has {getattr(self, key)}: resume with the same settings")
+        self.reset(state["epoch"], state["step"])
+
+
+# -----------------------------------------------------------------------------
+# 8. Training
+# AdamW with weight decay on matrices only, linear warmup then cosine decay, gradient
+# accumulation to reach a large batch in small steps, gradient clipping, bf16 autocast
+# on GPUs. Under torchrun every process runs this same code on its slice of each
+# batch, and DistributedDataParallel averages the gradients. Checkpoints hold all the
+# state (weights, optimizer, data position, RNGs), so a resumed run continues exactly.
+
+CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12, "3090": 71e12}  # dense bf16
+
+
+def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95)):
+    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop over them
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+
+
+def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
+    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves
+    either the previous checkpoint or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def check_same_architecture(saved, config, path):
+    ours = config.architecture()
+    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; use the same model flags to resume")
+
+
+def matmul_peak_flops(device, dtype=torch.float32, n=2048, repeats=5):
+    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device):
+    """(FLOP/s, where the figure comes from) for MFU: a GPU's datasheet bf16 peak, else a measured matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} bf16 datasheet peak"
+    flops = matmul_peak_flops(device)
+    return flops, f"fp32 matmul measured at start-up on {device.type}"
+
+
+def pick_device(name, local_rank=0):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Distributed:
+    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
+
+    def __init__(self):
+        self.enabled = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+
+    def start(self, device):
+        if self.enabled:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+
+    def mean(self, t):
+        """Average a tensor over processes (gloo has no AVG, so SUM / world)."""
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            t /= self.world
+        return t
+
+    def any(self, flag, device):
+        """True on every process if any process says True (used to stop all of them at the same step)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def stop(self):
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def estimate_val_loss(model, loader, iters, device, dtype, dist):
+    """Mean loss over the same `iters` val batches every time (the loader restarts at its beginning)."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(iters):
+        x, y = loader.next_batch()
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    model.train()
+    return dist.mean(total / iters).item()
+
+
+class StopSignal:
+    """SIGINT / SIGTERM ask the loop to finish its step, save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def prepare_default_data(data_dir):
+    """The main job's data: tiny Shakespeare at byte (= character) level, prepared on first use."""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        import prepare_data
+
+        prepare_data.main(["--input", "input.txt", "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
+
+
+def train(args):
+    dist = Distributed()
+    device = pick_device(args.device, dist.local_rank)
+    dtype = pick_dtype(args.dtype, device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
+    dist.start(device)
+    try:
+        run_training(args, dist, device, dtype)
+    finally:
+        dist.stop()
+
+
+def run_training(args, dist, device, dtype):
+    say = print if dist.master else (lambda *a, **k: None)
+    # --- data ---------------------------------------------------------------------------------
+    if args.data is None:
+        args.data = DEFAULT_DATA
+        if dist.master:
+            prepare_default_data(args.data)
+        dist.barrier()
+    meta = read_meta(args.data)
+    B, T = args.batch_size, args.seq_len
+    tokens_per_micro = B * T * dist.world
+    total = args.total_batch_tokens or tokens_per_micro
+    if total % tokens_per_micro:
+        raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch x seq-len x processes = {tokens_per_micro}")
+    grad_accum = total // tokens_per_micro
+    train_loader = DataLoaderLite(args.data, "train", B, T, dist.rank, dist.world, args.seed)
+    val_loader = DataLoaderLite(args.data, "val", B, T, dist.rank, dist.world, args.seed)
+
+    # --- model --------------------------------------------------------------------------------
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    if args.init_from:
+        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        if meta["vocab_size"] > model.config.vocab_size or T > model.config.block_size:
+            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit {args.init_from} (vocab {model.config.vocab_size}, block_size {model.config.block_size})")
+    else:
+        model = GPT(model_config(args, meta["vocab_size"]))
+    config = model.config
+    model.grad_checkpointing = args.grad_checkpointing
+    model.to(device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    step = 0
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_architecture(ckpt["config"], config, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        train_loader.load_state_dict(ckpt["loader"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == dist.world:
+            set_rng_state(ckpt["rng"][dist.rank], device)
+        else:  # another number of processes: dropout cannot continue exactly, but stays distinct per process
+            torch.manual_seed(args.seed + dist.rank + step)
+        say(f"resumed {ckpt_path} at step {step}")
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+    else:
+        torch.manual_seed(args.seed + dist.rank)  # dropout masks differ across processes
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    if dist.master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        keep_metrics_before(metrics_path, step)  # a resumed run rewrites what came after its checkpoint
+    flops, flops_source = peak_flops(device)
+    flops_per_token = raw_model.flops_per_token(T)
+    say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
+        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | vocab {config.vocab_size} ({meta['tokenizer']})")
+    say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = {total:,} tokens/step | "
+        f"device {device}, {str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
+    say(f"MFU is measured against {flops / 1e12:.3g} TFLOP/s ({flops_source})")
+    decay_steps = args.lr_decay_steps or args.max_steps
+    stop = StopSignal()
+    val_loss = None
+
+    def checkpoint():
+        rngs = dist.gather(rng_state(device))  # every process's RNG, so dropout continues exactly
+        if dist.master:
+            save_checkpoint(ckpt_path, {
+                "format": CKPT_FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args), "step": step,
+                "loader": train_loader.state_dict(), "rng": rngs, "tokenizer": meta["tokenizer"], "val_loss": val_loss,
+            })
+
+    # --- the loop -----------------------------------------------------------------------------
+    model.train()
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            last = micro == grad_accum - 1
+            sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()  # all-reduce once
+            with sync:
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                loss = loss / grad_accum  # the gradient of the mean over all micro-batches
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+        loss = dist.mean(loss_sum).item()
+        if not math.isfinite(loss):
+            raise ValueError(f"loss is {loss} at step {step}: stopping; {ckpt_path} keeps the last good state (try a lower --lr)")
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        val_loss = None
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_loss = estimate_val_loss(model, val_loader, args.eval_iters, device, dtype, dist)
+        if step % args.log_every == 0 or step == 1 or val_loss is not None:
+            tokens_per_s = total / dt
+            mfu = flops_per_token * tokens_per_s / flops
+            val = f" | val {val_loss:.4f}" if val_loss is not None else ""
+            say(f"step {step - 1:5d} | loss {loss:.4f}{val} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                f"{tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
+            if dist.master:
+                record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record | ({"val_loss": val_loss} if val_loss is not None else {})) + "\n")
+        interrupted = dist.any(stop.requested, device)
+        if step % args.ckpt_every == 0 or step == args.max_steps or interrupted:
+            checkpoint()
+        if interrupted:
+            say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+            return
+    if dist.master:
+        say(f"saved {ckpt_path}")
+        plot_metrics(metrics_path)
+        tokenizer = get_tokenizer(meta["tokenizer"])
+        prompt = torch.tensor([tokenizer.encode("\n")], device=device)
+        say("--- sample ---")
+        raw_model.eval()
+        with autocast(device, dtype):
+            out = raw_model.generate(prompt, 300, temperature=0.8, top_k=200)
+        say(tokenizer.decode(out[0].tolist()))
+
+
+def model_config(args, vocab_size):
+    """The model the training flags describe: an --arch preset with single switches on top."""
+    overrides = {k: getattr(args, k) for k in ("pos", "norm", "mlp", "n_kv_head") if getattr(args, k) is not None}
+    return GPTConfig.preset(
+        "gpt2", args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.seq_len,
+        vocab_size=vocab_size, dropout=args.dropout, **overrides,
+    )
+
+
+def keep_metrics_before(path, step):
+    """Drop metrics.jsonl lines of steps >= step (all of them for a fresh run), atomically."""
+    lines = []
+    if step > 0 and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def plot_metrics(path):
+    """loss.png beside metrics.jsonl, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss", title=os.path.dirname(path))
+    ax.legend()
+    fig.savefig(os.path.join(os.path.dirname(path), "loss.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 9. Sampling and evaluation
+# Generation feeds the model its own output one token at a time. Without a cache every
+# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
+# and each step computes only the new token's keys and values, attending to the stored
+# ones. Past block_size the cache slides: the oldest position drops out, and RoPE and
+# ALiBi, which only see distances, carry on. Learned positions end at block_size, so
+# from there every step re-encodes the last block_size tokens, as the uncached path does.
+
+
+class KVCache:
+    """Keys and values of all layers, preallocated to block_size positions:
+    k and v are (n_layer, B, n_kv_head, block_size, head_dim). `len` slots are filled;
+    `pos` counts every token seen (the absolute position of the next one)."""
+
+    def __init__(self, config, batch_size):
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k = self.v = None  # allocated at the first write, in the keys' dtype (fp32, or bf16 under autocast)
+        self.len = self.pos = 0
+
+    def make_room(self, T):
+        """Slide the window left if T more tokens would not fit."""
+        size = self.shape[3]
+        if T > size:
+            raise ValueError(f"{T} tokens at once do not fit the {size}-token cache")
+        drop = self.len + T - size
+        if drop > 0:
+            keep = self.len - drop
+            for buf in (self.k, self.v):
+                buf[..., :keep, :] = buf[..., drop : self.len, :].clone()
+            self.len = keep
+
+    def layer(self, i):
+        return LayerCache(self, i)
+
+    def advance(self, T):
+        self.len += T
+        self.pos += T
+
+
+class LayerCache:
+    """One layer's view of the KVCache, handed to its attention."""
+
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):  # k, v (B, nkv, T, hd) -> (B, nkv, len + T, hd)
+        c, end = self.cache, self.cache.len + k.size(2)
+        if c.k is None:
+            c.k, c.v = k.new_zeros(c.shape), v.new_zeros(c.shape)
+        c.k[self.i, :, :, c.len : end] = k
+        c.v[self.i, :, :, c.len : end] = v
+        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, vocab) -> (B, 1). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:  # keep the k most likely tokens
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the fewest tokens whose probabilities add up to top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T); see GPT.generate."""
+    block_size = model.config.block_size
+    if idx.size(1) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if idx.size(1) > block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
+    cache = KVCache(model.config, idx.size(0)) if use_cache else None
+    for _ in range(max_new_tokens):
+        if cache is not None and model.config.pos == "learned" and cache.pos >= block_size:
+            cache = None  # no position embedding beyond block_size: re-encode the window from here on
+        if cache is None:
+            logits, _ = model(idx[:, -block_size:])  # (B, T, vocab)
+        else:
+            logits, _ = model(idx[:, cache.pos :], cache=cache)  # only the tokens not yet in the cache
+        next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, next_token), dim=1)
+        yield next_token
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens, batch_size, device, dtype, progress=True):
+    """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
+    that overlap by one, so every token after the first is predicted exactly once.
+    Returns (mean loss, number of tokens predicted)."""
+    from tqdm import tqdm
+
+    T = model.config.block_size
+    tokens = np.asarray(tokens)
+    n_full = (len(tokens) - 1) // T
+
+    def loss_sum(rows):  # rows (b, n + 1) -> summed loss of predicting rows[:, 1:]
+        buf = torch.from_numpy(rows.astype(np.int64)).to(device)
+        with autocast(device, dtype):
+            logits, _ = model(buf[:, :-1])  # (b, n, vocab)
+        return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
+
+    total = 0.0
+    for first in tqdm(range(0, n_full, batch_size), desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in range(first, min(first + batch_size, n_full))]))
+    if len(tokens) - 1 > n_full * T:  # the shorter last window
+        total += loss_sum(tokens[n_full * T :][None])
+    return total / (len(tokens) - 1), len(tokens) - 1
+
+
+def load_for_inference(args, device):
+    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the weights."""
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt)
+        model, tokenizer_name = model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    elif args.init_from:
+        model = GPT.from_pretrained(args.init_from)
+        tokenizer_name = model.tokenizer
+    else:
+        raise ValueError("--sample and --eval need --ckpt PATH or --init-from gpt2|<HF dir>")
+    tokenizer = get_tokenizer(tokenizer_name)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, more than the model's {model.config.vocab_size}")
+    return model.to(device).eval(), tokenizer
+
+
+def sample(args):
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, tokenizer = load_for_inference(args, device)
+    prompt = args.prompt
+    if prompt.startswith("FILE:"):
+        with open(prompt[5:], encoding="utf-8") as f:
+            prompt = f.read()
+    ids = tokenizer.encode(prompt)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    for _ in range(args.num_samples):
+        print(prompt, end="", flush=True)
+        new, shown = [], ""
+        with autocast(device, dtype):
+            stream = model.stream(torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens,
+                                  args.temperature, args.top_k, args.top_p, not args.no_cache, generator)
+            for token in stream:
+                if token.item() == tokenizer.eot and not args.no_stop:
+                    break
+                new.append(token.item())
+                text = tokenizer.decode(new)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+        print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
+
+
+def evaluate(args):
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, tokenizer = load_for_inference(args, device)
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            tokens, source = tokenizer.encode(f.read()), args.text
+    elif args.data:
+        meta = read_meta(args.data)
+        if meta["tokenizer"] != tokenizer.name:
+            raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
+        files = sorted(glob.glob(os.path.join(args.data, "val_*.bin")))
+        if not files:
+            raise ValueError(f"{args.data}: no val_*.bin shards")
+        tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
+    else:
+        raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
+    if len(tokens) < 2:
+        raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
+    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype)
+    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted")
+
+
+# -----------------------------------------------------------------------------
+# 10. CLI
+# One entry point: train (the default), --sample or --eval. The defaults are the main
+# job's recipe: a small LLaMA-style model on tiny Shakespeare characters, sized so a
+# 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
+
+DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a GPT (default), sample from one (--sample) or measure its perplexity (--eval).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help=f"directory of shards from prepare_data.py (default: tiny Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
+    g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
+    g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
+    g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
+    g.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention); default n_head")
+    g.add_argument("--n-layer", type=int, default=4)
+    g.add_argument("--n-head", type=int, default=4)
+    g.add_argument("--n-embd", type=int, default=128)
+    g.add_argument("--seq-len", type=int, default=64, help="T, also the model's block_size")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint directory")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=12, help="B, sequences per process per micro-step")
+    g.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step; default B x T x processes (no accumulation)")
+    g.add_argument("--max-steps", type=int, default=2000)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--warmup-steps", type=int, default=100)
+    g.add_argument("--lr-decay-steps", type=int, help="length of the cosine schedule; default --max-steps")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--eval-every", type=int, default=500)
+    g.add_argument("--eval-iters", type=int, default=20)
+    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA only)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
+    g.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
+    g.add_argument("--eval", action="store_true", help="loss and perplexity of --ckpt or --init-from on --data's val split or --text")
+    g.add_argument("--ckpt", help="a checkpoint written by training")
+    g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--max-new-tokens", type=int, default=500)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=200)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
+    g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
+    g.add_argument("--text", help="--eval on this text file instead of --data")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.sample:
+            sample(args)
+        elif args.eval:
+            evaluate(args)
+        else:
+            train(args)
+    except (ValueError, OSError) as e:
+        print(f"transformer.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
