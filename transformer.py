@@ -168,8 +168,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, bias=None, cache=None):
-        """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention, else an
-        additive (nh or 1, T, S) float mask; cache: this layer's KVCache view during generation."""
+        """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
+        GPT._attention_bias), else an additive (nh or 1, T, S) float mask; cache: this layer's
+        view of the KVCache during generation."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -183,8 +184,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached keys/values followed by these
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa":
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, is_causal=bias is None, dropout_p=dropout_p,
+            y = F.scaled_dot_product_attention(  # T == 1 and no bias: one new query, every key is in its past
+                q, k, v, attn_mask=bias, is_causal=bias is None and T > 1, dropout_p=dropout_p,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, nh, T, hd)
         else:
@@ -198,10 +199,10 @@ def explicit_attention(q, k, v, bias, dropout_p):
     groups = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    if bias is None:  # plain causal: position t sees positions <= t
+    if bias is None and q.size(2) > 1:  # plain causal: position t sees positions <= t
         T = q.size(2)
         att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    else:
+    elif bias is not None:
         att = att + bias
     att = F.dropout(F.softmax(att, dim=-1), p=dropout_p)
     return att @ v  # (B, nh, T, hd)
@@ -360,10 +361,11 @@ class GPT(nn.Module):
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
     def _attention_bias(self, start, T, S, device):
-        """None when attention is plain causal over a square (T == S) window: SDPA then takes
-        its fastest (flash) path. Otherwise an additive float mask (nh or 1, T, S): 0 where
-        query i may look at key j, -inf where j is in its future, plus ALiBi's -slope * distance."""
-        if self.config.pos != "alibi" and T == S:
+        """None when attention is plain causal over a square (T == S) window, SDPA's fastest
+        (flash) path, or when a single new token looks at the whole cache (T == 1). Otherwise an
+        additive float mask (nh or 1, T, S): 0 where query i may look at key j, -inf where j is
+        in its future, plus ALiBi's -slope * distance."""
+        if self.config.pos != "alibi" and (T == S or T == 1):
             return None
         q_pos = torch.arange(start, start + T, device=device)
         k_pos = torch.arange(start + T - S, start + T, device=device)
@@ -373,12 +375,12 @@ class GPT(nn.Module):
             bias = -self.alibi.view(-1, 1, 1) * distance  # (nh, T, S)
         return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
         """idx (B, T) -> (B, T + max_new_tokens). See section 9."""
         return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)], 1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
         """Yield the new tokens one step at a time, each (B, 1). See section 9."""
         yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
@@ -888,7 +890,7 @@ def prepare_default_data(data_dir):
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         import prepare_data
 
-        prepare_data.main(["--input", "input.txt", "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
+        prepare_data.main(["--tokenizer", "byte", "--out", data_dir, "--overwrite"])  # downloads input.txt if missing
 
 
 def train(args):

@@ -1,0 +1,396 @@
+"""
+prepare_data.py: turn text into the token shards that transformer.py trains on.
+
+    python prepare_data.py --tokenizer byte --out data/shakespeare_byte   # tiny Shakespeare as bytes
+    python prepare_data.py --input my.txt                                 # a text file, GPT-2 BPE -> data/my_gpt2
+    python prepare_data.py --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb
+    python prepare_data.py --dataset json --data-files a.jsonl b.jsonl --out data/mine
+
+Sources
+    A text file (--input FILE) is one document. Without --input the file is input.txt,
+    and when that is missing tiny Shakespeare is downloaded to it (sha256 checked).
+    A dataset (--dataset) is anything datasets.load_dataset can stream: a hub name, or
+    json / text / parquet with --data-files. It is a stream of documents, each read from
+    its --text-field.
+
+Tokenizers (--tokenizer, see transformer.get_tokenizer)
+    gpt2  GPT-2's BPE (tiktoken), vocab 50257. Each dataset document is preceded by
+          <|endoftext|> (50256), as in build-nanogpt.
+    byte  the UTF-8 bytes, vocab 256. It has no end-of-text token, so each dataset
+          document is preceded by two newlines.
+    A text file gets no separator: its tokens are exactly the tokens of the whole file
+    (for byte: the file's bytes).
+
+Splits
+    A text file's validation split is its last tokens (--val-fraction, default 0.1, or
+    --val-tokens), so train shards followed by val shards concatenate to the whole text.
+    A dataset's validation split is its first --val-tokens tokens (default: one shard),
+    as in build-nanogpt; its size is unknown until it has been read, so --val-fraction
+    does not apply.
+
+Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2)
+    train_000000.bin, train_000001.bin, ...  --shard-tokens tokens each (default 100M);
+    val_000000.bin, ...                      the last shard of a split may be shorter
+    meta.json                                tokenizer, token and shard counts, source;
+                                             written last: its presence marks a complete dataset
+    Each shard is a header of SHARD_HEADER_INTS (256) little-endian int32,
+        [SHARD_MAGIC (20241123), SHARD_VERSION (1), vocab_size, n_tokens, 0, 0, ...]
+    followed by n_tokens little-endian uint16 token ids, so the vocabulary may hold at most
+    65536 tokens. transformer.load_shard reads a shard back. Every file is written under a
+    .tmp name and renamed once complete, so an interrupted run never leaves a truncated
+    shard that looks whole.
+
+Memory stays flat however large the corpus: a text file is read in 1 MiB pieces and a
+dataset is streamed, both tokenized about 16 MB of text at a time on all cores; besides
+that only the shard being filled (2 bytes a token) is held. A text file's val split
+starts at a token count known only after tokenizing, so a text file is tokenized twice:
+once to count, once to write (tiny Shakespeare: under half a second each).
+"""
+
+import argparse
+import contextlib
+import glob
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, get_tokenizer
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_INPUT = "input.txt"
+DEFAULT_VAL_FRACTION = 0.1
+MAX_VOCAB = 2**16  # tokens are stored as uint16
+PIECE_BYTES = 1 << 20  # a text file is read and tokenized in pieces of about 1 MiB
+BATCH_CHARS = 16 << 20  # characters per tokenizer call, which tiktoken spreads over its threads
+SPLITS = ("train", "val")
+
+
+def fail(msg):
+    """Stop with one line on stderr and exit status 1: for the user's mistakes, not for bugs."""
+    raise SystemExit("prepare_data.py: error: " + " ".join(str(msg).splitlines()))
+
+
+# -----------------------------------------------------------------------------
+# Shards: header + uint16 tokens, written atomically
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Write to path + '.tmp'; only when the block completes is it flushed to disk and renamed to path."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: path is either absent (or the old file) or the complete new one
+
+
+def write_shard(path, tokens, vocab_size):
+    """Write tokens (ids < vocab_size <= 65536) as one shard: the int32 header, then uint16 tokens."""
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} does not fit uint16 tokens (at most {MAX_VOCAB})")
+    tokens = np.asarray(tokens, dtype="<u2")  # a Python int outside 0..65535 raises OverflowError
+    if len(tokens) and tokens.max() >= vocab_size:
+        raise ValueError(f"token {tokens.max()} is outside the vocabulary of {vocab_size}")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:4] = SHARD_MAGIC, SHARD_VERSION, vocab_size, len(tokens)
+    with atomic_open(path) as f:
+        f.write(header.tobytes())
+        f.write(tokens.tobytes())
+
+
+class ShardWriter:
+    """Cuts the token stream of one split into {split}_000000.bin, {split}_000001.bin, ..."""
+
+    def __init__(self, out_dir, split, shard_tokens, vocab_size):
+        self.out_dir, self.split, self.vocab_size = out_dir, split, vocab_size
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)  # the shard being filled
+        self.fill = self.shards = self.tokens = 0
+
+    def add(self, tokens):
+        while len(tokens):
+            n = min(len(tokens), len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = tokens[:n]
+            self.fill, tokens = self.fill + n, tokens[n:]
+            if self.fill == len(self.buf):
+                self.flush()
+
+    def flush(self):
+        """Write what is buffered: a full shard, or at the end the split's shorter last one."""
+        if self.fill:
+            path = os.path.join(self.out_dir, f"{self.split}_{self.shards:06d}.bin")
+            write_shard(path, self.buf[: self.fill], self.vocab_size)
+            self.shards, self.tokens, self.fill = self.shards + 1, self.tokens + self.fill, 0
+
+
+def write_splits(batches, out_dir, first, boundary, shard_tokens, vocab_size):
+    """Stream tokens [0, boundary) into split `first` and the rest into the other one.
+
+    batches yields (text bytes, tokens); returns the ShardWriter of each split and the text bytes read."""
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, vocab_size) for split in SPLITS}
+    (second,) = set(SPLITS) - {first}
+    seen = text_bytes = 0
+    for n_bytes, tokens in batches:
+        head = min(len(tokens), max(boundary - seen, 0))  # how many of these tokens still go to `first`
+        writers[first].add(tokens[:head])
+        writers[second].add(tokens[head:])
+        seen, text_bytes = seen + len(tokens), text_bytes + n_bytes
+    for writer in writers.values():
+        writer.flush()
+    return writers, text_bytes
+
+
+def remove_dataset(out_dir):
+    """Delete what an earlier run wrote (meta.json first, so the folder stops looking complete)."""
+    old = [os.path.join(out_dir, "meta.json")]
+    old += [p for split in SPLITS for p in glob.glob(os.path.join(out_dir, f"{split}_*.bin"))]
+    old += glob.glob(os.path.join(out_dir, "*.tmp"))
+    for path in old:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# Sources: a text file in pieces, or the documents of a streamed dataset
+
+
+def default_input():
+    """input.txt, downloading tiny Shakespeare to it first if it is missing."""
+    if os.path.exists(DEFAULT_INPUT):
+        return DEFAULT_INPUT
+    print(f"downloading tiny Shakespeare to {DEFAULT_INPUT}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
+        fail(f"could not download tiny Shakespeare ({e}); pass --input FILE to use a text file you have")
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        fail(f"the download from {SHAKESPEARE_URL} has the wrong sha256; pass --input FILE to use a text file you have")
+    with atomic_open(DEFAULT_INPUT) as f:  # input.txt appears only once it is complete and verified
+        f.write(data)
+    return DEFAULT_INPUT
+
+
+def piece_end(block):
+    """Where to end a piece of `block` so that its GPT-2 tokens are the ones it has inside the whole text.
+
+    GPT-2's pre-tokenizer always splits between a visible character and the whitespace after
+    it, and BPE merges only within what it split, so the piece ends at the end of its last
+    line that ends in a visible ASCII character (before that line's trailing whitespace).
+    Without one (rare: no line breaks, or only lines ending in non-ASCII characters) it
+    ends at a character boundary, where the GPT-2 tokens may differ from the whole text's
+    at that one cut; bytes never differ.
+    """
+    i = block.rfind(b"\n")
+    while i > 0:
+        end = i
+        while end > 0 and block[end - 1] in b" \t\r\n":  # back over the line's trailing whitespace
+            end -= 1
+        if end > 0 and 0x21 <= block[end - 1] <= 0x7E:  # a visible ASCII character
+            return end
+        i = block.rfind(b"\n", 0, end)
+    end = len(block) - 1
+    while end > 0 and 0x80 <= block[end] < 0xC0:  # not inside a UTF-8 character
+        end -= 1
+    return end
+
+
+def read_text_file(path):
+    """Yield the text of a UTF-8 file in pieces of about PIECE_BYTES (see piece_end)."""
+    rest = b""
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(PIECE_BYTES):
+                block = rest + block
+                end = piece_end(block)
+                rest = block[end:]
+                yield block[:end].decode("utf-8")
+        yield rest.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text ({e.reason})")
+
+
+def open_dataset(args):
+    """Start streaming a dataset; return an iterator over the text of its documents."""
+    try:
+        import datasets  # only this source needs it
+    except ImportError:
+        fail("--dataset needs the datasets package: pip install datasets")
+    try:
+        ds = datasets.load_dataset(
+            args.dataset, name=args.name, split=args.split, data_files=args.data_files, streaming=True
+        )
+    except Exception as e:  # an unknown name, missing files, no network: one line that says which
+        fail(f"could not open dataset {args.dataset!r}: {e}")
+    return (document_text(doc, args) for doc in ds)
+
+
+def document_text(doc, args):
+    """The text of one document, or a clear error naming the fields it does have."""
+    if args.text_field not in doc:
+        fail(f"documents of {args.dataset!r} have no field {args.text_field!r} (fields: {', '.join(doc)}); "
+             "choose one with --text-field")
+    return doc[args.text_field]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing in batches
+
+
+def batches_of(texts, max_chars):
+    """Group texts into lists of about max_chars characters."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize(texts, tokenizer, separator, desc):
+    """Yield (text bytes, uint16 tokens) per batch of texts, each text's tokens preceded by `separator`.
+
+    encode_batch spreads a batch over threads (tiktoken releases the GIL)."""
+    with tqdm(desc=desc, unit="tok", unit_scale=True) as bar:
+        for batch in batches_of(texts, BATCH_CHARS):
+            ids = tokenizer.encode_batch(batch)
+            tokens = np.concatenate([np.array(separator + doc, dtype=np.uint16) for doc in ids])
+            bar.update(len(tokens))
+            yield sum(len(text.encode("utf-8")) for text in batch), tokens
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
+    return int(s)
+
+
+def fraction(s):
+    if not 0 < float(s) < 1:
+        raise argparse.ArgumentTypeError(f"{s} is not between 0 and 1")
+    return float(s)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py",  # also when transformer.py calls main()
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", metavar="FILE",
+                        help=f"a UTF-8 text file (default: {DEFAULT_INPUT}, "
+                             "where tiny Shakespeare is downloaded if missing)")
+    source.add_argument("--dataset", metavar="NAME",
+                        help="a dataset to stream with datasets.load_dataset: a hub name such as "
+                             "HuggingFaceFW/fineweb-edu, or json / text / parquet with --data-files")
+    p.add_argument("--name", help="the dataset's configuration, e.g. sample-10BT")
+    p.add_argument("--split", default="train", help="which split of the dataset to read (default: train)")
+    p.add_argument("--data-files", nargs="+", metavar="FILE", help="local files for --dataset json / text / parquet")
+    p.add_argument("--text-field", default="text", help="the field holding a document's text (default: text)")
+    p.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2",
+                   help="gpt2: GPT-2's BPE, vocab 50257 (the default); byte: UTF-8 bytes, vocab 256")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: data/<source>_<tokenizer>)")
+    p.add_argument("--shard-tokens", type=positive_int, default=100_000_000, metavar="N",
+                   help="tokens per shard (default: 100000000)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=fraction, metavar="F",
+                     help="text file: hold out the last F of its tokens for validation "
+                          f"(default: {DEFAULT_VAL_FRACTION})")
+    val.add_argument("--val-tokens", type=positive_int, metavar="N",
+                     help="hold out N tokens for validation: a text file's last N, a dataset's first N "
+                          "(default for a dataset: --shard-tokens, one shard)")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
+    args = p.parse_args(argv)
+    if not args.dataset and (args.name or args.data_files):
+        fail("--name and --data-files need --dataset")
+    if args.dataset and args.val_fraction is not None:
+        fail("--val-fraction needs the total token count, unknown while a dataset streams: use --val-tokens")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    tokenizer = get_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > MAX_VOCAB:
+        fail(f"the {tokenizer.name} vocabulary has {tokenizer.vocab_size} tokens; "
+             f"uint16 shards hold at most {MAX_VOCAB}")
+    if args.dataset:
+        source_name = args.dataset.rstrip("/").split("/")[-1] + (f"_{args.name}" if args.name else "")
+    else:
+        source_name = os.path.splitext(os.path.basename(args.input or DEFAULT_INPUT))[0]
+    out = args.out or os.path.join("data", f"{source_name}_{tokenizer.name}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        held = "a complete dataset" if os.path.exists(os.path.join(out, "meta.json")) else "files but no meta.json"
+        fail(f"{out} already holds {held}; pass --overwrite to replace it")
+
+    if args.dataset:
+        # Documents are streamed once; the val split is the first --val-tokens tokens.
+        texts = open_dataset(args)
+        separator = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n\n")
+        first, boundary = "val", args.val_tokens or args.shard_tokens
+        source = {k: getattr(args, k) for k in ("dataset", "name", "split", "data_files", "text_field")}
+    else:
+        # The file is one document; the val split is its last tokens, so count them first.
+        path = args.input or default_input()
+        if not os.path.isfile(path):
+            fail(f"--input {path}: no such file")
+        if os.path.getsize(path) == 0:
+            fail(f"{path} is empty")
+        total = sum(len(tokens) for _, tokens in tokenize(read_text_file(path), tokenizer, [], "counting"))
+        val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+        n_val = args.val_tokens or round(total * val_fraction)
+        if not 0 < n_val < total:
+            fail(f"{path} has {total} tokens: too few to hold out {n_val} for validation")
+        texts, separator, first, boundary = read_text_file(path), [], "train", total - n_val
+        source = {"input": path}
+
+    if args.overwrite:
+        remove_dataset(out)
+    os.makedirs(out, exist_ok=True)
+    batches = tokenize(texts, tokenizer, separator, "tokenizing")
+    writers, text_bytes = write_splits(batches, out, first, boundary, args.shard_tokens, tokenizer.vocab_size)
+    n_tokens = sum(w.tokens for w in writers.values())
+    if n_tokens <= boundary:  # only a dataset can come up short: a text file's counts were checked above
+        fail(f"{args.dataset!r} has {n_tokens} tokens: too few for {boundary} val tokens and a train split")
+
+    meta = {
+        "format_version": SHARD_VERSION,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eot": tokenizer.eot,
+        "document_separator": separator,
+        "shard_tokens": args.shard_tokens,
+        "splits": {split: {"tokens": w.tokens, "shards": w.shards} for split, w in writers.items()},
+        "source": source,
+    }
+    with atomic_open(os.path.join(out, "meta.json")) as f:  # last: marks the dataset complete
+        f.write(json.dumps(meta, indent=2).encode())
+
+    seconds = time.perf_counter() - start
+    print(
+        f"{out}: " + ", ".join(f"{split} {w.tokens:,} tokens / {w.shards} shards" for split, w in writers.items())
+        + f"; {seconds:.1f} s, {text_bytes / 1e6 / seconds:.1f} MB/s of text"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Tests of prepare_data.py: offline and small (tiny Shakespeare and the tokenizer cache come from ../shared)."""
+
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tiktoken
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(REPO, "..", "shared")
+SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+
+import prepare_data  # noqa: E402
+from transformer import load_shard  # noqa: E402
+
+EOT = 50256
+
+
+def split_tokens(out, split):
+    """All tokens of one split, its shards read in order."""
+    return np.concatenate([load_shard(p) for p in sorted(glob.glob(os.path.join(out, f"{split}_*.bin")))])
+
+
+def shakespeare(n_bytes=-1):
+    """The first n_bytes of tiny Shakespeare (all of it by default); it is ASCII."""
+    with open(SHAKESPEARE, "rb") as f:
+        return f.read(n_bytes)
+
+
+def cli(cwd, *args):
+    """Run prepare_data.py as a user would, in cwd."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "prepare_data.py"), *args],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+    )
+
+
+def fake_network(monkeypatch, response=None):
+    """urllib requests never leave the machine: they fail as if offline, or answer with `response` bytes."""
+
+    def open_url(self, *args, **kwargs):
+        if response is None:
+            raise urllib.error.URLError("no network in tests")
+        return io.BytesIO(response)
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", open_url)
+
+
+# -----------------------------------------------------------------------------
+# Shards
+
+
+def test_load_shard_reads_back_what_write_shard_wrote(tmp_path):
+    path = str(tmp_path / "train_000000.bin")
+    tokens = np.array([0, 1, 255, 50256, 1234], dtype=np.uint16)
+    prepare_data.write_shard(path, tokens, vocab_size=50257)
+    np.testing.assert_array_equal(load_shard(path), tokens)
+
+
+def test_write_shard_refuses_a_token_outside_the_vocab(tmp_path):
+    path = tmp_path / "train_000000.bin"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        prepare_data.write_shard(str(path), [65, 300], vocab_size=256)
+    assert not path.exists()
+
+
+def test_interrupted_shard_write_leaves_no_shard(tmp_path, monkeypatch):
+    def die(fd):  # the process dies with the bytes written but not yet durable or renamed
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "fsync", die)
+    path = tmp_path / "train_000000.bin"
+    with pytest.raises(OSError, match="simulated crash"):
+        prepare_data.write_shard(str(path), np.arange(1000) % 256, vocab_size=256)
+    assert not path.exists()
+    assert glob.glob(str(tmp_path / "*.bin")) == []  # only a .tmp file, which no reader takes for a shard
+
+
+def test_interrupted_run_writes_no_meta_json(tmp_path, monkeypatch):
+    (tmp_path / "in.txt").write_bytes(shakespeare(5000))
+    calls = []
+    real_write_shard = prepare_data.write_shard
+
+    def fail_on_second_shard(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write_shard(*args)
+
+    monkeypatch.setattr(prepare_data, "write_shard", fail_on_second_shard)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.main(["--input", str(tmp_path / "in.txt"), "--tokenizer", "byte", "--out", str(out),
+                           "--shard-tokens", "1000"])
+    assert (out / "train_000000.bin").exists()
+    assert not (out / "meta.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# Text files
+
+
+def test_byte_shards_concatenate_to_the_file_bytes(tmp_path):
+    text = shakespeare(20_000).decode() + "naïve café, Straße, 日本語, 🙂\n" * 100
+    src = tmp_path / "in.txt"
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_data.main(["--input", str(src), "--tokenizer", "byte", "--out", str(out),
+                       "--shard-tokens", "1000", "--val-fraction", "0.1"])
+    train, val = split_tokens(out, "train"), split_tokens(out, "val")
+    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == src.read_bytes()
+    assert len(val) == round(0.1 * len(src.read_bytes()))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["shards"] > 1 and meta["splits"]["val"]["shards"] > 1
+    assert meta["splits"]["train"]["tokens"] == len(train) and meta["vocab_size"] == 256
+
+
+def test_gpt2_tokens_equal_tiktoken_on_the_whole_text(tmp_path, monkeypatch):
+    # Blank lines, CRLF, trailing spaces and non-ASCII, read in small pieces: many cuts, none may change a token.
+    text = shakespeare(20_000).decode() + "end  \r\n\r\n  indented\t\n\n\n'tis naïve\n日本語\nlast line"
+    src = tmp_path / "in.txt"
+    src.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(prepare_data, "PIECE_BYTES", 256)
+    out = tmp_path / "out"
+    prepare_data.main(["--input", str(src), "--tokenizer", "gpt2", "--out", str(out)])
+    tokens = np.concatenate([split_tokens(out, "train"), split_tokens(out, "val")])
+    assert tokens.tolist() == tiktoken.get_encoding("gpt2").encode_ordinary(text)
+
+
+def test_empty_input_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit, match="empty"):
+        prepare_data.main(["--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")])
+
+
+def test_missing_input_is_a_one_line_error(tmp_path):
+    result = cli(tmp_path, "--input", "nope.txt", "--tokenizer", "byte")
+    assert result.returncode != 0
+    assert result.stderr.strip() == "prepare_data.py: error: --input nope.txt: no such file"
+    assert not (tmp_path / "input.txt").exists()  # a file the user named is never downloaded
+
+
+def test_default_input_is_downloaded_verified_and_kept(tmp_path, monkeypatch):
+    fake_network(monkeypatch, response=shakespeare())
+    monkeypatch.chdir(tmp_path)
+    prepare_data.main(["--tokenizer", "byte", "--out", "out"])
+    assert (tmp_path / "input.txt").read_bytes() == shakespeare()
+    assert sorted(os.listdir(tmp_path)) == ["input.txt", "out"]
+
+
+def test_download_with_wrong_checksum_leaves_no_input_txt(tmp_path, monkeypatch):
+    fake_network(monkeypatch, response=b"not Shakespeare")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="sha256"):
+        prepare_data.main(["--tokenizer", "byte", "--out", "out"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_default_input_offline_is_a_one_line_error_naming_input(tmp_path, monkeypatch):
+    fake_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        prepare_data.main(["--tokenizer", "byte"])
+    message = str(exc.value.code)
+    assert message.startswith("prepare_data.py: error: ") and "\n" not in message
+    assert "--input FILE" in message
+    assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+
+
+def test_dataset_documents_are_preceded_by_eot_and_the_first_shard_is_val(tmp_path):
+    docs = ["First document.", "Second one, café.", "Third"]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)])
+    out = tmp_path / "out"
+    prepare_data.main(["--dataset", "json", "--data-files", str(tmp_path / "docs.jsonl"), "--out", str(out),
+                       "--shard-tokens", "4"])
+    enc = tiktoken.get_encoding("gpt2")
+    stream = [t for d in docs for t in [EOT] + enc.encode_ordinary(d)]
+    assert split_tokens(out, "val").tolist() == stream[:4]
+    assert split_tokens(out, "train").tolist() == stream[4:]
+    assert json.loads((out / "meta.json").read_text())["splits"]["val"]["shards"] == 1
+
+
+def test_dataset_without_the_text_field_is_a_clear_error(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", [{"body": "some text"}])
+    with pytest.raises(SystemExit, match="no field 'text' .*fields: body.*--text-field"):
+        prepare_data.main(["--dataset", "json", "--data-files", str(tmp_path / "docs.jsonl"),
+                           "--out", str(tmp_path / "out")])
+
+
+# -----------------------------------------------------------------------------
+# Refusals and the output folder
+
+
+def test_vocab_over_65536_is_refused_before_writing(tmp_path, monkeypatch):
+    class BigVocab:
+        name, vocab_size, eot = "cl100k", 100_277, 100_257
+
+    monkeypatch.setattr(prepare_data, "get_tokenizer", lambda name: BigVocab())
+    (tmp_path / "in.txt").write_text("hello")
+    with pytest.raises(SystemExit, match="65536"):
+        prepare_data.main(["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_dir_is_refused_without_overwrite(tmp_path, monkeypatch):
+    (tmp_path / "in.txt").write_bytes(shakespeare(2000))
+    args = ["--input", "in.txt", "--tokenizer", "byte", "--out", "out"]
+    monkeypatch.chdir(tmp_path)
+    prepare_data.main(args)
+    result = cli(tmp_path, *args)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "prepare_data.py: error: out already holds a complete dataset; pass --overwrite to replace it"
+    )
+
+
+def test_overwrite_removes_the_old_shards(tmp_path):
+    (tmp_path / "in.txt").write_bytes(shakespeare(2000))
+    args = ["--input", str(tmp_path / "in.txt"), "--tokenizer", "byte", "--out", str(tmp_path / "out")]
+    prepare_data.main(args + ["--shard-tokens", "100"])
+    prepare_data.main(args + ["--overwrite"])
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train_000000.bin", "val_000000.bin"]
