@@ -183,6 +183,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached keys/values followed by these
         dropout_p = self.dropout if self.training else 0.0
+        if bias is not None:
+            bias = bias.to(q.dtype)  # the mask is built in fp32; a bf16 model attends in bf16
         if self.attn_impl == "sdpa":
             y = F.scaled_dot_product_attention(  # T == 1 and no bias: one new query, every key is in its past
                 q, k, v, attn_mask=bias, is_causal=bias is None and T > 1, dropout_p=dropout_p,
@@ -440,8 +442,9 @@ def read_hf_weights(path):
 def gpt2_config_from_hf(hf):
     if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported (only tanh GELU)")
-    if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or getattr(hf, "reorder_and_upcast_attn", False):
-        raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    for flag, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+        if getattr(hf, flag, plain) != plain:
+            raise ValueError(f"GPT-2 checkpoints with {flag}={not plain} are not supported")
     return GPTConfig.preset(
         "gpt2", "gpt2", n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
         vocab_size=hf.vocab_size, mlp_hidden=hf.n_inner or 4 * hf.n_embd, norm_eps=hf.layer_norm_epsilon,
