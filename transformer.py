@@ -80,9 +80,9 @@ class GPTConfig:
     @classmethod
     def preset(cls, size="gpt2", arch="gpt2", **overrides):
         """GPTConfig.preset('gpt2-medium', 'llama', n_kv_head=4): a size, an architecture, then any field."""
-        for name, table in (("size", SIZES), ("arch", ARCHS)):
-            if (size if name == "size" else arch) not in table:
-                raise ValueError(f"unknown {name} {size if name == 'size' else arch!r}: choose from {', '.join(table)}")
+        for kind, name, table in (("size", size, SIZES), ("arch", arch, ARCHS)):
+            if name not in table:
+                raise ValueError(f"unknown {kind} {name!r}: choose from {', '.join(table)}")
         return cls(**{**SIZES[size], **ARCHS[arch], **overrides})
 
     def architecture(self):
@@ -358,7 +358,8 @@ class GPT(nn.Module):
         """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
         if self.rope_cos.size(0) < start + T:
             n = max(2 * (start + T), self.config.block_size)
-            cos, sin = rope_cos_sin(self.config.head_dim, n, self.config.rope_theta, self.rope_cos.device)
+            with torch.inference_mode(False):  # plain tensors even when generate() grows them, so training can use them
+                cos, sin = rope_cos_sin(self.config.head_dim, n, self.config.rope_theta, self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
@@ -378,14 +379,15 @@ class GPT(nn.Module):
         return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
         """idx (B, T) -> (B, T + max_new_tokens). See section 9."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)], 1)
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
         """Yield the new tokens one step at a time, each (B, 1). See section 9."""
-        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
@@ -713,11 +715,16 @@ def save_checkpoint(path, state):
     """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves
     either the previous checkpoint or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -752,7 +759,7 @@ def check_same_architecture(saved, config, path):
         raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; use the same model flags to resume")
 
 
-def matmul_peak_flops(device, dtype=torch.float32, n=2048, repeats=5):
+def matmul_peak_flops(device, dtype=torch.float32, n=1024, repeats=3):
     """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -877,15 +884,50 @@ def estimate_val_loss(model, loader, iters, device, dtype, dist):
 
 
 class StopSignal:
-    """SIGINT / SIGTERM ask the loop to finish its step, save a checkpoint and exit cleanly."""
+    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
+    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
+def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, device, dtype, dist):
+    """One optimizer step over grad_accum micro-batches -> (mean loss, gradient norm, updated).
+    A non-finite loss or norm skips the update (updated=False): the weights stay as they were."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = micro == grad_accum - 1
+        sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()  # DDP all-reduces once, at the last
+        with sync:
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+    loss = dist.mean(loss_sum).item()  # every process logs the same, global, loss
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16's GradScaler skips inf steps itself
+    if updated:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # so the step's time is real
+    return loss, norm, updated
 
 
 def prepare_default_data(data_dir):
@@ -981,7 +1023,6 @@ def run_training(args, dist, device, dtype):
         f"device {device}, {str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
     say(f"MFU is measured against {flops / 1e12:.3g} TFLOP/s ({flops_source})")
     decay_steps = args.lr_decay_steps or args.max_steps
-    stop = StopSignal()
     val_loss = None
 
     def checkpoint():
@@ -995,54 +1036,36 @@ def run_training(args, dist, device, dtype):
 
     # --- the loop -----------------------------------------------------------------------------
     model.train()
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last = micro == grad_accum - 1
-            sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()  # all-reduce once
-            with sync:
-                with autocast(device, dtype):
-                    _, loss = model(x, y)
-                loss = loss / grad_accum  # the gradient of the mean over all micro-batches
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-        loss = dist.mean(loss_sum).item()
-        if not math.isfinite(loss):
-            raise ValueError(f"loss is {loss} at step {step}: stopping; {ckpt_path} keeps the last good state (try a lower --lr)")
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        step += 1
-        val_loss = None
-        if step % args.eval_every == 0 or step == args.max_steps:
-            val_loss = estimate_val_loss(model, val_loader, args.eval_iters, device, dtype, dist)
-        if step % args.log_every == 0 or step == 1 or val_loss is not None:
-            tokens_per_s = total / dt
-            mfu = flops_per_token * tokens_per_s / flops
-            val = f" | val {val_loss:.4f}" if val_loss is not None else ""
-            say(f"step {step - 1:5d} | loss {loss:.4f}{val} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                f"{tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
-            if dist.master:
-                record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record | ({"val_loss": val_loss} if val_loss is not None else {})) + "\n")
-        interrupted = dist.any(stop.requested, device)
-        if step % args.ckpt_every == 0 or step == args.max_steps or interrupted:
-            checkpoint()
-        if interrupted:
-            say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-            return
+    with StopSignal() as stop:
+        while step < args.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+            loss, norm, updated = train_step(model, train_loader, optimizer, scaler, lr, grad_accum, args.grad_clip, device, dtype, dist)
+            if not updated:
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+                raise ValueError(f"{what} is {value} at step {step}: stopping before the update; "
+                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
+            dt = time.perf_counter() - t0
+            step += 1
+            val_loss = None
+            if step % args.eval_every == 0 or step == args.max_steps:
+                val_loss = estimate_val_loss(model, val_loader, args.eval_iters, device, dtype, dist)
+            if step % args.log_every == 0 or step == 1 or val_loss is not None:
+                tokens_per_s = total / dt
+                mfu = flops_per_token * tokens_per_s / flops
+                val = f" | val {val_loss:.4f}" if val_loss is not None else ""
+                say(f"step {step - 1:5d} | loss {loss:.4f}{val} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                    f"{tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
+                if dist.master:
+                    record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record | ({"val_loss": val_loss} if val_loss is not None else {})) + "\n")
+            interrupted = dist.any(stop.requested, device)
+            if step % args.ckpt_every == 0 or step == args.max_steps or interrupted:
+                checkpoint()
+            if interrupted:
+                say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+                return
     if dist.master:
         say(f"saved {ckpt_path}")
         plot_metrics(metrics_path)
@@ -1051,7 +1074,7 @@ def run_training(args, dist, device, dtype):
         say("--- sample ---")
         raw_model.eval()
         with autocast(device, dtype):
-            out = raw_model.generate(prompt, 300, temperature=0.8, top_k=200)
+            out = raw_model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
         say(tokenizer.decode(out[0].tolist()))
 
 
@@ -1168,8 +1191,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); see GPT.generate."""
+def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T). Only ids < vocab_size are drawn, for a
+    tokenizer smaller than the model's vocabulary (HF weights fine-tuned on byte data, say)."""
     block_size = model.config.block_size
     if idx.size(1) == 0:
         raise ValueError("empty prompt: give at least one token")
@@ -1183,7 +1207,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             logits, _ = model(idx[:, -block_size:])  # (B, T, vocab)
         else:
             logits, _ = model(idx[:, cache.pos :], cache=cache)  # only the tokens not yet in the cache
-        next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat((idx, next_token), dim=1)
         yield next_token
 
@@ -1244,7 +1268,7 @@ def sample(args):
         new, shown = [], ""
         with autocast(device, dtype):
             stream = model.stream(torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens,
-                                  args.temperature, args.top_k, args.top_p, not args.no_cache, generator)
+                                  args.temperature, args.top_k, args.top_p, not args.no_cache, generator, tokenizer.vocab_size)
             for token in stream:
                 if token.item() == tokenizer.eot and not args.no_stop:
                     break

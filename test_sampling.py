@@ -1,0 +1,478 @@
+"""The specification of sampling and evaluation (transformer.py section 9 and the --sample / --eval CLI):
+the KV cache, top-k / top-p, seeds, the context limit, streaming, perplexity and the errors a user sees.
+Offline, on CPU, with tiny models: the whole file runs in well under a minute.
+"""
+
+import contextlib
+import io
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(REPO, "..", "shared")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import prepare_data  # noqa: E402
+import transformer  # noqa: E402
+from transformer import GPT, GPTConfig, KVCache  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "transformer.py")
+# One thread: these models are far too small to gain from more, and on a shared 2-core machine a second
+# OpenMP thread that has to wait for a busy core makes every tiny op many times slower.
+torch.set_num_threads(1)
+BLOCK = 24
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def make_model(arch="gpt2", seed=0, **overrides):
+    """A tiny random model in eval mode. Its matrices are drawn wider than GPT-2's init (std 0.02), so the
+    logits are spread out and greedy decoding does not hinge on near-ties a rounding difference could flip."""
+    torch.manual_seed(seed)
+    config = GPTConfig.preset("tiny", arch, **{**dict(n_layer=2, n_head=4, n_embd=32, block_size=BLOCK,
+                                                     vocab_size=64), **overrides})
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.2)
+    return model
+
+
+CONFIGS = {  # name -> (arch, overrides)
+    "learned": ("gpt2", {}),
+    "rope-gqa": ("gpt2", dict(pos="rope", n_kv_head=2)),
+    "alibi": ("gpt2", dict(pos="alibi")),
+    "arch-gpt2": ("gpt2", {}),
+    "arch-llama": ("llama", {}),
+    "arch-olmo": ("olmo", {}),
+    "llama-mqa": ("llama", dict(n_kv_head=1)),
+    "llama-gqa-explicit-attention": ("llama", dict(n_kv_head=2, attn_impl="explicit")),
+    "olmo-explicit-attention": ("olmo", dict(attn_impl="explicit")),
+}
+
+
+def prompt(batch=2, length=5, vocab=64, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def one_line_error(capsys, argv):
+    """Run main(argv), expect exit status 1 and exactly one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        transformer.main(argv)
+    assert exc.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("transformer.py: error: ")
+    return lines[0]
+
+
+def synthetic_text(n_chars, seed=0):
+    """ASCII prose-like text: words from a small vocabulary, in lines."""
+    words = ("the king and queen of hearts shall speak to thee my lord what say you now good night sweet "
+             "prince o romeo wherefore art thou").split()
+    rng, lines, size = random.Random(seed), [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint trained briefly (the default llama architecture, tiny) on byte shards that prepare_data.py
+    made from ASCII text; the val split is spread over several shards. Returns (ckpt path, data dir)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    (tmp / "text.txt").write_text(synthetic_text(30_000))
+    data = str(tmp / "data")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare_data.main(["--input", str(tmp / "text.txt"), "--tokenizer", "byte", "--out", data,
+                           "--shard-tokens", "1000"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(transformer, "peak_flops", lambda device: (1e12, "tests"))  # skip the start-up benchmark
+        try:
+            transformer.main(["--data", data, "--out-dir", str(tmp / "out"), "--device", "cpu", "--n-layer", "1",
+                              "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "8",
+                              "--max-steps", "40", "--lr", "1e-2", "--warmup-steps", "5", "--log-every", "100",
+                              "--eval-every", "1000", "--eval-iters", "1"])
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+    return str(tmp / "out" / "ckpt.pt"), data
+
+
+def load(ckpt_path):
+    return transformer.model_from_checkpoint(transformer.load_checkpoint(ckpt_path)).eval()
+
+
+def direct_mean_loss(model, tokens):
+    """Mean next-token cross-entropy over windows of block_size + 1 tokens overlapping by one, computed here
+    independently of evaluate_tokens: every token after the first is predicted once, with the context
+    since the start of its window."""
+    T, tokens = model.config.block_size, torch.tensor(np.asarray(tokens, dtype=np.int64))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, T):
+            window = tokens[start : start + T + 1]
+            logits, _ = model(window[None, :-1])
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    return total / (len(tokens) - 1)
+
+
+def parse_eval(out):
+    m = re.search(r": loss (\d+\.\d+) \| perplexity (\d+\.\d+) \| ([\d,]+) tokens predicted", out)
+    assert m, out
+    return float(m[1]), float(m[2]), int(m[3].replace(",", ""))
+
+
+# -----------------------------------------------------------------------------
+# The KV cache
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kv_cache_gives_the_same_greedy_tokens_as_no_cache(name):
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **overrides)
+    idx = prompt()
+    n = BLOCK - idx.size(1)  # up to the end of the context
+    cached = model.generate(idx, n, temperature=0, use_cache=True)
+    uncached = model.generate(idx, n, temperature=0, use_cache=False)
+    assert cached.shape == (2, BLOCK)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, : idx.size(1)], idx)
+    assert len(set(cached[0, idx.size(1) :].tolist())) > 1  # not a degenerate model that repeats one token
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_logits_equal_a_full_forward(name):
+    """Prefill, then one token at a time through the cache: each step's logits are the full forward's."""
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **overrides)
+    idx = prompt(length=BLOCK, seed=1)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(model.config, idx.size(0))
+        first, _ = model(idx[:, :7], cache=cache)
+        torch.testing.assert_close(first, full[:, :7], atol=1e-4, rtol=1e-4)
+        for t in range(7, BLOCK):
+            step, _ = model(idx[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    assert cache.len == cache.pos == BLOCK
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    model = make_model("llama")
+    idx = prompt()
+    streamed = list(model.stream(idx, 10, temperature=0))
+    assert len(streamed) == 10 and all(t.shape == (2, 1) for t in streamed)
+    assert torch.equal(torch.cat([idx, *streamed], 1), model.generate(idx, 10, temperature=0))
+
+
+def test_learned_positions_past_block_size_cached_equals_uncached():
+    """Learned positions end at block_size: from there both paths re-encode the last block_size tokens."""
+    model = make_model("gpt2")
+    idx = prompt(length=4)
+    cached = model.generate(idx, 2 * BLOCK, temperature=0, use_cache=True)
+    uncached = model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False)
+    assert cached.shape == (2, 4 + 2 * BLOCK)
+    assert torch.equal(cached, uncached)
+    with pytest.raises(ValueError, match="longer than block_size"):  # the model itself cannot go further
+        model(cached[:, : BLOCK + 1])
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_rope_and_alibi_caches_slide_past_block_size(pos, monkeypatch):
+    model = make_model("llama", pos=pos, n_kv_head=2)
+    lengths, finite = [], []
+    real_advance, real_sample_next = KVCache.advance, transformer.sample_next
+
+    def advance(self, T):
+        real_advance(self, T)
+        assert self.k.shape[3] == self.v.shape[3] == BLOCK  # never more room than block_size positions
+        lengths.append(self.len)
+
+    def sample_next(logits, *args, **kwargs):
+        finite.append(bool(torch.isfinite(logits).all()))
+        return real_sample_next(logits, *args, **kwargs)
+
+    monkeypatch.setattr(KVCache, "advance", advance)
+    monkeypatch.setattr(transformer, "sample_next", sample_next)
+    idx = prompt(length=5)
+    out = model.generate(idx, 2 * BLOCK, temperature=0)
+    assert out.shape == (2, 5 + 2 * BLOCK)
+    assert max(lengths) == BLOCK and lengths[-1] == BLOCK  # it filled up, then slid
+    assert all(finite) and len(finite) == 2 * BLOCK
+    assert torch.equal(model.generate(idx, 2 * BLOCK, temperature=0), out)  # deterministic
+    sampled = [model.generate(idx, 2 * BLOCK, temperature=1.0, generator=torch.Generator().manual_seed(3))
+               for _ in range(2)]
+    assert torch.equal(sampled[0], sampled[1])
+    # the uncached path (a window of the last block_size tokens) runs past the limit too
+    assert model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False).shape == out.shape
+
+
+@pytest.mark.parametrize("name", ["learned", "rope-gqa", "alibi"])
+def test_a_model_can_be_trained_after_it_generated(name):
+    """Sampling while training (or sampling a loaded model, then fine-tuning it) must not leave state behind
+    that autograd refuses: generate() runs under inference_mode, and whatever it caches on the model
+    (RoPE's cos/sin tables grow to cover 2 x block_size positions and more) is reused by training."""
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **overrides)
+    model.generate(prompt(length=2), 3 * BLOCK, temperature=0)
+    model.train()
+    x = prompt(length=BLOCK)
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_one_layer_sliding_cache_equals_reencoding_the_window(pos):
+    """With one layer a cached key depends only on its token and position, and RoPE / ALiBi scores only
+    on distances, so past block_size the sliding cache must give what re-encoding the last block_size
+    tokens gives: this pins down the positions the cache uses once it slides."""
+    model = make_model("llama", pos=pos, n_layer=1, n_kv_head=2)
+    idx = prompt(length=5)
+    cached = model.generate(idx, 2 * BLOCK, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False))
+
+
+# -----------------------------------------------------------------------------
+# sample_next: temperature, top-k, top-p
+
+
+def draws(logits_row, n=4000, seed=0, **kwargs):
+    """n samples of sample_next from one row of logits, as a set of token ids."""
+    logits = logits_row.expand(n, -1)
+    out = transformer.sample_next(logits, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert out.shape == (n, 1)
+    return set(out[:, 0].tolist())
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(transformer.sample_next(logits, temperature=0), logits.argmax(-1, keepdim=True))
+    assert torch.equal(transformer.sample_next(logits, temperature=1.0, top_k=1), logits.argmax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_top_k_never_samples_outside_the_k_most_likely(k, temperature):
+    gen = torch.Generator().manual_seed(k)
+    row = torch.randperm(50, generator=gen).float() * 0.05  # distinct logits, spread over [0, 2.5)
+    allowed = set(np.argsort(-row.numpy())[:k].tolist())
+    seen = draws(row, temperature=temperature, top_k=k)
+    assert seen <= allowed
+    assert seen == allowed  # and every one of them can be drawn
+
+
+def nucleus(probs, top_p):
+    """The smallest set of most likely tokens whose probabilities sum to at least top_p."""
+    order = np.argsort(-probs)
+    cum = np.cumsum(probs[order])
+    return set(order[: int(np.searchsorted(cum, top_p)) + 1].tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+def test_top_p_never_samples_outside_the_nucleus(seed, top_p):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(30, 0.5))
+    cum = np.cumsum(np.sort(probs)[::-1])
+    if np.min(np.abs(cum - top_p)) < 1e-3:  # too close to call in float32
+        pytest.skip("a cumulative probability falls on top_p")
+    allowed = nucleus(probs, top_p)
+    seen = draws(torch.tensor(np.log(probs), dtype=torch.float32), top_p=top_p)
+    assert seen <= allowed
+    assert allowed - seen == set() or min(probs[list(allowed - seen)]) < 2e-3  # the rest is just rare
+
+
+def test_top_p_keeps_exactly_the_crafted_nucleus():
+    probs = np.array([0.05, 0.4, 0.02, 0.15, 0.25, 0.1, 0.03])  # sorted: 0.4, 0.25, 0.15 reach 0.8
+    logits = torch.tensor(np.log(probs), dtype=torch.float32)
+    assert draws(logits, top_p=0.7) == {1, 4, 3}
+    assert draws(logits, top_p=0.3) == {1}  # the most likely token alone already covers 0.3
+    assert draws(logits, top_p=1.0) == set(range(7))
+
+
+def test_top_k_then_top_p_on_what_top_k_kept():
+    probs = np.array([0.3, 0.05, 0.2, 0.1, 0.15, 0.2])
+    logits = torch.tensor(np.log(probs), dtype=torch.float32)
+    # top-3 keeps 0.3, 0.2, 0.2 (renormalised 0.43, 0.29, 0.29); top_p 0.6 then needs the first two of them
+    kept = draws(logits, top_k=3, top_p=0.6)
+    assert kept < {0, 2, 5} and 0 in kept and len(kept) == 2
+
+
+# -----------------------------------------------------------------------------
+# Seeds and prompts
+
+
+def test_the_same_seed_gives_the_same_tokens_and_other_seeds_differ():
+    model = make_model("llama")
+    idx = prompt()
+
+    def run(seed):
+        torch.manual_seed(12345 + seed)  # the global RNG must not matter when a generator is given
+        return model.generate(idx, 30, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(7), run(7))
+    assert len({tuple(run(s).flatten().tolist()) for s in range(4)}) == 4
+
+
+def test_a_prompt_longer_than_block_size_or_empty_is_a_value_error():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.generate(prompt(length=BLOCK + 1), 1)
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 1)
+    assert model.generate(prompt(length=BLOCK), 2, temperature=0).shape == (2, BLOCK + 2)  # exactly full is fine
+
+
+# -----------------------------------------------------------------------------
+# The CLI: --sample
+
+
+def test_cli_sample_prints_the_prompt_then_streams_the_generated_text(trained, monkeypatch):
+    ckpt, _ = trained
+    out, lengths = io.StringIO(), []
+    real_sample_next = transformer.sample_next
+
+    def sample_next(*args, **kwargs):
+        lengths.append(len(out.getvalue()))  # what had been printed when this token was picked
+        return real_sample_next(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "sample_next", sample_next)
+    monkeypatch.setattr(sys, "stdout", out)
+    transformer.main(["--sample", "--ckpt", ckpt, "--prompt", "The king", "--max-new-tokens", "40",
+                      "--temperature", "0", "--device", "cpu"])
+    monkeypatch.undo()
+    model = load(ckpt)
+    ids = list(b"The king")
+    new = model.generate(torch.tensor([ids]), 40, temperature=0)[0, len(ids) :].tolist()
+    assert out.getvalue() == "The king" + bytes(new).decode("utf-8", errors="replace") + "\n" + "-" * 40 + "\n"
+    assert all(b < 128 for b in new)  # the model learned its ASCII text
+    # streamed: the prompt is out before the first token is picked, and text keeps appearing during generation
+    assert len(lengths) == 40 and lengths[0] == len("The king")
+    assert lengths[-1] == len("The king") + 39
+    assert lengths == sorted(lengths)
+
+
+def test_cli_sample_with_the_same_seed_prints_the_same_text(trained, capsys):
+    ckpt, _ = trained
+
+    def sample(*flags):
+        capsys.readouterr()
+        transformer.main(["--sample", "--ckpt", ckpt, "--max-new-tokens", "60", "--temperature", "1.0",
+                          "--device", "cpu", *flags])
+        return capsys.readouterr().out
+
+    first = sample("--seed", "5", "--num-samples", "2")
+    assert sample("--seed", "5", "--num-samples", "2") == first
+    assert sample("--seed", "6", "--num-samples", "2") != first
+    one, two = first.split("-" * 40 + "\n")[:2]
+    assert one != two  # the samples of one run differ from each other
+    within_context = ("--seed", "5", "--max-new-tokens", "15")  # block_size 16: no sliding, so exactly equal
+    assert sample(*within_context, "--no-cache") == sample(*within_context)  # the cache changes nothing
+
+
+def test_cli_sample_prompt_from_a_file(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    (tmp_path / "p.txt").write_text("Good night")
+    transformer.main(["--sample", "--ckpt", ckpt, "--prompt", f"FILE:{tmp_path / 'p.txt'}", "--max-new-tokens", "5",
+                      "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("Good night")
+
+
+@pytest.mark.parametrize("text, message", [("x" * 17, "longer than the context"), ("", "empty prompt")])
+def test_cli_sample_with_a_bad_prompt_is_a_one_line_error(trained, capsys, text, message):
+    ckpt, _ = trained
+    line = one_line_error(capsys, ["--sample", "--ckpt", ckpt, "--prompt", text, "--device", "cpu"])
+    assert message in line
+
+
+def test_cli_missing_checkpoint_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--sample", "--ckpt", "nope.pt", "--device", "cpu"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "transformer.py: error: nope.pt: no such checkpoint"
+
+
+@pytest.mark.parametrize("mode", ["--sample", "--eval"])
+def test_cli_foreign_checkpoints_are_one_line_errors(tmp_path, capsys, mode):
+    torch.save({"state_dict": make_model().state_dict()}, str(tmp_path / "other.pt"))
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    base = [mode, "--device", "cpu", "--text", __file__]
+    assert "not a transformer.py checkpoint" in one_line_error(capsys, [*base, "--ckpt", str(tmp_path / "other.pt")])
+    assert "refused to load" in one_line_error(capsys, [*base, "--ckpt", str(tmp_path / "text.pt")])
+    assert "no such checkpoint" in one_line_error(capsys, [*base, "--ckpt", str(tmp_path / "none.pt")])
+    assert "need --ckpt" in one_line_error(capsys, [mode, "--device", "cpu"])
+
+
+# -----------------------------------------------------------------------------
+# The CLI: --eval
+
+
+def test_cli_eval_text_perplexity_is_exp_of_the_mean_loss(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    text = synthetic_text(1000, seed=42)  # 62 windows of 16 and a last one of 8 tokens
+    (tmp_path / "t.txt").write_text(text)
+    transformer.main(["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "t.txt"), "--batch-size", "7",
+                      "--device", "cpu"])
+    loss, ppl, n = parse_eval(capsys.readouterr().out)
+    expected = direct_mean_loss(load(ckpt), list(text.encode()))
+    assert n == len(text) - 1
+    assert loss == pytest.approx(expected, abs=6e-5)
+    assert ppl == pytest.approx(math.exp(expected), abs=6e-4)
+    assert expected < math.log(256) - 1  # the model has learned something: a meaningful number
+
+
+def test_cli_eval_data_uses_the_whole_val_split(trained, capsys):
+    ckpt, data = trained
+    files = sorted(f for f in os.listdir(data) if f.startswith("val_"))
+    assert len(files) == 3  # several shards, read in order as one stream
+    val = np.concatenate([transformer.load_shard(os.path.join(data, f)) for f in files])
+    transformer.main(["--eval", "--ckpt", ckpt, "--data", data, "--device", "cpu"])
+    out = capsys.readouterr().out
+    loss, ppl, n = parse_eval(out)
+    assert "(val split)" in out
+    assert n == len(val) - 1
+    expected = direct_mean_loss(load(ckpt), val)
+    assert loss == pytest.approx(expected, abs=6e-5)
+    assert ppl == pytest.approx(math.exp(expected), abs=6e-4)
+
+
+def test_evaluate_tokens_matches_the_direct_computation_for_any_length(trained):
+    model = load(trained[0])
+    rng = np.random.default_rng(0)
+    for n in (2, 16, 17, 18, 33, 100):  # one token pair, exact multiples of T (+1), remainders
+        tokens = rng.integers(0, 256, n)
+        loss, count = transformer.evaluate_tokens(model, tokens, 3, torch.device("cpu"), torch.float32, progress=False)
+        assert count == n - 1
+        assert loss == pytest.approx(direct_mean_loss(model, tokens), abs=1e-5)
+
+
+def test_cli_eval_without_text_or_data_and_with_a_one_token_text_are_one_line_errors(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    assert "--eval needs --data DIR" in one_line_error(capsys, ["--eval", "--ckpt", ckpt, "--device", "cpu"])
+    (tmp_path / "one.txt").write_text("x")
+    line = one_line_error(capsys, ["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "one.txt"), "--device", "cpu"])
+    assert "fewer than 2 tokens" in line
+    line = one_line_error(capsys, ["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "none.txt"), "--device", "cpu"])
+    assert "none.txt" in line

@@ -1,0 +1,692 @@
+"""The specification of training (transformer.py sections 7, 8 and 10): the data loader, the lr schedule,
+the optimizer, checkpoints, resuming, gradient accumulation, DDP, signals, fine-tuning HF weights and the
+errors a user sees. Offline, on CPU, with tiny models and small data: about a minute on a busy 2-core machine,
+most of it in the two subprocess tests (torchrun, SIGINT).
+
+Most runs call transformer.main([...]) in this process and read OUT_DIR/metrics.jsonl; a subprocess is
+used only where the process itself is the subject (torchrun, SIGINT, the real command line).
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(REPO, "..", "shared")
+SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import prepare_data  # noqa: E402
+import transformer  # noqa: E402
+from transformer import DataLoaderLite, GPT, GPTConfig  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "transformer.py")
+# One thread: these models are far too small to gain from more, and on a shared 2-core machine a second
+# OpenMP thread that has to wait for a busy core makes every tiny op many times slower.
+torch.set_num_threads(1)
+ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+# A model small enough for a 2-core CPU: every training run below takes well under a second of steps.
+TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
+        "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2", "--eval-every", "1000", "--eval-iters", "2"]
+SEED = 1337  # transformer.py's default --seed
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def write_dataset(out, splits, vocab_size=256, seed=0, tokenizer="byte"):
+    """A dataset as prepare_data.py lays it out, from random tokens: splits maps a split name to the token
+    count of each of its shards, e.g. {"train": [9000, 6000], "val": [2000]}. Returns the tokens by split."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tokens = {}
+    for split, sizes in splits.items():
+        tokens[split] = []
+        for i, n in enumerate(sizes):
+            t = rng.integers(0, vocab_size, n).astype(np.uint16)
+            prepare_data.write_shard(os.path.join(out, f"{split}_{i:06d}.bin"), t, vocab_size)
+            tokens[split].append(t)
+    meta = {"format_version": 1, "tokenizer": tokenizer, "vocab_size": vocab_size, "eot": None,
+            "splits": {s: {"tokens": int(sum(n)), "shards": len(n)} for s, n in splits.items()}}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Random byte tokens: two train shards (15,000 tokens), one val shard (2,000)."""
+    out = str(tmp_path_factory.mktemp("data") / "random_byte")
+    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fast_and_tidy(monkeypatch):
+    """Skip the start-up matmul benchmark (seconds on a busy CPU; it only sets MFU's denominator) and
+    give back whatever signal handlers a run installs in this process."""
+    monkeypatch.setattr(transformer, "peak_flops", lambda device: (1e12, "tests"))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def train(data_dir, out_dir, *flags):
+    transformer.main(["--data", str(data_dir), "--out-dir", str(out_dir), *TINY, *flags])
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in metrics(out_dir)]
+
+
+def one_line_error(capsys, argv):
+    """Run main(argv), expect exit status 1 and exactly one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        transformer.main(argv)
+    assert exc.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("transformer.py: error: ")
+    return lines[0]
+
+
+def cli(cwd, *args, timeout=120):
+    """transformer.py as a user runs it."""
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tiny_state(**extra):
+    """A minimal valid checkpoint dict."""
+    return {"format": transformer.CKPT_FORMAT, "step": 0, **extra}
+
+
+def inject_into_training_forward(monkeypatch, at_call, change):
+    """Wrap GPT.forward: on the at_call-th training forward (1-based; eval forwards are not counted),
+    replace the loss with change(loss)."""
+    real = GPT.forward
+    calls = [0]
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = real(self, idx, targets, cache)
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] == at_call:
+                loss = change(loss)
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+# -----------------------------------------------------------------------------
+# The lr schedule and the optimizer
+
+
+def test_lr_warms_up_linearly_then_decays_on_a_cosine_to_min_lr():
+    lr, min_lr, warmup, decay = 1.0, 0.1, 10, 110
+    at = [transformer.lr_at(s, lr, min_lr, warmup, decay) for s in range(200)]
+    # warmup: lr/warmup, 2 lr/warmup, ..., lr; a straight line through zero
+    assert at[:warmup] == pytest.approx([lr * (s + 1) / warmup for s in range(warmup)])
+    assert at[warmup] == pytest.approx(lr)
+    # cosine from lr to min_lr between warmup and decay
+    for s in (10, 35, 60, 85, 109):
+        progress = (s - warmup) / (decay - warmup)
+        assert at[s] == pytest.approx(min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert at[60] == pytest.approx((lr + min_lr) / 2)  # halfway down
+    assert all(a >= b for a, b in zip(at[warmup:decay], at[warmup + 1 : decay + 1]))
+    # at decay_steps and after: min_lr
+    assert at[decay:] == [min_lr] * (200 - decay)
+    # no warmup starts at the peak
+    assert transformer.lr_at(0, lr, min_lr, 0, decay) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_weight_decay_only_on_matrices(arch):
+    model = GPT(GPTConfig.preset("tiny", arch))
+    opt = transformer.configure_optimizer(model, lr=1e-3, weight_decay=0.1, device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter once (tied: once)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any(names[id(p)].endswith("c_attn.weight") for p in decay["params"])
+    assert any("ln_" in names[id(p)] for p in no_decay["params"])  # norm weights are not decayed
+    if arch == "gpt2":
+        assert any(names[id(p)].endswith(".bias") for p in no_decay["params"])
+
+
+# -----------------------------------------------------------------------------
+# DataLoaderLite
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Two short train shards, so epochs are a few batches long: (dir, train shards)."""
+    out = str(tmp_path_factory.mktemp("small") / "d")
+    tokens = write_dataset(out, {"train": [500, 300], "val": [200]}, seed=1)
+    return out, tokens["train"]
+
+
+def locate(row, shards):
+    """(shard, start) of the window `row` in the shards; asserts it is found exactly once."""
+    hits = []
+    for s, shard in enumerate(shards):
+        windows = np.lib.stride_tricks.sliding_window_view(shard, len(row))
+        hits += [(s, int(i)) for i in np.flatnonzero((windows == row).all(axis=1))]
+    assert len(hits) == 1, f"window found {len(hits)} times"
+    return hits[0]
+
+
+def test_loader_yields_shifted_windows_each_used_once_per_epoch(small_data):
+    data_dir, shards = small_data
+    T = 8
+    loader = DataLoaderLite(data_dir, "train", B=3, T=T, seed=5)
+    windows = {}  # epoch -> (shard, start) of every window read in it
+    for _ in range(80):  # two whole epochs of about 33 batches, and part of a third
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (3, T) and x.dtype == y.dtype == torch.long
+        for xr, yr in zip(x.numpy(), y.numpy()):
+            assert (xr[1:] == yr[:-1]).all()  # y is x shifted left by one
+            windows.setdefault(loader.epoch, []).append(locate(np.append(xr, yr[-1]), shards))  # a T + 1 slice
+    assert sorted(windows) == [0, 1, 2]
+    for epoch in (0, 1):
+        seen = windows[epoch]
+        assert len(set(seen)) == len(seen)  # no window twice in an epoch
+        assert len({start % T for _, start in seen}) == 1  # one offset per epoch, windows T apart
+        assert len(seen) > (500 + 300) / T - 2 * 3 - 2  # all of the data but a window per shard and a batch
+    assert windows[0] != windows[1]
+
+
+def test_ranks_read_disjoint_slices_that_make_up_the_one_process_batch(small_data):
+    data_dir, _ = small_data
+    one = DataLoaderLite(data_dir, "train", B=6, T=8, seed=3)
+    ranks = [DataLoaderLite(data_dir, "train", B=3, T=8, process_rank=r, num_processes=2, seed=3) for r in (0, 1)]
+    assert one.batches_per_epoch == ranks[0].batches_per_epoch
+    for _ in range(3 * one.batches_per_epoch + 1):  # across epoch boundaries
+        x, y = one.next_batch()
+        (x0, y0), (x1, y1) = (r.next_batch() for r in ranks)
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+        assert not any(torch.equal(a, b) for a in x0 for b in x1)  # disjoint: no window on both ranks
+
+
+def test_loader_state_restores_the_next_batches(small_data):
+    data_dir, _ = small_data
+    loader = DataLoaderLite(data_dir, "train", B=4, T=8, seed=9)
+    for _ in range(loader.batches_per_epoch - 3):  # so that the next 10 batches cross into epoch 1
+        loader.next_batch()
+    state = loader.state_dict()
+    assert all(isinstance(v, int) for v in state.values())  # plain ints: a weights_only checkpoint holds them
+    expected = [loader.next_batch() for _ in range(10)]
+    restored = DataLoaderLite(data_dir, "train", B=4, T=8, seed=9)
+    restored.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, (restored.next_batch() for _ in range(10))):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    other = DataLoaderLite(data_dir, "train", B=2, T=8, seed=9)
+    with pytest.raises(ValueError, match="global_batch"):
+        other.load_state_dict(state)
+
+
+def test_shuffle_differs_across_epochs_and_is_determined_by_the_seed(small_data):
+    data_dir, _ = small_data
+
+    def epochs(seed, n=2):
+        loader = DataLoaderLite(data_dir, "train", B=4, T=8, seed=seed)
+        return [torch.cat([loader.next_batch()[0] for _ in range(loader.batches_per_epoch)]) for _ in range(n)]
+
+    first, second = epochs(seed=0)
+    assert not torch.equal(first, second)
+    again = epochs(seed=0)
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)
+    assert not torch.equal(epochs(seed=1)[0], first)
+
+
+def test_a_split_too_small_for_one_batch_is_a_clear_error(tmp_path):
+    write_dataset(tmp_path, {"train": [40], "val": [40]})
+    with pytest.raises(ValueError, match=r"train split has 40 tokens, too few for one batch of 4 x 17"):
+        DataLoaderLite(str(tmp_path), "train", B=4, T=16)
+    DataLoaderLite(str(tmp_path), "train", B=1, T=16)  # one window of 17 fits at any offset
+    with pytest.raises(ValueError, match="too few for one batch of 2 x 17"):  # the global batch counts
+        DataLoaderLite(str(tmp_path), "train", B=1, T=16, process_rank=1, num_processes=2)
+    with pytest.raises(ValueError, match="no test_.*bin shards"):
+        DataLoaderLite(str(tmp_path), "test", B=1, T=16)
+
+
+# -----------------------------------------------------------------------------
+# The training loop: metrics, resuming, accumulation, DDP
+
+
+def test_metrics_log_every_step_with_val_loss_at_eval_steps(data, tmp_path, capsys):
+    train(data, tmp_path, "--max-steps", "5", "--eval-every", "2")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    # evaluated after 2 and 4 steps and at the end, each logged on the step just taken
+    assert [r["step"] for r in rows if "val_loss" in r] == [1, 3, 4]
+    assert all(math.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
+    assert [r["lr"] for r in rows] == pytest.approx([transformer.lr_at(s, 1e-3, 1e-4, 2, 5) for s in range(5)])
+    out = capsys.readouterr().out
+    assert "step     4 | loss" in out and "--- sample ---" in out
+    ckpt = transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 5 and ckpt["val_loss"] == pytest.approx(rows[-1]["val_loss"])
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path):
+    flags = ["--dropout", "0.2", "--lr-decay-steps", "8", "--eval-every", "4"]  # dropout: the RNG must be restored
+    train(data, tmp_path / "straight", *flags, "--max-steps", "8")
+    train(data, tmp_path / "resumed", *flags, "--max-steps", "4")
+    assert transformer.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["step"] == 4
+    train(data, tmp_path / "resumed", *flags, "--max-steps", "8", "--resume")
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(8))  # one line per step
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # exactly
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in straight]
+    a = transformer.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = transformer.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["loader"] == b["loader"]
+
+
+def test_dropout_makes_a_difference(data, tmp_path):
+    """Guards the test above: with dropout the losses depend on the RNG, so resuming exercises its restore."""
+    train(data, tmp_path / "a", "--max-steps", "2", "--dropout", "0.2")
+    train(data, tmp_path / "c", "--max-steps", "2", "--dropout", "0.0")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_gradient_accumulation_equals_the_large_batch(data, tmp_path):
+    train(data, tmp_path / "big", "--batch-size", "8", "--max-steps", "4")
+    train(data, tmp_path / "accum", "--batch-size", "2", "--total-batch-tokens", str(8 * 16), "--max-steps", "4")
+    assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "big"), abs=1e-5)
+    big = transformer.load_checkpoint(str(tmp_path / "big" / "ckpt.pt"))["model"]
+    accum = transformer.load_checkpoint(str(tmp_path / "accum" / "ckpt.pt"))["model"]
+    for k in big:
+        torch.testing.assert_close(accum[k], big[k], atol=1e-5, rtol=1e-4)
+
+
+def test_total_batch_tokens_must_be_a_multiple_of_the_micro_batch(data, tmp_path, capsys):
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--total-batch-tokens", "100"])
+    assert "not a multiple of batch x seq-len x processes = 64" in line
+
+
+def test_two_processes_under_torchrun_equal_one_process(data, tmp_path):
+    train(data, tmp_path / "one", "--batch-size", "8", "--max-steps", "4")
+    out = tmp_path / "two"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+         "--data", data, "--out-dir", str(out), *TINY, "--batch-size", "4", "--max-steps", "4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 x 16 tokens" not in result.stdout and "4 x 16 tokens x 2 processes" in result.stdout
+    assert result.stdout.count("--- sample ---") == 1  # only rank 0 speaks
+    one, two = metrics(tmp_path / "one"), metrics(out)
+    assert [r["step"] for r in two] == [0, 1, 2, 3]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)
+    ckpt = transformer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2  # both processes' RNG states
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    transformer.save_checkpoint(path, tiny_state(step=1, w=torch.arange(1000.0)))
+    before = read_bytes(path)
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half the bytes reach the file, then the crash
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="No space"):
+        transformer.save_checkpoint(path, tiny_state(step=2, w=torch.zeros(1000)))
+    monkeypatch.undo()
+    assert read_bytes(path) == before  # nothing written at the final path
+    ckpt = transformer.load_checkpoint(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.arange(1000.0))
+    # and a first checkpoint that never completed leaves no ckpt at all
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        transformer.save_checkpoint(str(tmp_path / "first.pt"), tiny_state())
+    assert not (tmp_path / "first.pt").exists()
+
+
+def test_a_crash_before_the_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    transformer.save_checkpoint(path, tiny_state(step=1))
+    before = read_bytes(path)
+
+    def power_cut(fd):
+        raise OSError("simulated crash before the data is durable")
+
+    monkeypatch.setattr(os, "fsync", power_cut)
+    with pytest.raises(OSError, match="simulated"):
+        transformer.save_checkpoint(path, tiny_state(step=2))
+    monkeypatch.undo()
+    assert read_bytes(path) == before and transformer.load_checkpoint(path)["step"] == 1
+
+
+class RunsShellCommand:
+    """Unpickling this runs `touch SENTINEL`: what a malicious checkpoint does."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def make_sentinel(path):
+    with open(path, "w"):
+        pass
+
+
+class CallsModuleFunction:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return make_sentinel, (self.sentinel,)
+
+
+@pytest.mark.parametrize("payload", [RunsShellCommand, CallsModuleFunction])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, payload):
+    sentinel = tmp_path / "SENTINEL"
+    evil = str(tmp_path / "evil.pt")
+    torch.save(tiny_state(model={}, config={}, tokenizer="byte", extra=payload(str(sentinel))), evil)
+    with pytest.raises(ValueError, match="refused to load"):
+        transformer.load_checkpoint(evil)
+    assert not sentinel.exists()
+
+
+def test_the_cli_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    torch.save(tiny_state(model={}, config={}, tokenizer="byte", extra=RunsShellCommand(str(sentinel))),
+               str(tmp_path / "evil.pt"))
+    result = cli(tmp_path, "--sample", "--ckpt", "evil.pt", "--device", "cpu")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("transformer.py: error: evil.pt: refused to load"), lines
+    assert result.stdout == ""
+    assert not sentinel.exists()
+    # the test's payload is real: unpickling without weights_only runs it
+    torch.load(str(tmp_path / "evil.pt"), weights_only=False)
+    assert sentinel.exists()
+
+
+def test_a_checkpoint_from_another_tool_is_a_clear_error(data, tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": GPT(GPTConfig.preset("tiny", "gpt2")).state_dict()}, str(path))
+    before = read_bytes(path)
+    with pytest.raises(ValueError, match="not a transformer.py checkpoint"):
+        transformer.load_checkpoint(str(path))
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2", "--resume"])
+    assert "not a transformer.py checkpoint" in line
+    assert read_bytes(path) == before
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="refused to load"):
+        transformer.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+# -----------------------------------------------------------------------------
+# Signals
+
+
+def complete_lines(path):
+    """Lines the writer has finished (it may be halfway through the next one)."""
+    return read_bytes(path).count(b"\n") if os.path.exists(path) else 0
+
+
+def test_sigint_saves_a_checkpoint_and_resume_continues_from_it(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--data", data, "--out-dir", str(out), *TINY, "--max-steps", "100000",
+         "--ckpt-every", "100000"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while complete_lines(out / "metrics.jsonl") < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training made no progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    said = re.search(r"interrupted: saved (\S+) at step (\d+); continue with --resume", stdout)
+    assert said, stdout[-2000:]
+    step = int(said[2])
+    ckpt = transformer.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == step >= 3
+    assert [r["step"] for r in metrics(out)] == list(range(step))  # every step taken, logged once
+    assert "Traceback" not in stderr
+
+    train(data, out, "--max-steps", str(step + 3), "--resume")
+    assert f"resumed {out / 'ckpt.pt'} at step {step}" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out)] == list(range(step + 3))
+    assert transformer.load_checkpoint(str(out / "ckpt.pt"))["step"] == step + 3
+
+
+def test_training_in_process_leaves_the_signal_handlers_as_it_found_them(data, tmp_path):
+    """main() is a library entry point too (these tests, notebooks): after it returns, Ctrl-C must
+    interrupt the caller again instead of setting a flag nobody reads."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train(data, tmp_path, "--max-steps", "1")
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning HF weights
+
+
+@pytest.fixture(scope="module")
+def hf_finetune(data, tmp_path_factory):
+    """A random tiny GPT2LMHeadModel saved with save_pretrained, then one training step from it with
+    --init-from on byte data. Returns (hf model, metrics rows, exit status, stderr)."""
+    transformers = pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("hf")
+    config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(str(tmp / "hf"))
+    status, err = 0, io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(transformer, "peak_flops", lambda device: (1e12, "tests"))
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            train(data, tmp / "out", "--init-from", str(tmp / "hf"), "--max-steps", "1")
+        except SystemExit as e:
+            status = e.code
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+    return hf, metrics(tmp / "out"), status, err.getvalue()
+
+
+def test_finetuning_from_a_local_hf_dir_starts_at_the_loss_transformers_computes(data, hf_finetune):
+    hf, rows, _, _ = hf_finetune
+    x, y = DataLoaderLite(data, "train", 4, 16, seed=SEED).next_batch()  # the first batch training saw
+    with torch.no_grad():
+        logits = hf(x).logits  # HF would shift labels itself; we compare against y directly
+    expected = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).item()
+    assert rows[0]["step"] == 0
+    assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_finetuning_a_model_whose_vocab_is_larger_than_the_data_tokenizer_finishes(hf_finetune):
+    """The byte data (vocab 256) fits the HF model's 300 tokens, so training is allowed; the sample printed
+    at the end must then cope with ids 256..299, which the byte tokenizer cannot decode."""
+    _, rows, status, err = hf_finetune
+    assert len(rows) == 1
+    assert status == 0, err.strip().splitlines()[-1:]
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one clear line, a non-zero exit, nothing damaged
+
+
+def test_missing_data_dir_is_a_one_line_error(tmp_path):
+    result = cli(tmp_path, "--data", "no_such_dir", "--out-dir", "out", *TINY)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "transformer.py: error: no_such_dir: no prepared dataset here (no meta.json); make one with prepare_data.py"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_data_dir_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = one_line_error(capsys, ["--data", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), *TINY])
+    assert "no prepared dataset here" in line and "prepare_data.py" in line
+
+
+def test_data_dir_without_val_shards_is_a_one_line_error(tmp_path, capsys):
+    write_dataset(tmp_path / "d", {"train": [5000]})
+    line = one_line_error(capsys, ["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), *TINY])
+    assert "no val_*.bin shards" in line
+
+
+def test_data_too_small_for_a_batch_is_a_one_line_error(tmp_path, capsys):
+    write_dataset(tmp_path / "d", {"train": [40], "val": [40]})
+    line = one_line_error(capsys, ["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), *TINY])
+    assert "too few for one batch" in line
+
+
+def test_resume_with_another_model_config_is_refused_and_keeps_the_checkpoint(data, tmp_path, capsys):
+    train(data, tmp_path, "--max-steps", "2")
+    ckpt, rows = read_bytes(tmp_path / "ckpt.pt"), read_bytes(tmp_path / "metrics.jsonl")
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--n-embd", "48",
+                                   "--max-steps", "4", "--resume"])
+    assert "trained with another model config" in line and "n_embd=32 (now 48)" in line
+    assert read_bytes(tmp_path / "ckpt.pt") == ckpt and read_bytes(tmp_path / "metrics.jsonl") == rows
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_resume(data, tmp_path, capsys):
+    train(data, tmp_path, "--max-steps", "2")
+    ckpt, rows = read_bytes(tmp_path / "ckpt.pt"), read_bytes(tmp_path / "metrics.jsonl")
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2"])
+    assert "exists: pass --resume" in line
+    assert read_bytes(tmp_path / "ckpt.pt") == ckpt and read_bytes(tmp_path / "metrics.jsonl") == rows
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(data, tmp_path, capsys):
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--resume"])
+    assert "no such checkpoint" in line
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    train(data, tmp_path, "--max-steps", "4")
+    good = read_bytes(tmp_path / "ckpt.pt")
+    inject_into_training_forward(monkeypatch, at_call=1, change=lambda loss: loss * float("nan"))
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
+                                   "--ckpt-every", "1", "--resume"])
+    assert "loss is nan at step 4" in line and "ckpt.pt keeps the last good state" in line
+    assert read_bytes(tmp_path / "ckpt.pt") == good
+
+
+def test_a_huge_lr_diverges_with_a_clear_error(data, tmp_path, capsys):
+    train(data, tmp_path, "--max-steps", "2")
+    good = read_bytes(tmp_path / "ckpt.pt")
+    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "50",
+                                   "--lr", "1e6", "--warmup-steps", "0", "--resume"])
+    assert re.search(r"(loss|gradient norm) is (nan|inf|-inf) at step \d+: stopping", line)
+    assert read_bytes(tmp_path / "ckpt.pt") == good  # the run died before its next checkpoint
+
+
+def test_nonfinite_gradients_stop_before_the_update_so_no_checkpoint_holds_nan(data, tmp_path, capsys, monkeypatch):
+    """A finite loss can still have an inf gradient (an overflow in backward). Stepping with it puts NaN
+    into every weight; the checkpoint that follows must not be written from such weights."""
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    inject_into_training_forward(monkeypatch, at_call=3, change=InfGrad.apply)
+    with pytest.raises(SystemExit):
+        train(data, tmp_path, "--max-steps", "6", "--ckpt-every", "1")
+    ckpt = transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values()), f"step {ckpt['step']} saved NaN weights"
+
+
+def test_a_resumed_run_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
+    """Steps after the last checkpoint were logged, then lost in the crash: the resumed run redoes them and
+    metrics.jsonl must hold each step once, with the values of the redone steps."""
+    inject_into_training_forward(monkeypatch, at_call=6, change=lambda loss: loss * float("nan"))
+    with pytest.raises(SystemExit):
+        train(data, tmp_path, "--max-steps", "8", "--ckpt-every", "4")
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2, 3, 4]  # step 4 logged, not checkpointed
+    monkeypatch.undo()
+    monkeypatch.setattr(transformer, "peak_flops", lambda device: (1e12, "tests"))
+    train(data, tmp_path, "--max-steps", "8", "--ckpt-every", "4", "--resume")
+    train(data, tmp_path / "straight", "--max-steps", "8")
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(8))
+    assert losses(tmp_path) == losses(tmp_path / "straight")
+
+
+# -----------------------------------------------------------------------------
+# End to end on real text
+
+
+def test_prepare_data_then_train_learns_shakespeare(tmp_path, capsys):
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip("tiny Shakespeare is not in ../shared/data")
+    with open(SHAKESPEARE, "rb") as f:
+        (tmp_path / "input.txt").write_bytes(f.read(50_000))
+    prepare_data.main(["--input", str(tmp_path / "input.txt"), "--tokenizer", "byte", "--out", str(tmp_path / "data")])
+    train(tmp_path / "data", tmp_path / "out", "--max-steps", "40", "--lr", "1e-2", "--batch-size", "8",
+          "--eval-every", "20")
+    rows = metrics(tmp_path / "out")
+    assert len(rows) == 40
+    assert rows[0]["loss"] == pytest.approx(math.log(256), abs=0.1)  # starts near uniform over bytes
+    assert np.mean([r["loss"] for r in rows[-5:]]) < rows[0]["loss"] - 1.5
+    assert rows[-1]["val_loss"] < rows[19]["val_loss"] < math.log(256)
+    out = capsys.readouterr().out
+    assert "--- sample ---" in out and "vocab 256 (byte)" in out
