@@ -40,11 +40,14 @@ Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2)
     .tmp name and renamed once complete, so an interrupted run never leaves a truncated
     shard that looks whole.
 
-Memory stays flat however large the corpus: a text file is read in 1 MiB pieces and a
-dataset is streamed, both tokenized about 16 MB of text at a time on all cores; besides
-that only the shard being filled (2 bytes a token) is held. A text file's val split
-starts at a token count known only after tokenizing, so a text file is tokenized twice:
-once to count, once to write (tiny Shakespeare: under half a second each).
+Text is tokenized once, and memory stays flat however large the corpus: a text file is
+read in 1 MiB pieces and a dataset is streamed, both tokenized about 16 MB of text at a
+time on all cores; besides that only the shard being filled (2 bytes a token) is held.
+A text file's val split starts at a token count known only at the end, so all its tokens
+go to train shards first; then the last ones are read back, one shard at a time, and
+written as val shards, and the train split is cut back: the shard the boundary falls in
+is rewritten with only its head, and those wholly past it are deleted. The extra disk
+this needs is the val split's size.
 """
 
 import argparse
@@ -53,6 +56,7 @@ import glob
 import hashlib
 import http.client
 import json
+import math
 import os
 import sys
 import time
@@ -61,7 +65,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, get_tokenizer
+from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, get_tokenizer, load_shard
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -108,27 +112,55 @@ def write_shard(path, tokens, vocab_size):
 
 
 class ShardWriter:
-    """Cuts the token stream of one split into {split}_000000.bin, {split}_000001.bin, ..."""
+    """Cuts the token stream of one split into {split}_000000.bin, {split}_000001.bin, ...
+
+    Every shard but the split's last holds exactly shard_tokens tokens."""
 
     def __init__(self, out_dir, split, shard_tokens, vocab_size):
-        self.out_dir, self.split, self.vocab_size = out_dir, split, vocab_size
-        self.buf = np.empty(shard_tokens, dtype=np.uint16)  # the shard being filled
+        self.out_dir, self.split, self.shard_tokens, self.vocab_size = out_dir, split, shard_tokens, vocab_size
+        self.buf = None  # the shard being filled: allocated by add, freed by close
         self.fill = self.shards = self.tokens = 0
+
+    def path(self, i):
+        return os.path.join(self.out_dir, f"{self.split}_{i:06d}.bin")
 
     def add(self, tokens):
         while len(tokens):
-            n = min(len(tokens), len(self.buf) - self.fill)
+            if self.buf is None:
+                self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
+            n = min(len(tokens), self.shard_tokens - self.fill)
             self.buf[self.fill : self.fill + n] = tokens[:n]
             self.fill, tokens = self.fill + n, tokens[n:]
-            if self.fill == len(self.buf):
+            if self.fill == self.shard_tokens:
                 self.flush()
 
     def flush(self):
         """Write what is buffered: a full shard, or at the end the split's shorter last one."""
         if self.fill:
-            path = os.path.join(self.out_dir, f"{self.split}_{self.shards:06d}.bin")
-            write_shard(path, self.buf[: self.fill], self.vocab_size)
+            write_shard(self.path(self.shards), self.buf[: self.fill], self.vocab_size)
             self.shards, self.tokens, self.fill = self.shards + 1, self.tokens + self.fill, 0
+
+    def close(self):
+        """Flush, and free the buffer until tokens are added again."""
+        self.flush()
+        self.buf = None
+
+    def read_from(self, start):
+        """Yield the split's written tokens from position `start` on, one memory-mapped shard at a time."""
+        for i in range(start // self.shard_tokens, self.shards):
+            yield load_shard(self.path(i))[max(start - i * self.shard_tokens, 0) :]
+
+    def truncate(self, n_tokens):
+        """Keep only the split's first n_tokens (> 0): the shard they end in is rewritten with
+        only its head, and the shards after it are deleted."""
+        shards = -(-n_tokens // self.shard_tokens)  # how many shards n_tokens fill, the last maybe partly
+        head = n_tokens - (shards - 1) * self.shard_tokens
+        last = load_shard(self.path(shards - 1))
+        if head < len(last):
+            write_shard(self.path(shards - 1), last[:head], self.vocab_size)  # atomic, like every shard write
+        for i in range(shards, self.shards):
+            os.remove(self.path(i))
+        self.shards, self.tokens = shards, n_tokens
 
 
 def write_splits(batches, out_dir, first, boundary, shard_tokens, vocab_size):
@@ -144,8 +176,18 @@ def write_splits(batches, out_dir, first, boundary, shard_tokens, vocab_size):
         writers[second].add(tokens[head:])
         seen, text_bytes = seen + len(tokens), text_bytes + n_bytes
     for writer in writers.values():
-        writer.flush()
+        writer.close()
     return writers, text_bytes
+
+
+def move_tail_to_val(train, val, n_val):
+    """Make the last n_val tokens of the train split the (so far empty) val split: read them
+    back from the train shards, write them as val shards, then cut the train split back."""
+    keep = train.tokens - n_val
+    for tokens in train.read_from(keep):
+        val.add(tokens)
+    val.close()
+    train.truncate(keep)
 
 
 def remove_dataset(out_dir):
@@ -349,18 +391,13 @@ def main(argv=None):
         first, boundary = "val", args.val_tokens or args.shard_tokens
         source = {k: getattr(args, k) for k in ("dataset", "name", "split", "data_files", "text_field")}
     else:
-        # The file is one document; the val split is its last tokens, so count them first.
+        # The file is one document; the val split is its last tokens, which move there at the end.
         path = args.input or default_input()
         if not os.path.isfile(path):
             fail(f"--input {path}: no such file")
         if os.path.getsize(path) == 0:
             fail(f"{path} is empty")
-        total = sum(len(tokens) for _, tokens in tokenize(read_text_file(path), tokenizer, [], "counting"))
-        val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
-        n_val = args.val_tokens or round(total * val_fraction)
-        if not 0 < n_val < total:
-            fail(f"{path} has {total} tokens: too few to hold out {n_val} for validation")
-        texts, separator, first, boundary = read_text_file(path), [], "train", total - n_val
+        texts, separator, first, boundary = read_text_file(path), [], "train", math.inf  # all to train for now
         source = {"input": path}
 
     if args.overwrite:
@@ -368,9 +405,15 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     batches = tokenize(texts, tokenizer, separator, "tokenizing")
     writers, text_bytes = write_splits(batches, out, first, boundary, args.shard_tokens, tokenizer.vocab_size)
-    n_tokens = sum(w.tokens for w in writers.values())
-    if n_tokens <= boundary:  # only a dataset can come up short: a text file's counts were checked above
-        fail(f"{args.dataset!r} has {n_tokens} tokens: too few for {boundary} val tokens and a train split")
+    total = sum(w.tokens for w in writers.values())
+    val_fraction = args.val_fraction or DEFAULT_VAL_FRACTION
+    n_val = boundary if args.dataset else args.val_tokens or round(total * val_fraction)
+    if not 0 < n_val < total:
+        remove_dataset(out)  # leave the folder as empty as it was
+        fail(f"{args.dataset or path} has {total} tokens: too few to hold out {n_val} for validation "
+             "and train on the rest")
+    if not args.dataset:  # now that the file's length is known, its last n_val tokens become the val split
+        move_tail_to_val(writers["train"], writers["val"], n_val)
 
     meta = {
         "format_version": SHARD_VERSION,

@@ -135,6 +135,43 @@ def test_gpt2_tokens_equal_tiktoken_on_the_whole_text(tmp_path, monkeypatch):
     assert tokens.tolist() == tiktoken.get_encoding("gpt2").encode_ordinary(text)
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+@pytest.mark.parametrize("cut", ["mid-shard", "shard-edge"])
+def test_val_split_over_several_shards_round_trips(tmp_path, tokenizer, cut):
+    # The val split is moved out of the train shards at the end: several whole shards of it, and
+    # a train shard cut in two (mid-shard) or none (shard-edge, where no train shard is rewritten).
+    src = tmp_path / "in.txt"
+    src.write_bytes(shakespeare(40_000) + "naïve café 🙂\n".encode() * 50)
+    enc = tiktoken.get_encoding("gpt2")
+    total = len(src.read_bytes()) if tokenizer == "byte" else len(enc.encode_ordinary(src.read_text(encoding="utf-8")))
+    shard = 1000
+    n_val = 3 * shard + (total % shard) + (shard // 2 if cut == "mid-shard" else 0)
+    out = tmp_path / "out"
+    prepare_data.main(["--input", str(src), "--tokenizer", tokenizer, "--out", str(out),
+                       "--shard-tokens", str(shard), "--val-tokens", str(n_val)])
+    train, val = split_tokens(out, "train"), split_tokens(out, "val")
+    decode = bytes if tokenizer == "byte" else enc.decode_bytes
+    assert decode(np.concatenate([train, val]).tolist()) == src.read_bytes()
+    assert len(val) == n_val and (len(train) % shard != 0) == (cut == "mid-shard")
+    meta = json.loads((out / "meta.json").read_text())
+    for split, tokens in (("train", train), ("val", val)):
+        shards = sorted(glob.glob(str(out / f"{split}_*.bin")))
+        assert meta["splits"][split] == {"tokens": len(tokens), "shards": len(shards)}
+        assert shards[-1].endswith(f"{split}_{len(shards) - 1:06d}.bin")  # numbered 0, 1, ... without gaps
+        assert all(len(load_shard(p)) == shard for p in shards[:-1])
+    assert meta["splits"]["val"]["shards"] >= 4
+    assert not glob.glob(str(out / "*.tmp"))
+
+
+def test_too_few_tokens_for_the_val_split_is_refused_and_leaves_no_shards(tmp_path):
+    (tmp_path / "in.txt").write_bytes(shakespeare(2000))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="has 2000 tokens: too few to hold out 2000"):
+        prepare_data.main(["--input", str(tmp_path / "in.txt"), "--tokenizer", "byte", "--out", str(out),
+                           "--shard-tokens", "500", "--val-tokens", "2000"])
+    assert os.listdir(out) == []
+
+
 def test_empty_input_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(SystemExit, match="empty"):

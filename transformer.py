@@ -1168,7 +1168,7 @@ class LayerCache:
     def update(self, k, v):  # k, v (B, nkv, T, hd) -> (B, nkv, len + T, hd)
         c, end = self.cache, self.cache.len + k.size(2)
         if c.k is None:
-            c.k, c.v = k.new_zeros(c.shape), v.new_zeros(c.shape)
+            c.k, c.v = k.new_empty(c.shape), v.new_empty(c.shape)  # slots past len are never read
         c.k[self.i, :, :, c.len : end] = k
         c.v[self.i, :, :, c.len : end] = v
         return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]

@@ -1,0 +1,367 @@
+"""
+bench.py: how fast transformer.py and prepare_data.py run, each beside what it should beat.
+
+    python bench.py                 # the full table: a few minutes on a 2-core CPU
+    python bench.py --quick         # every row at tiny sizes in seconds: a smoke test, not a measurement
+    python bench.py --rounds 9 --device cuda
+
+Rows
+    1 train     training steps (forward, loss, backward, AdamW) of a 6-layer, 384-wide GPT-2 on
+                8 x 256 tokens in fp32: our GPT with transformer.configure_optimizer against HF
+                transformers' GPT2LMHeadModel holding the same weights, with torch.optim.AdamW
+                and the same hyperparameters; plus our MFU against a matmul peak measured here.
+    2 decode    greedy generation of 256 tokens after a 16-token prompt with GPT-2 small's shape
+                and random weights: our GPT with its KV cache, HF generate with its cache, and
+                our GPT re-encoding the whole prefix every step (no cache; timed on 16 tokens
+                from the middle of such a run, see row_decode). Ours and HF must produce the
+                same tokens.
+    3 prepare   MB/s of text through prepare_data.py (tokenize and write shards) against bare
+                tiktoken encode_ordinary_batch on the same text (tiny Shakespeare repeated to
+                13 MB); and prepare_data's peak memory on a corpus ten shards long.
+    4 cuda      only on CUDA: bf16 autocast training steps of GPT-2 small, torch.compile'd
+                against eager, with MFU against the GPU's datasheet peak.
+
+Method
+    Shared machines drift, by up to ~1.8x over minutes, so contenders are never timed one
+    after the other. Within a row they take turns (A, B, A, B, ...), after one untimed
+    warm-up call each, all in this one process, and the table gives each contender's min /
+    median / max rate over the rounds and the ratio of the medians. A drift then slows every
+    contender alike and the ratio holds; min and max show how noisy the machine was.
+"""
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+import prepare_data
+import transformer
+from transformer import GPT
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")  # else input.txt, see corpus()
+LR, WEIGHT_DECAY, BETAS = 6e-4, 0.1, (0.9, 0.95)
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT2Config defaults to 0.1
+
+
+@dataclass
+class Sizes:
+    train_model: dict  # GPT2Config fields of the model trained in row 1
+    train_batch: int
+    decode_model: dict  # GPT2Config fields of the model sampled in row 2 ({}: GPT-2 small)
+    prompt_tokens: int
+    new_tokens: int  # generated with a cache
+    uncached_tokens: int  # generated without one, mid-run (see row_decode)
+    text_mb: float  # size of the corpus for row 3
+    cuda_model: dict  # GPTConfig.preset('gpt2', 'gpt2', ...) fields of the model trained in row 4
+    cuda_batch: int
+
+
+FULL = Sizes(
+    train_model=dict(n_layer=6, n_head=6, n_embd=384, n_positions=256), train_batch=8,
+    decode_model={}, prompt_tokens=16, new_tokens=256, uncached_tokens=16,
+    text_mb=13, cuda_model=dict(block_size=1024), cuda_batch=16,
+)
+QUICK = Sizes(
+    train_model=dict(n_layer=1, n_head=2, n_embd=64, n_positions=32), train_batch=2,
+    decode_model=dict(n_layer=1, n_head=2, n_embd=64), prompt_tokens=16, new_tokens=16, uncached_tokens=4,
+    text_mb=1, cuda_model=dict(n_layer=1, n_head=2, n_embd=64, block_size=32), cuda_batch=2,
+)
+
+
+# -----------------------------------------------------------------------------
+# Timing and the table
+
+
+def alternate(contenders, rounds):
+    """Call each contender once untimed, then `rounds` times each in turn (A, B, ..., A, B, ...).
+
+    contenders: {name: function of no arguments}. Returns ({name: [seconds of each round]},
+    {name: what its warm-up call returned}), the latter for checking the results."""
+    outputs = {name: fn() for name, fn in contenders.items()}  # warm-up: lazy init, caches, compilation
+    seconds = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            synchronize()
+            t0 = time.perf_counter()
+            fn()
+            synchronize()
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds, outputs
+
+
+def synchronize():
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
+
+
+def rates(seconds, work):
+    """{name: [work units per second, each round]}; work: {name: units one call does}."""
+    return {name: [work[name] / s for s in times] for name, times in seconds.items()}
+
+
+COLUMNS = f"{'row':<9} {'contender':<46} {'unit':<7} {'min':>9} {'median':>9} {'max':>9}  ratio of medians"
+
+
+def line(row, contender, unit="", values=None, ratio=""):
+    """One table line: min / median / max of values (or blanks), then a ratio of medians."""
+    stats = (min(values), statistics.median(values), max(values)) if values else ()
+    cells = "".join(f" {fmt(v):>9}" for v in stats) or " " * 30
+    print(f"{row:<9} {contender:<46} {unit:<7}{cells}  {ratio}".rstrip(), flush=True)
+
+
+def fmt(v):
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def median_ratio(a, b):
+    return statistics.median(a) / statistics.median(b)
+
+
+def versus(ours, theirs, name, goal):
+    """'ours 1.42x HF (goal >= 1.3x: met)': how the median rates of two contenders compare."""
+    ratio = median_ratio(ours, theirs)
+    return f"ours {ratio:.2f}x {name} (goal >= {goal}x: {'met' if ratio >= goal else 'MISSED'})"
+
+
+# -----------------------------------------------------------------------------
+# Rows
+
+
+def same_weights(hf_fields, device):
+    """A random HF GPT2LMHeadModel and our GPT loaded from its saved weights with GPT.from_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(**hf_fields, **NO_DROPOUT))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = GPT.from_pretrained(d)
+    return ours.to(device), hf.to(device)
+
+
+def train_step(loss_fn, optimizer):
+    """A function doing one training step: loss_fn() (forward and loss), backward, optimizer step."""
+
+    def step():
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def random_tokens(shape, vocab_size, device):
+    return torch.randint(vocab_size, shape, device=device)
+
+
+def row_train(sizes, rounds, device):
+    ours, hf = same_weights(sizes.train_model, device)
+    B, T, V = sizes.train_batch, ours.config.block_size, ours.config.vocab_size
+    buf = random_tokens((B, T + 1), V, device)
+    x, y = buf[:, :-1], buf[:, 1:]
+    ours_opt = transformer.configure_optimizer(ours, LR, WEIGHT_DECAY, device.type, BETAS)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
+    peak = transformer.matmul_peak_flops(device)  # what training's MFU is measured against
+    shape = f"{ours.config.n_layer}L {ours.config.n_embd}w, {B}x{T} fp32"
+    names = f"ours GPT ({shape})", f"HF GPT2LMHeadModel ({hf.config._attn_implementation})"
+    seconds, _ = alternate({
+        names[0]: train_step(lambda: ours(x, y)[1], ours_opt),
+        names[1]: train_step(lambda: hf(input_ids=x, labels=x).loss, hf_opt),  # HF shifts the labels itself
+    }, rounds)
+    tok_s = rates(seconds, {name: B * T for name in names})
+    mfu = [100 * ours.flops_per_token(T) * r / peak for r in tok_s[names[0]]]
+    line("1 train", names[0], "tok/s", tok_s[names[0]])
+    line("", names[1], "tok/s", tok_s[names[1]], versus(tok_s[names[0]], tok_s[names[1]], "HF", 1.3))
+    line("", f"ours MFU vs {peak / 1e9:,.0f} GFLOP/s fp32 matmul (measured)", "%", mfu)
+
+
+def row_decode(sizes, rounds, device):
+    ours, hf = same_weights(sizes.decode_model, device)
+    ours.eval()
+    hf.eval()
+    V, n, m = ours.config.vocab_size, sizes.new_tokens, sizes.uncached_tokens
+    prompt = random_tokens((1, sizes.prompt_tokens), V, device)
+    # Without a cache a step re-encodes the whole prefix, so its cost grows with the prefix, and all
+    # n tokens would take minutes. The m tokens timed are the middle ones of a run of n: their mean
+    # prefix is the whole run's, and so is their rate. (The prefix's content does not matter.)
+    prefix = random_tokens((1, sizes.prompt_tokens + n // 2 - m // 2), V, device)
+    names = "ours GPT.generate, KV cache", "HF generate, use_cache=True", f"ours GPT.generate, no cache ({m} tokens)"
+    seconds, outputs = alternate({
+        names[0]: lambda: ours.generate(prompt, n, temperature=0),
+        names[1]: lambda: hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), use_cache=True, do_sample=False,
+            max_new_tokens=n, min_new_tokens=n, pad_token_id=hf.config.eos_token_id,
+        ),
+        names[2]: lambda: ours.generate(prefix, m, temperature=0, use_cache=False),
+    }, rounds)
+    tok_s = rates(seconds, dict(zip(names, (n, n, m))))
+    same = torch.equal(outputs[names[0]], outputs[names[1]])
+    line("2 decode", names[0], "tok/s", tok_s[names[0]])
+    line("", names[1], "tok/s", tok_s[names[1]], versus(tok_s[names[0]], tok_s[names[1]], "HF", 1.3))
+    line("", names[2], "tok/s", tok_s[names[2]], versus(tok_s[names[0]], tok_s[names[2]], "uncached", 10))
+    first = n // 2 - m // 2 + 1
+    line("", f"  (no cache: tokens {first}-{first + m - 1} of {n}, at the run's mean prefix length)")
+    line("", f"ours == HF, {n} greedy tokens: {'yes' if same else 'NO, they differ'}")
+
+
+def corpus(path, mb):
+    """Tiny Shakespeare repeated (or cut) to about `mb` MB, written to path."""
+    source = SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input()
+    with open(source, "rb") as f:
+        text = f.read()
+    n = int(mb * 1e6)
+    data = (text * (n // len(text) + 1))[:n]
+    with open(path, "wb") as f:
+        f.write(data[: prepare_data.piece_end(data)])  # end on a line end, as tiny Shakespeare does
+
+
+# Peak RSS is read from /proc/self/status (VmHWM), not getrusage: Linux's ru_maxrss also counts
+# the process that forked the child, here this one with its models, so it would report bench.py.
+PEAK_RSS_CHILD = """
+import sys
+
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e6
+
+import prepare_data  # and with it transformer and torch
+imported = peak_mb()
+prepare_data.main(sys.argv[1:])
+print(imported, peak_mb())
+"""
+
+
+def peak_rss_mb(argv):
+    """prepare_data.main(argv) in a fresh process: (peak RSS after its imports, peak RSS at the end) in MB."""
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, *argv], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    return [float(v) for v in result.stdout.splitlines()[-1].split()]
+
+
+def row_prepare(sizes, rounds, device):
+    import tiktoken
+
+    with tempfile.TemporaryDirectory() as d:
+        path, out = os.path.join(d, "corpus.txt"), os.path.join(d, "out")
+        corpus(path, sizes.text_mb)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        mb = len(text.encode("utf-8")) / 1e6
+        pieces = [text[i : i + prepare_data.PIECE_BYTES] for i in range(0, len(text), prepare_data.PIECE_BYTES)]
+        enc = tiktoken.get_encoding("gpt2")
+
+        def prepare():
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                prepare_data.main(["--input", path, "--tokenizer", "gpt2", "--out", out, "--overwrite"])
+
+        names = f"prepare_data.main, gpt2 ({mb:.1f} MB)", "tiktoken encode_ordinary_batch, 1 MB pieces"
+        seconds, _ = alternate({
+            names[0]: prepare,
+            names[1]: lambda: enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count()),
+        }, rounds)
+        mb_s = rates(seconds, {name: mb for name in names})
+        line("3 prepare", names[0], "MB/s", mb_s[names[0]])
+        line("", names[1], "MB/s", mb_s[names[1]], versus(mb_s[names[0]], mb_s[names[1]], "raw", 0.8))
+
+        with open(os.path.join(out, "meta.json")) as f:
+            tokens = sum(split["tokens"] for split in json.load(f)["splits"].values())
+        shard = tokens // 10
+        if not os.path.exists("/proc/self/status"):
+            line("", "peak RSS: skipped, it is read from Linux's /proc")
+            return
+        imported, peak = peak_rss_mb(["--input", path, "--out", out, "--overwrite", "--shard-tokens", str(shard)])
+        line("", f"prepare_data peak RSS {peak:.0f} MB ({imported:.0f} MB after importing torch),")
+        line("", f"  in a fresh process, on {tokens:,} tokens in shards of {shard:,}")
+
+
+def row_cuda(sizes, rounds, device):
+    if device.type != "cuda":
+        line("4 cuda", f"skipped: needs a CUDA device, this run is on {device.type}")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True  # for the few fp32 matmuls outside autocast, as in training
+    model = GPT(transformer.GPTConfig.preset("gpt2", "gpt2", **sizes.cuda_model)).to(device)
+    compiled = torch.compile(model)
+    B, T = sizes.cuda_batch, model.config.block_size
+    buf = random_tokens((B, T + 1), model.config.vocab_size, device)
+    x, y = buf[:, :-1], buf[:, 1:]
+    optimizer = transformer.configure_optimizer(model, LR, WEIGHT_DECAY, device.type, BETAS)
+
+    def loss_of(m):
+        with transformer.autocast(device, torch.bfloat16):
+            return m(x, y)[1]
+
+    shape = f"{model.config.n_layer}L {model.config.n_embd}w, {B}x{T} bf16"
+    names = f"ours GPT + torch.compile ({shape})", "ours GPT, eager"
+    seconds, _ = alternate({
+        names[0]: train_step(lambda: loss_of(compiled), optimizer),
+        names[1]: train_step(lambda: loss_of(model), optimizer),
+    }, rounds)
+    tok_s = rates(seconds, {name: B * T for name in names})
+    peak, source = transformer.peak_flops(device)
+    mfu = [100 * model.flops_per_token(T) * r / peak for r in tok_s[names[0]]]
+    line("4 cuda", names[0], "tok/s", tok_s[names[0]])
+    speedup = median_ratio(tok_s[names[0]], tok_s[names[1]])
+    line("", names[1], "tok/s", tok_s[names[1]], f"compiled {speedup:.2f}x eager")
+    line("", f"compiled MFU vs {peak / 1e12:,.0f} TFLOP/s", "%", mfu)
+    line("", f"  (peak: {source})")
+
+
+ROWS = (row_train, row_decode, row_prepare, row_cuda)
+
+
+def quiet_transformers():
+    """No progress bars or advice from transformers on stderr, between the table's lines."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def machine(device):
+    """One line: the CPU (and GPU), torch's threads, the library versions, the date."""
+    import tiktoken
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((entry.split(":", 1)[1].strip() for entry in f if entry.startswith("model name")), cpu)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu} | device {device}, {torch.get_num_threads()} torch threads | "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, tiktoken {tiktoken.__version__} | "
+            f"{datetime.datetime.now().isoformat(' ', 'seconds')}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: checks that every row runs")
+    p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5, --quick 2)")
+    p.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
+    args = p.parse_args(argv)
+    sizes, rounds = (QUICK, args.rounds or 2) if args.quick else (FULL, args.rounds or 5)
+    device = transformer.pick_device(args.device)
+    torch.manual_seed(0)
+    quiet_transformers()
+    print(machine(device))
+    print(f"{rounds} alternating rounds per row{' (--quick: tiny sizes, not a measurement)' if args.quick else ''}\n")
+    print(COLUMNS)
+    for row in ROWS:
+        row(sizes, rounds, device)
+
+
+if __name__ == "__main__":
+    main()
