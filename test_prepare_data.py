@@ -16,10 +16,9 @@ import tiktoken
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(REPO, "..", "shared")
 SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
-import prepare_data  # noqa: E402
-from transformer import load_shard  # noqa: E402
+import prepare_data
+from transformer import load_shard
 
 EOT = 50256
 

@@ -20,19 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(REPO, "..", "shared")
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-import prepare_data  # noqa: E402
-import transformer  # noqa: E402
-from transformer import GPT, GPTConfig, KVCache  # noqa: E402
+import prepare_data
+import transformer
+from transformer import GPT, GPTConfig, KVCache
 
 SCRIPT = os.path.join(REPO, "transformer.py")
-# One thread: these models are far too small to gain from more, and on a shared 2-core machine a second
-# OpenMP thread that has to wait for a busy core makes every tiny op many times slower.
-torch.set_num_threads(1)
 BLOCK = 24
 
 

@@ -26,18 +26,12 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(REPO, "..", "shared")
 SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-import prepare_data  # noqa: E402
-import transformer  # noqa: E402
-from transformer import DataLoaderLite, GPT, GPTConfig  # noqa: E402
+import prepare_data
+import transformer
+from transformer import DataLoaderLite, GPT, GPTConfig
 
 SCRIPT = os.path.join(REPO, "transformer.py")
-# One thread: these models are far too small to gain from more, and on a shared 2-core machine a second
-# OpenMP thread that has to wait for a busy core makes every tiny op many times slower.
-torch.set_num_threads(1)
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 # A model small enough for a 2-core CPU: every training run below takes well under a second of steps.
 TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
@@ -293,7 +287,8 @@ def test_metrics_log_every_step_with_val_loss_at_eval_steps(data, tmp_path, caps
     # evaluated after 2 and 4 steps and at the end, each logged on the step just taken
     assert [r["step"] for r in rows if "val_loss" in r] == [1, 3, 4]
     assert all(math.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
-    assert [r["lr"] for r in rows] == pytest.approx([transformer.lr_at(s, 1e-3, 1e-4, 2, 5) for s in range(5)])
+    defaults = transformer.parse_args([])
+    assert [r["lr"] for r in rows] == pytest.approx([transformer.lr_at(s, defaults.lr, defaults.min_lr, 2, 5) for s in range(5)])
     out = capsys.readouterr().out
     assert "step     4 | loss" in out and "--- sample ---" in out
     ckpt = transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))

@@ -29,15 +29,6 @@ ATOL_IMPL = 1e-5  # fp32 agreement of two code paths in this file
 # Helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine, two threads are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(arch="gpt2", **overrides):
     return GPTConfig.preset("tiny", arch, **overrides)
 

@@ -1,0 +1,13 @@
+"""Set-up shared by every test file: offline, with the files in ../shared, on one torch thread."""
+
+import os
+
+import torch
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # tiktoken's gpt2 files, so it never downloads
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# One thread: the test models are far too small to gain from more, and on a shared 2-core machine a
+# second OpenMP thread that waits for a busy core makes every tiny op many times slower.
+torch.set_num_threads(1)
