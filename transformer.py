@@ -20,7 +20,6 @@ The file is a story, in this order:
 """
 
 import argparse
-import codecs
 import contextlib
 import dataclasses
 import glob
