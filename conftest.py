@@ -2,7 +2,10 @@
 
 import os
 
+import pytest
 import torch
+
+import transformer
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
 if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # tiktoken's gpt2 files, so it never downloads
@@ -11,3 +14,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # One thread: the test models are far too small to gain from more, and on a shared 2-core machine a
 # second OpenMP thread that waits for a busy core makes every tiny op many times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """one_line_error(argv): run transformer.main(argv), expect exit status 1 and exactly one line
+    on stderr, and return that line."""
+
+    def run(argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            transformer.main(argv)
+        assert exc.value.code == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("transformer.py: error: ")
+        return lines[0]
+
+    return run

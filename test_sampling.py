@@ -64,18 +64,6 @@ def prompt(batch=2, length=5, vocab=64, seed=0):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def one_line_error(capsys, argv):
-    """Run main(argv), expect exit status 1 and exactly one line on stderr; return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        transformer.main(argv)
-    assert exc.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("transformer.py: error: ")
-    return lines[0]
-
-
 def synthetic_text(n_chars, seed=0):
     """ASCII prose-like text: words from a small vocabulary, in lines."""
     words = ("the king and queen of hearts shall speak to thee my lord what say you now good night sweet "
@@ -394,9 +382,9 @@ def test_cli_sample_prompt_from_a_file(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text, message", [("x" * 17, "longer than the context"), ("", "empty prompt")])
-def test_cli_sample_with_a_bad_prompt_is_a_one_line_error(trained, capsys, text, message):
+def test_cli_sample_with_a_bad_prompt_is_a_one_line_error(trained, capsys, text, message, one_line_error):
     ckpt, _ = trained
-    line = one_line_error(capsys, ["--sample", "--ckpt", ckpt, "--prompt", text, "--device", "cpu"])
+    line = one_line_error(["--sample", "--ckpt", ckpt, "--prompt", text, "--device", "cpu"])
     assert message in line
 
 
@@ -408,14 +396,14 @@ def test_cli_missing_checkpoint_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["--sample", "--eval"])
-def test_cli_foreign_checkpoints_are_one_line_errors(tmp_path, capsys, mode):
+def test_cli_foreign_checkpoints_are_one_line_errors(tmp_path, capsys, mode, one_line_error):
     torch.save({"state_dict": make_model().state_dict()}, str(tmp_path / "other.pt"))
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     base = [mode, "--device", "cpu", "--text", __file__]
-    assert "not a transformer.py checkpoint" in one_line_error(capsys, [*base, "--ckpt", str(tmp_path / "other.pt")])
-    assert "refused to load" in one_line_error(capsys, [*base, "--ckpt", str(tmp_path / "text.pt")])
-    assert "no such checkpoint" in one_line_error(capsys, [*base, "--ckpt", str(tmp_path / "none.pt")])
-    assert "need --ckpt" in one_line_error(capsys, [mode, "--device", "cpu"])
+    assert "not a transformer.py checkpoint" in one_line_error([*base, "--ckpt", str(tmp_path / "other.pt")])
+    assert "refused to load" in one_line_error([*base, "--ckpt", str(tmp_path / "text.pt")])
+    assert "no such checkpoint" in one_line_error([*base, "--ckpt", str(tmp_path / "none.pt")])
+    assert "need --ckpt" in one_line_error([mode, "--device", "cpu"])
 
 
 # -----------------------------------------------------------------------------
@@ -461,11 +449,11 @@ def test_evaluate_tokens_matches_the_direct_computation_for_any_length(trained):
         assert loss == pytest.approx(direct_mean_loss(model, tokens), abs=1e-5)
 
 
-def test_cli_eval_without_text_or_data_and_with_a_one_token_text_are_one_line_errors(trained, tmp_path, capsys):
+def test_cli_eval_without_text_or_data_and_with_a_one_token_text_are_one_line_errors(trained, tmp_path, capsys, one_line_error):
     ckpt, _ = trained
-    assert "--eval needs --data DIR" in one_line_error(capsys, ["--eval", "--ckpt", ckpt, "--device", "cpu"])
+    assert "--eval needs --data DIR" in one_line_error(["--eval", "--ckpt", ckpt, "--device", "cpu"])
     (tmp_path / "one.txt").write_text("x")
-    line = one_line_error(capsys, ["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "one.txt"), "--device", "cpu"])
+    line = one_line_error(["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "one.txt"), "--device", "cpu"])
     assert "fewer than 2 tokens" in line
-    line = one_line_error(capsys, ["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "none.txt"), "--device", "cpu"])
+    line = one_line_error(["--eval", "--ckpt", ckpt, "--text", str(tmp_path / "none.txt"), "--device", "cpu"])
     assert "none.txt" in line

@@ -94,18 +94,6 @@ def losses(out_dir):
     return [r["loss"] for r in metrics(out_dir)]
 
 
-def one_line_error(capsys, argv):
-    """Run main(argv), expect exit status 1 and exactly one line on stderr; return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        transformer.main(argv)
-    assert exc.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("transformer.py: error: ")
-    return lines[0]
-
-
 def cli(cwd, *args, timeout=120):
     """transformer.py as a user runs it."""
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True,
@@ -329,8 +317,8 @@ def test_gradient_accumulation_equals_the_large_batch(data, tmp_path):
         torch.testing.assert_close(accum[k], big[k], atol=1e-5, rtol=1e-4)
 
 
-def test_total_batch_tokens_must_be_a_multiple_of_the_micro_batch(data, tmp_path, capsys):
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--total-batch-tokens", "100"])
+def test_total_batch_tokens_must_be_a_multiple_of_the_micro_batch(data, tmp_path, capsys, one_line_error):
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--total-batch-tokens", "100"])
     assert "not a multiple of batch x seq-len x processes = 64" in line
 
 
@@ -447,13 +435,13 @@ def test_the_cli_refuses_a_checkpoint_that_would_run_code(tmp_path):
     assert sentinel.exists()
 
 
-def test_a_checkpoint_from_another_tool_is_a_clear_error(data, tmp_path, capsys):
+def test_a_checkpoint_from_another_tool_is_a_clear_error(data, tmp_path, capsys, one_line_error):
     path = tmp_path / "ckpt.pt"
     torch.save({"state_dict": GPT(GPTConfig.preset("tiny", "gpt2")).state_dict()}, str(path))
     before = read_bytes(path)
     with pytest.raises(ValueError, match="not a transformer.py checkpoint"):
         transformer.load_checkpoint(str(path))
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2", "--resume"])
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2", "--resume"])
     assert "not a transformer.py checkpoint" in line
     assert read_bytes(path) == before
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
@@ -572,60 +560,60 @@ def test_missing_data_dir_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_data_dir_is_a_one_line_error(tmp_path, capsys):
+def test_empty_data_dir_is_a_one_line_error(tmp_path, capsys, one_line_error):
     (tmp_path / "empty").mkdir()
-    line = one_line_error(capsys, ["--data", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), *TINY])
+    line = one_line_error(["--data", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), *TINY])
     assert "no prepared dataset here" in line and "prepare_data.py" in line
 
 
-def test_data_dir_without_val_shards_is_a_one_line_error(tmp_path, capsys):
+def test_data_dir_without_val_shards_is_a_one_line_error(tmp_path, capsys, one_line_error):
     write_dataset(tmp_path / "d", {"train": [5000]})
-    line = one_line_error(capsys, ["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), *TINY])
+    line = one_line_error(["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), *TINY])
     assert "no val_*.bin shards" in line
 
 
-def test_data_too_small_for_a_batch_is_a_one_line_error(tmp_path, capsys):
+def test_data_too_small_for_a_batch_is_a_one_line_error(tmp_path, capsys, one_line_error):
     write_dataset(tmp_path / "d", {"train": [40], "val": [40]})
-    line = one_line_error(capsys, ["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), *TINY])
+    line = one_line_error(["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), *TINY])
     assert "too few for one batch" in line
 
 
-def test_resume_with_another_model_config_is_refused_and_keeps_the_checkpoint(data, tmp_path, capsys):
+def test_resume_with_another_model_config_is_refused_and_keeps_the_checkpoint(data, tmp_path, capsys, one_line_error):
     train(data, tmp_path, "--max-steps", "2")
     ckpt, rows = read_bytes(tmp_path / "ckpt.pt"), read_bytes(tmp_path / "metrics.jsonl")
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--n-embd", "48",
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--n-embd", "48",
                                    "--max-steps", "4", "--resume"])
     assert "trained with another model config" in line and "n_embd=32 (now 48)" in line
     assert read_bytes(tmp_path / "ckpt.pt") == ckpt and read_bytes(tmp_path / "metrics.jsonl") == rows
 
 
-def test_an_existing_checkpoint_is_not_overwritten_without_resume(data, tmp_path, capsys):
+def test_an_existing_checkpoint_is_not_overwritten_without_resume(data, tmp_path, capsys, one_line_error):
     train(data, tmp_path, "--max-steps", "2")
     ckpt, rows = read_bytes(tmp_path / "ckpt.pt"), read_bytes(tmp_path / "metrics.jsonl")
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2"])
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2"])
     assert "exists: pass --resume" in line
     assert read_bytes(tmp_path / "ckpt.pt") == ckpt and read_bytes(tmp_path / "metrics.jsonl") == rows
 
 
-def test_resume_without_a_checkpoint_is_a_one_line_error(data, tmp_path, capsys):
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--resume"])
+def test_resume_without_a_checkpoint_is_a_one_line_error(data, tmp_path, capsys, one_line_error):
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--resume"])
     assert "no such checkpoint" in line
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch, one_line_error):
     train(data, tmp_path, "--max-steps", "4")
     good = read_bytes(tmp_path / "ckpt.pt")
     inject_into_training_forward(monkeypatch, at_call=1, change=lambda loss: loss * float("nan"))
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
                                    "--ckpt-every", "1", "--resume"])
     assert "loss is nan at step 4" in line and "ckpt.pt keeps the last good state" in line
     assert read_bytes(tmp_path / "ckpt.pt") == good
 
 
-def test_a_huge_lr_diverges_with_a_clear_error(data, tmp_path, capsys):
+def test_a_huge_lr_diverges_with_a_clear_error(data, tmp_path, capsys, one_line_error):
     train(data, tmp_path, "--max-steps", "2")
     good = read_bytes(tmp_path / "ckpt.pt")
-    line = one_line_error(capsys, ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "50",
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "50",
                                    "--lr", "1e6", "--warmup-steps", "0", "--resume"])
     assert re.search(r"(loss|gradient norm) is (nan|inf|-inf) at step \d+: stopping", line)
     assert read_bytes(tmp_path / "ckpt.pt") == good  # the run died before its next checkpoint
