@@ -283,13 +283,7 @@ class GPT(nn.Module):
         if config.pos == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight
-        if config.pos == "rope":  # cos/sin tables, grown on demand (generation can run past block_size)
-            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        if config.pos == "alibi":
-            self.register_buffer("alibi", alibi_slopes(config.n_head), persistent=False)
+        self._tie_and_make_buffers()
         self.grad_checkpointing = False
         # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
         # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth.
@@ -297,6 +291,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _tie_and_make_buffers(self):
+        """Weight tying, and the tables derived from the config alone (checkpoints do not store them)."""
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        if self.config.pos == "rope":  # cos/sin, grown on demand (generation can run past block_size)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if self.config.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(self.config.n_head), persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -402,7 +406,10 @@ class GPT(nn.Module):
         config_from_hf, weights_from_hf = HF_LOADERS[hf.model_type]
         config = config_from_hf(hf)
         config.dropout = dropout
-        model = cls(config)
+        with torch.device("meta"):  # no memory and no random init: every weight comes from the checkpoint
+            model = cls(config)
+        model.to_empty(device="cpu")  # real storage, left uninitialised; this unties weights, so tie them again
+        model._tie_and_make_buffers()
         ours = weights_from_hf(read_hf_weights(path), config)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(ours))
