@@ -9,6 +9,7 @@ save_pretrained to a temporary folder and loaded back with GPT.from_pretrained.
 import dataclasses
 import json
 import math
+import re
 import os
 import shutil
 import time
@@ -659,3 +660,16 @@ def test_llama_variant_that_would_not_match_is_refused(tmp_path, variant):
     save_hf(transformers.LlamaForCausalLM(llama_config(num_hidden_layers=1, **variant)), tmp_path)
     with pytest.raises(ValueError, match="not supported"):
         GPT.from_pretrained(str(tmp_path))
+
+
+def test_readme_line_pointers_name_the_lines_they_point_to():
+    """README's architecture table points into transformer.py as `name` (L123): line 123 must hold name."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(repo, "transformer.py")) as f:
+        lines = f.read().splitlines()
+    pointers = re.findall(r"`([^`]+)`[^`|]*?\(L(\d+)", readme)
+    assert len(pointers) >= 10
+    for name, line in pointers:
+        assert name.split(".")[-1] in lines[int(line) - 1], f"README: `{name}` (L{line}) points at: {lines[int(line) - 1]!r}"
