@@ -18,14 +18,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def one_line_error(capsys):
-    """one_line_error(argv): run transformer.main(argv), expect exit status 1 and exactly one line
-    on stderr, and return that line."""
+    """one_line_error(argv, status=1): run transformer.main(argv), expect that exit status (1: refused
+    while running, 2: refused by the command line's checks) and exactly one line on stderr; return it."""
 
-    def run(argv):
+    def run(argv, status=1):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exc:
             transformer.main(argv)
-        assert exc.value.code == 1
+        assert exc.value.code == status
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].startswith("transformer.py: error: ")

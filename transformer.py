@@ -185,9 +185,14 @@ class CausalSelfAttention(nn.Module):
         if bias is not None:
             bias = bias.to(q.dtype)  # the mask is built in fp32; a bf16 model attends in bf16
         if self.attn_impl == "sdpa":
+            if bias is not None:
+                # NOTE: on CUDA, SDPA's enable_gqa together with a float mask leaves only its math kernel,
+                # which materialises (B, nh, T, S) scores; with k/v repeated to nh heads the memory-efficient
+                # kernel runs. Without a mask, enable_gqa keeps the flash kernel and no copy is made.
+                k, v = repeat_kv(k, v, self.n_head // self.n_kv_head)  # (B, nh, S, hd)
             y = F.scaled_dot_product_attention(  # T == 1 and no bias: one new query, every key is in its past
                 q, k, v, attn_mask=bias, is_causal=bias is None and T > 1, dropout_p=dropout_p,
-                enable_gqa=self.n_kv_head != self.n_head,
+                enable_gqa=k.size(1) != self.n_head,
             )  # (B, nh, T, hd)
         else:
             y = explicit_attention(q, k, v, bias, dropout_p)
@@ -195,10 +200,16 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def repeat_kv(k, v, groups):
+    """Grouped-query attention by copying: each of the nkv key/value heads serves `groups` query heads in a row."""
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nkv * groups, S, hd)
+
+
 def explicit_attention(q, k, v, bias, dropout_p):
     """What scaled_dot_product_attention computes, spelled out. q (B, nh, T, hd), k/v (B, nkv, S, hd)."""
-    groups = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+    k, v = repeat_kv(k, v, q.size(1) // k.size(1))  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
     if bias is None and q.size(2) > 1:  # plain causal: position t sees positions <= t
         T = q.size(2)
@@ -296,9 +307,10 @@ class GPT(nn.Module):
         """Weight tying, and the tables derived from the config alone (checkpoints do not store them)."""
         if self.config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
-        if self.config.pos == "rope":  # cos/sin, grown on demand (generation can run past block_size)
-            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if self.config.pos == "rope":  # cos/sin for block_size positions, grown if generation runs past them
+            cos, sin = rope_cos_sin(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # built here, not at the first forward,
+            self.register_buffer("rope_sin", sin, persistent=False)  # so a compiled graph never sees them change
         if self.config.pos == "alibi":
             self.register_buffer("alibi", alibi_slopes(self.config.n_head), persistent=False)
 
@@ -360,7 +372,7 @@ class GPT(nn.Module):
     def _rope(self, start, T):
         """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
         if self.rope_cos.size(0) < start + T:
-            n = max(2 * (start + T), self.config.block_size)
+            n = 2 * (start + T)
             with torch.inference_mode(False):  # plain tensors even when generate() grows them, so training can use them
                 cos, sin = rope_cos_sin(self.config.head_dim, n, self.config.rope_theta, self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin
@@ -387,10 +399,10 @@ class GPT(nn.Module):
         new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
         return torch.cat([idx, *new], dim=1)
 
-    @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
-        """Yield the new tokens one step at a time, each (B, 1). See section 9."""
-        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
+        """An iterator over the new tokens, each (B, 1). A bad prompt raises here, before any token. See section 9."""
+        check_prompt(idx, self.config.block_size)
+        return generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
@@ -621,30 +633,35 @@ def read_meta(data_dir):
 
 
 class DataLoaderLite:
-    """(x, y) LongTensor batches of shape (B, T) from one split's shards; y is x shifted left by one.
+    """Batches of B windows of T + 1 tokens, (B, T+1) int64, from one split's shards: x = buf[:, :-1] and
+    the targets y = buf[:, 1:] are the same window shifted by one.
 
-    Each epoch cuts every shard into windows of T + 1 tokens starting at a random offset and
-    visits the windows in a random order, both drawn from (seed, epoch) alone. A global
-    batch is B * num_processes consecutive windows of that order, and rank r takes windows
-    r*B ... r*B + B - 1 of it. So the stream of global batches depends only on the seed, T and
-    the global batch size, not on how many processes share it, and (epoch, step) is all the
-    state a resumed run needs.
+    Each epoch cuts every shard into windows of T + 1 tokens starting at a random offset and visits
+    the windows in a random order, both drawn from (seed, epoch) alone. The unit of reading is one
+    optimizer step: B x num_processes x grad_accum consecutive windows of that order. Micro-step m
+    of rank r takes windows (m * num_processes + r) * B ... + B - 1 of the step's block.
+
+    NOTE: so any split of the same total batch (8 processes x B, or 1 process x B x 8 accumulation
+    steps, ...) reads the same windows in the same steps, the epoch boundary included (the tail
+    that does not fill a whole step is dropped); the optimizer sees the same mean gradient, and a
+    checkpoint written under one split resumes under another. (epoch, step) is the whole state.
     """
 
-    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, seed=0):
+    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, grad_accum=1, seed=0, pin_memory=False):
         files = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
         if not files:
             raise ValueError(f"{data_dir}: no {split}_*.bin shards; make them with prepare_data.py")
         meta_path = os.path.join(data_dir, "meta.json")
         vocab_size = read_meta(data_dir)["vocab_size"] if os.path.exists(meta_path) else None
         self.shards = [load_shard(f, vocab_size) for f in files]
-        self.B, self.T, self.rank, self.seed = B, T, process_rank, seed
-        self.global_batch = B * num_processes
+        self.B, self.T, self.rank, self.world, self.grad_accum = B, T, process_rank, num_processes, grad_accum
+        self.seed, self.pin_memory = seed, pin_memory  # pinned host memory: the copy to the GPU can overlap compute
+        self.step_windows = B * num_processes * grad_accum
         n_tokens = sum(len(s) for s in self.shards)
-        if self._windows(offset=T - 1).sum() < self.global_batch:  # the worst offset must still fill one batch
+        if self._windows(offset=T - 1).sum() < self.step_windows:  # the worst offset must still fill one step
             raise ValueError(
-                f"{data_dir}: the {split} split has {n_tokens:,} tokens, too few for one batch of "
-                f"{self.global_batch} x {T + 1} tokens (batch size x processes x (seq len + 1)): lower them"
+                f"{data_dir}: the {split} split has {n_tokens:,} tokens, too few for one step of {self.step_windows} "
+                f"x {T + 1} tokens (batch size x processes x accumulation x (seq len + 1)): lower them"
             )
         self.reset()
 
@@ -652,35 +669,39 @@ class DataLoaderLite:
         return np.array([max(0, (len(s) - offset - 1) // self.T) for s in self.shards])
 
     def reset(self, epoch=0, step=0):
-        """Go to batch `step` of epoch `epoch` and draw that epoch's offset and order."""
-        self.epoch, self.step = epoch, step
+        """Go to optimizer step `step` of epoch `epoch` and draw that epoch's offset and order."""
+        self.epoch, self.step, self.micro = epoch, step, 0
         rng = np.random.default_rng([self.seed, epoch])
         self.offset = int(rng.integers(self.T))
-        counts = self._windows(self.offset)
+        counts = self._windows(self.offset)  # windows in each shard
         self.first_window = np.concatenate([[0], np.cumsum(counts)])  # window ids of shard i start here
         self.order = rng.permutation(int(counts.sum()))
-        self.batches_per_epoch = len(self.order) // self.global_batch
+        self.steps_per_epoch = len(self.order) // self.step_windows
 
     def next_batch(self):
-        if self.step >= self.batches_per_epoch:
+        """This process's next micro-batch, (B, T+1)."""
+        if self.micro == 0 and self.step >= self.steps_per_epoch:
             self.reset(self.epoch + 1)
-        start = self.step * self.global_batch + self.rank * self.B
+        start = self.step * self.step_windows + (self.micro * self.world + self.rank) * self.B
         rows = []
         for w in self.order[start : start + self.B]:
             shard = int(np.searchsorted(self.first_window, w, side="right")) - 1
             pos = self.offset + (w - self.first_window[shard]) * self.T
             rows.append(self.shards[shard][pos : pos + self.T + 1])
-        self.step += 1
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.micro, self.step = 0, self.step + 1
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
-        return buf[:, :-1], buf[:, 1:]  # x, y: (B, T) each
+        return buf.pin_memory() if self.pin_memory else buf
 
     def state_dict(self):
-        return dict(epoch=self.epoch, step=self.step, seed=self.seed, T=self.T, global_batch=self.global_batch)
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, T=self.T, step_windows=self.step_windows)
 
     def load_state_dict(self, state):
-        for key in ("seed", "T", "global_batch"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"data loader state has {key}={state[key]}, this run has {getattr(self, key)}: resume with the same settings")
+        for key in ("seed", "T", "step_windows"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"data loader state has {key}={state.get(key)}, this run has {getattr(self, key)}: "
+                                 "resume with the same --seed, --seq-len and total batch")
         self.reset(state["epoch"], state["step"])
 
 
@@ -690,10 +711,10 @@ class DataLoaderLite:
 # accumulation to reach a large batch in small steps, gradient clipping, bf16 autocast
 # on GPUs. Under torchrun every process runs this same code on its slice of each
 # batch, and DistributedDataParallel averages the gradients. Checkpoints hold all the
-# state (weights, optimizer, data position, RNGs), so a resumed run continues exactly.
+# state (weights, optimizer, data position, RNGs), so a resumed run continues exactly,
+# even after a kill -9: the file on disk is always a complete checkpoint.
 
 CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12, "3090": 71e12}  # dense bf16
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95)):
@@ -739,11 +760,13 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code."""
+    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
+    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
+    machine do not each copy the whole checkpoint into host RAM first."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
         reason = str(e).strip().splitlines()[0][:200]
         raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
@@ -765,38 +788,61 @@ def check_same_architecture(saved, config, path):
         raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; use the same model flags to resume")
 
 
-def matmul_peak_flops(device, dtype=torch.float32, n=1024, repeats=3):
-    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+# MFU (model FLOPs utilisation) = the FLOPs a step needs / the time it took / the device's peak.
+# On a GPU the peak is the datasheet's dense bf16 tensor-core figure (no 2:4 sparsity), matched in
+# order against torch.cuda.get_device_name(): the more specific names come first, since
+# "NVIDIA H100 PCIe" also contains "H100" and "NVIDIA A100-SXM4-80GB" also contains "A10".
+# A GPU not in the table gets no MFU at all rather than a made-up one.
+GPU_PEAK_FLOPS = [
+    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
+    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+    ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def gpu_peak_flops(name):
+    """Datasheet dense bf16 FLOP/s for a torch.cuda.get_device_name(), or None when the GPU is unknown."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
+def matmul_peak_flops(device, dtype=torch.float32, n=512, repeats=5):
+    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there.
+    The matrices are constant, not random: nothing here may draw from the global RNG, whose state a
+    resumed run has restored (dropout masks would shift)."""
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # the first one warms up
         t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        a @ a
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
 def peak_flops(device):
-    """(FLOP/s, where the figure comes from) for MFU: a GPU's datasheet bf16 peak, else a measured matmul."""
+    """(FLOP/s or None, where the figure comes from) for one device: a GPU's datasheet bf16 peak, or a CPU's
+    measured fp32 matmul."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"{name} bf16 datasheet peak"
-    flops = matmul_peak_flops(device)
-    return flops, f"fp32 matmul measured at start-up on {device.type}"
+        flops = gpu_peak_flops(name)
+        return flops, f"{name}: " + ("bf16 datasheet peak" if flops else "not in GPU_PEAK_FLOPS, so MFU is unknown")
+    return matmul_peak_flops(device), f"fp32 matmul measured at start-up on {device.type}"
+
+
+def mfu(tokens_per_s, flops_per_token, world, peak):
+    """MFU of one device: its share of the tokens (all processes' tokens/s / world) x FLOPs per token / its peak."""
+    return None if peak is None else tokens_per_s / world * flops_per_token / peak
 
 
 def pick_device(name, local_rank=0):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
+    becomes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def pick_dtype(name, device):
@@ -809,9 +855,16 @@ def pick_dtype(name, device):
 
 
 def autocast(device, dtype):
+    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Distributed:
@@ -828,22 +881,14 @@ class Distributed:
         if self.enabled:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+            backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+            torch.distributed.init_process_group(backend=backend, device_id=device_id)
 
-    def mean(self, t):
-        """Average a tensor over processes (gloo has no AVG, so SUM / world)."""
+    def sum(self, t):
+        """Sum a tensor over processes, in place."""
         if self.enabled:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-            t /= self.world
         return t
-
-    def any(self, flag, device):
-        """True on every process if any process says True (used to stop all of them at the same step)."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
 
     def gather(self, obj):
         if not self.enabled:
@@ -861,6 +906,21 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
+def seed_rng(ckpt, seed, dist, device):
+    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
+    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
+
+    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
+    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
+    if ckpt is not None and len(ckpt["rng"]) == dist.world:
+        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
+        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
+        return
+    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
+    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
+
+
 def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -868,25 +928,20 @@ def rng_state(device):
     return state
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 @torch.no_grad()
 def estimate_val_loss(model, loader, iters, device, dtype, dist):
-    """Mean loss over the same `iters` val batches every time (the loader restarts at its beginning)."""
+    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
+    step read like a training step, so every split of the same total batch sees the same windows."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
-    for _ in range(iters):
-        x, y = loader.next_batch()
+    for _ in range(iters * loader.grad_accum):
+        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(buf[:, :-1], buf[:, 1:])
         total += loss.float()
     model.train()
-    return dist.mean(total / iters).item()
+    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
 
 
 class StopSignal:
@@ -906,15 +961,19 @@ class StopSignal:
         self.requested = True
 
 
-def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, device, dtype, dist):
-    """One optimizer step over grad_accum micro-batches -> (mean loss, gradient norm, updated).
-    A non-finite loss or norm skips the update (updated=False): the weights stay as they were."""
+def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, device, dtype, dist, stop_requested):
+    """One optimizer step over grad_accum micro-batches -> (mean loss, gradient norm, updated, stop).
+    A non-finite loss or norm skips the update (updated=False): the weights stay as they were. stop is
+    True on every process when any process was asked to stop.
+
+    NOTE: the step waits for the device once, where the loss, the norm and the stop flag are read
+    together; the update itself is queued behind that and not waited for."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1), one copy from pinned memory on GPUs
+        x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
         last = micro == grad_accum - 1
         sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()  # DDP all-reduces once, at the last
         with sync:
@@ -923,17 +982,34 @@ def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, devi
             loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
             loss_sum += loss.detach()
             scaler.scale(loss).backward()
-    loss = dist.mean(loss_sum).item()  # every process logs the same, global, loss
+    # every process logs the same, global, loss; the flag rides along in the same all-reduce
+    stats = dist.sum(torch.stack([loss_sum, torch.full((), float(stop_requested), device=device)]))
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss, stop, norm = torch.cat([stats, norm.view(1).float()]).tolist()  # the step's one host sync
+    loss /= dist.world
     updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16's GradScaler skips inf steps itself
     if updated:
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # so the step's time is real
-    return loss, norm, updated
+    return loss, norm, updated, stop > 0
+
+
+def wrap_model(model, args, dist, device):
+    """What runs the steps: the model, compiled, and under torchrun inside DDP.
+
+    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
+    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
+    from the config, identical on every process, and need no broadcast each step."""
+    if args.compile:
+        model = torch.compile(model)
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True, broadcast_buffers=False,
+        )
+    return model
 
 
 def prepare_default_data(data_dir):
@@ -953,6 +1029,10 @@ def train(args):
     dist.start(device)
     try:
         run_training(args, dist, device, dtype)
+        # NOTE: every rank leaves together. Without this barrier rank 1 tore down its process group
+        # while rank 0 was still saving and sampling, and gloo now and then aborted it (SIGABRT), so a
+        # finished torchrun run exited non-zero.
+        dist.barrier()
     finally:
         dist.stop()
 
@@ -967,52 +1047,41 @@ def run_training(args, dist, device, dtype):
         dist.barrier()
     meta = read_meta(args.data)
     B, T = args.batch_size, args.seq_len
-    tokens_per_micro = B * T * dist.world
-    total = args.total_batch_tokens or tokens_per_micro
-    if total % tokens_per_micro:
-        raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch x seq-len x processes = {tokens_per_micro}")
-    grad_accum = total // tokens_per_micro
-    train_loader = DataLoaderLite(args.data, "train", B, T, dist.rank, dist.world, args.seed)
-    val_loader = DataLoaderLite(args.data, "val", B, T, dist.rank, dist.world, args.seed)
+    total = args.total_batch_tokens or B * T * dist.world  # parse_args checked it is a multiple
+    grad_accum = total // (B * T * dist.world)
+    pin = device.type == "cuda"
+    train_loader = DataLoaderLite(args.data, "train", B, T, dist.rank, dist.world, grad_accum, args.seed, pin)
+    val_loader = DataLoaderLite(args.data, "val", B, T, dist.rank, dist.world, grad_accum, args.seed, pin)
 
     # --- model --------------------------------------------------------------------------------
     torch.manual_seed(args.seed)  # the same initial weights on every process
     if args.init_from:
-        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-        if meta["vocab_size"] > model.config.vocab_size or T > model.config.block_size:
-            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit {args.init_from} (vocab {model.config.vocab_size}, block_size {model.config.block_size})")
+        raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        if meta["vocab_size"] > raw_model.config.vocab_size or T > raw_model.config.block_size:
+            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit {args.init_from} "
+                             f"(vocab {raw_model.config.vocab_size}, block_size {raw_model.config.block_size})")
     else:
-        model = GPT(model_config(args, meta["vocab_size"]))
-    config = model.config
-    model.grad_checkpointing = args.grad_checkpointing
-    model.to(device)
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
+        raw_model = GPT(model_config(args, meta["vocab_size"]))
+    config = raw_model.config
+    raw_model.grad_checkpointing = args.grad_checkpointing
+    raw_model.to(device)
+    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    step = 0
+    step, ckpt = 0, None
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_same_architecture(ckpt["config"], config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
+        raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step = ckpt["step"]
-        if len(ckpt["rng"]) == dist.world:
-            set_rng_state(ckpt["rng"][dist.rank], device)
-        else:  # another number of processes: dropout cannot continue exactly, but stays distinct per process
-            torch.manual_seed(args.seed + dist.rank + step)
         say(f"resumed {ckpt_path} at step {step}")
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
-    else:
-        torch.manual_seed(args.seed + dist.rank)  # dropout masks differ across processes
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(raw_model, args, dist, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -1021,13 +1090,14 @@ def run_training(args, dist, device, dtype):
     if dist.master:
         os.makedirs(args.out_dir, exist_ok=True)
         keep_metrics_before(metrics_path, step)  # a resumed run rewrites what came after its checkpoint
-    flops, flops_source = peak_flops(device)
+    peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
+    vocab = f"vocab {meta['vocab_size']}" + (f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else "")
     say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
-        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | vocab {config.vocab_size} ({meta['tokenizer']})")
+        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
     say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = {total:,} tokens/step | "
         f"device {device}, {str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
-    say(f"MFU is measured against {flops / 1e12:.3g} TFLOP/s ({flops_source})")
+    say(f"MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
     decay_steps = args.lr_decay_steps or args.max_steps
     val_loss = None
 
@@ -1041,35 +1111,35 @@ def run_training(args, dist, device, dtype):
             })
 
     # --- the loop -----------------------------------------------------------------------------
+    seed_rng(ckpt, args.seed, dist, device)
     model.train()
+    t_log, step_log = time.perf_counter(), step  # tokens/s is measured between logged steps
     with StopSignal() as stop:
         while step < args.max_steps:
-            t0 = time.perf_counter()
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            loss, norm, updated = train_step(model, train_loader, optimizer, scaler, lr, grad_accum, args.grad_clip, device, dtype, dist)
+            loss, norm, updated, stopping = train_step(model, train_loader, optimizer, scaler, lr, grad_accum,
+                                                       args.grad_clip, device, dtype, dist, stop.requested)
             if not updated:
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
                 raise ValueError(f"{what} is {value} at step {step}: stopping before the update; "
                                  f"{ckpt_path} keeps the last good state (try a lower --lr)")
-            dt = time.perf_counter() - t0
             step += 1
-            val_loss = None
-            if step % args.eval_every == 0 or step == args.max_steps:
-                val_loss = estimate_val_loss(model, val_loader, args.eval_iters, device, dtype, dist)
-            if step % args.log_every == 0 or step == 1 or val_loss is not None:
-                tokens_per_s = total / dt
-                mfu = flops_per_token * tokens_per_s / flops
-                val = f" | val {val_loss:.4f}" if val_loss is not None else ""
-                say(f"step {step - 1:5d} | loss {loss:.4f}{val} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                    f"{tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
-                if dist.master:
-                    record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record | ({"val_loss": val_loss} if val_loss is not None else {})) + "\n")
-            interrupted = dist.any(stop.requested, device)
-            if step % args.ckpt_every == 0 or step == args.max_steps or interrupted:
+            record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm}
+            evaluating = step % args.eval_every == 0 or step == args.max_steps
+            if step % args.log_every == 0 or step == 1 or evaluating:
+                synchronize(device)  # only here: the time since the last log is then the time of those steps
+                record["tokens_per_s"] = (step - step_log) * total / (time.perf_counter() - t_log)
+                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, dist.world, peak)
+                val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device, dtype,
+                                                                  dist) if evaluating else None
+                say(log_line(record))
+                t_log, step_log = time.perf_counter(), step  # the evaluation is not counted as training time
+            if dist.master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+            if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
                 checkpoint()
-            if interrupted:
+            if stopping:
                 say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
                 return
     if dist.master:
@@ -1084,21 +1154,35 @@ def run_training(args, dist, device, dtype):
         say(tokenizer.decode(out[0].tolist()))
 
 
+def log_line(r):
+    val = f" | val {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
+    mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text}")
+
+
 def model_config(args, vocab_size):
-    """The model the training flags describe: an --arch preset with single switches on top."""
+    """The model the training flags describe: an --arch preset with single switches on top. The embedding
+    and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT does:
+    GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
+    logits down, and sampling and evaluation only look at the tokenizer's ids."""
     overrides = {k: getattr(args, k) for k in ("pos", "norm", "mlp", "n_kv_head") if getattr(args, k) is not None}
     return GPTConfig.preset(
         "gpt2", args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.seq_len,
-        vocab_size=vocab_size, dropout=args.dropout, **overrides,
+        vocab_size=64 * math.ceil(vocab_size / 64), dropout=args.dropout, **overrides,
     )
 
 
 def keep_metrics_before(path, step):
-    """Drop metrics.jsonl lines of steps >= step (all of them for a fresh run), atomically."""
+    """Drop metrics.jsonl lines of steps >= step (all of them for a fresh run), atomically. A line cut
+    short by a kill -9 is dropped too."""
     lines = []
     if step > 0 and os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if json.loads(line)["step"] < step]
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if line.endswith("\n") and json.loads(line)["step"] < step:
+                        lines.append(line)
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
@@ -1197,14 +1281,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T). Only ids < vocab_size are drawn, for a
-    tokenizer smaller than the model's vocabulary (HF weights fine-tuned on byte data, say)."""
-    block_size = model.config.block_size
+def check_prompt(idx, block_size):
+    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
     if idx.size(1) == 0:
         raise ValueError("empty prompt: give at least one token")
     if idx.size(1) > block_size:
         raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
+
+
+@torch.inference_mode()
+def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T). Only ids < vocab_size are drawn, for a
+    tokenizer smaller than the model's vocabulary (HF weights fine-tuned on byte data, say)."""
+    block_size = model.config.block_size
     cache = KVCache(model.config, idx.size(0)) if use_cache else None
     for _ in range(max_new_tokens):
         if cache is not None and model.config.pos == "learned" and cache.pos >= block_size:
@@ -1219,7 +1308,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
 
 @torch.no_grad()
-def evaluate_tokens(model, tokens, batch_size, device, dtype, progress=True):
+def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
     """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
     that overlap by one, so every token after the first is predicted exactly once.
     Returns (mean loss, number of tokens predicted)."""
@@ -1233,6 +1322,7 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, progress=True):
         buf = torch.from_numpy(rows.astype(np.int64)).to(device)
         with autocast(device, dtype):
             logits, _ = model(buf[:, :-1])  # (b, n, vocab)
+        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
         return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
 
     total = 0.0
@@ -1248,11 +1338,9 @@ def load_for_inference(args, device):
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         model, tokenizer_name = model_from_checkpoint(ckpt), ckpt["tokenizer"]
-    elif args.init_from:
+    else:  # parse_args made sure there is one of the two
         model = GPT.from_pretrained(args.init_from)
         tokenizer_name = model.tokenizer
-    else:
-        raise ValueError("--sample and --eval need --ckpt PATH or --init-from gpt2|<HF dir>")
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, more than the model's {model.config.vocab_size}")
@@ -1270,11 +1358,11 @@ def sample(args):
     ids = tokenizer.encode(prompt)
     generator = torch.Generator(device).manual_seed(args.seed)
     for _ in range(args.num_samples):
-        print(prompt, end="", flush=True)
         new, shown = [], ""
         with autocast(device, dtype):
             stream = model.stream(torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens,
                                   args.temperature, args.top_k, args.top_p, not args.no_cache, generator, tokenizer.vocab_size)
+            print(prompt, end="", flush=True)  # after stream() accepted the prompt: an error comes before any output
             for token in stream:
                 if token.item() == tokenizer.eot and not args.no_stop:
                     break
@@ -1305,7 +1393,7 @@ def evaluate(args):
         raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
     if len(tokens) < 2:
         raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
-    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype)
+    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
     print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted")
 
 
@@ -1319,7 +1407,8 @@ DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
+        prog="transformer.py",
         description="Train a GPT (default), sample from one (--sample) or measure its perplexity (--eval).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -1330,50 +1419,132 @@ def parse_args(argv=None):
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
-    g.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention); default n_head")
-    g.add_argument("--n-layer", type=int, default=4)
-    g.add_argument("--n-head", type=int, default=4)
-    g.add_argument("--n-embd", type=int, default=128)
-    g.add_argument("--seq-len", type=int, default=64, help="T, also the model's block_size")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
+    g.add_argument("--n-layer", type=at_least(1), default=4)
+    g.add_argument("--n-head", type=at_least(1), default=4)
+    g.add_argument("--n-embd", type=at_least(1), default=128)
+    g.add_argument("--seq-len", type=at_least(1), default=64, help="T, also the model's block_size")
+    g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=0.0, help="in [0, 1)")
     g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint directory")
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=12, help="B, sequences per process per micro-step")
-    g.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step; default B x T x processes (no accumulation)")
-    g.add_argument("--max-steps", type=int, default=850)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--min-lr", type=float, default=2e-4)
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--lr-decay-steps", type=int, help="length of the cosine schedule; default --max-steps")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--batch-size", type=at_least(1), default=12, help="B, sequences per process per micro-step")
+    g.add_argument("--total-batch-tokens", type=at_least(1), help="tokens per optimizer step; default B x T x processes (no accumulation)")
+    g.add_argument("--max-steps", type=at_least(1), default=850)
+    g.add_argument("--lr", type=in_range(0, low_open=True), default=2e-3)
+    g.add_argument("--min-lr", type=in_range(0), default=2e-4, help="the cosine ends here; <= --lr")
+    g.add_argument("--warmup-steps", type=at_least(0), default=50)
+    g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
+    g.add_argument("--weight-decay", type=in_range(0), default=0.1)
+    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=1.0, help="max global gradient norm")
+    g.add_argument("--seed", type=at_least(0), default=1337)
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--eval-every", type=int, default=500)
-    g.add_argument("--eval-iters", type=int, default=20)
-    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--log-every", type=at_least(1), default=100)
+    g.add_argument("--eval-every", type=at_least(1), default=500)
+    g.add_argument("--eval-iters", type=at_least(1), default=20)
+    g.add_argument("--ckpt-every", type=at_least(1), default=1000)
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
+    g.add_argument("--device", default="auto", type=device_name, help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA only)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
-    g.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
-    g.add_argument("--eval", action="store_true", help="loss and perplexity of --ckpt or --init-from on --data's val split or --text")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
+    mode.add_argument("--eval", action="store_true", help="loss and perplexity of --ckpt or --init-from on --data's val split or --text")
     g.add_argument("--ckpt", help="a checkpoint written by training")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
-    g.add_argument("--num-samples", type=int, default=1)
-    g.add_argument("--max-new-tokens", type=int, default=500)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    g.add_argument("--top-k", type=int, default=200)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--num-samples", type=at_least(1), default=1)
+    g.add_argument("--max-new-tokens", type=at_least(1), default=500)
+    g.add_argument("--temperature", type=in_range(0), default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=at_least(1), default=200, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=in_range(0, 1, low_open=True), default=None, help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--text", help="--eval on this text file instead of --data")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """What no single flag can check: flags that must agree with each other. p.error exits with one line."""
+    if args.sample or args.eval:
+        if not (args.ckpt or args.init_from):
+            p.error(f"--{'sample' if args.sample else 'eval'} needs --ckpt PATH or --init-from gpt2|<HF dir>")
+        if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
+            p.error(f"--prompt {args.prompt}: no such file")
+        return
+    if args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.init_from is None:
+        n_kv_head = args.n_kv_head or args.n_head
+        if args.n_embd % args.n_head:
+            p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+        if args.n_head % n_kv_head:
+            p.error(f"--n-head {args.n_head} is not a multiple of --n-kv-head {n_kv_head}")
+        if (args.pos or ARCHS[args.arch]["pos"]) == "rope" and (args.n_embd // args.n_head) % 2:
+            p.error(f"RoPE needs an even head dim; --n-embd {args.n_embd} / --n-head {args.n_head} = {args.n_embd // args.n_head}")
+    micro = args.batch_size * args.seq_len * int(os.environ.get("WORLD_SIZE", 1))
+    if args.total_batch_tokens is not None and args.total_batch_tokens % micro:
+        p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of batch x seq-len x processes = {micro}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block): 'transformer.py: error: ...', exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(low):
+    """An argparse type: an integer >= low."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def in_range(low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite number between low and high, each end included unless it is open."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if not math.isfinite(value) or too_low or too_high:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            if high == math.inf:
+                interval = f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def device_name(text):
+    """An argparse type: 'auto' or a device torch knows and this machine has (cpu, cuda, cuda:1, mps)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available on this machine")
+    return text
 
 
 def main(argv=None):
