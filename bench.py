@@ -31,6 +31,7 @@ Method
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -66,6 +67,7 @@ class Sizes:
     text_mb: float  # size of the corpus for row 3
     cuda_model: dict  # GPTConfig.preset('gpt2', 'gpt2', ...) fields of the model trained in row 4
     cuda_batch: int
+    text: str = None  # the text file row 3 repeats to text_mb (None: tiny Shakespeare, see corpus())
 
 
 FULL = Sizes(
@@ -215,9 +217,9 @@ def row_decode(sizes, rounds, device):
     line("", f"ours == HF, {n} greedy tokens: {'yes' if same else 'NO, they differ'}")
 
 
-def corpus(path, mb):
-    """Tiny Shakespeare repeated (or cut) to about `mb` MB, written to path."""
-    source = SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input()
+def corpus(path, mb, source=None):
+    """A text (tiny Shakespeare by default) repeated (or cut) to about `mb` MB, written to path."""
+    source = source or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
     with open(source, "rb") as f:
         text = f.read()
     n = int(mb * 1e6)
@@ -254,7 +256,7 @@ def row_prepare(sizes, rounds, device):
 
     with tempfile.TemporaryDirectory() as d:
         path, out = os.path.join(d, "corpus.txt"), os.path.join(d, "out")
-        corpus(path, sizes.text_mb)
+        corpus(path, sizes.text_mb, sizes.text)
         with open(path, encoding="utf-8") as f:
             text = f.read()
         mb = len(text.encode("utf-8")) / 1e6
@@ -351,8 +353,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: checks that every row runs")
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5, --quick 2)")
     p.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
+    p.add_argument("--text", help="the UTF-8 text row 3 tokenizes (default: tiny Shakespeare, downloaded if missing)")
     args = p.parse_args(argv)
     sizes, rounds = (QUICK, args.rounds or 2) if args.quick else (FULL, args.rounds or 5)
+    sizes = dataclasses.replace(sizes, text=args.text)
     device = transformer.pick_device(args.device)
     torch.manual_seed(0)
     quiet_transformers()

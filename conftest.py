@@ -1,19 +1,66 @@
-"""Set-up shared by every test file: offline, with the files in ../shared, on one torch thread."""
+"""Set-up shared by every test file: offline where ../shared holds tiktoken's cache, on one torch thread, and
+the texts tests read. The suite also passes on a fresh clone with nothing beside it (a user's checkout):
+tiktoken then uses its own cache or downloads its two files, and tests make their own text."""
 
+import hashlib
 import os
+import random
 
 import pytest
 import torch
 
 import transformer
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
+REPO = os.path.dirname(os.path.abspath(__file__))
+# TRANSFORMER_TEST_SHARED=none runs the suite as a user's clone would, without the CI machines' ../shared.
+SHARED = os.environ.get("TRANSFORMER_TEST_SHARED", os.path.join(REPO, "..", "shared"))
 if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # tiktoken's gpt2 files, so it never downloads
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # One thread: the test models are far too small to gain from more, and on a shared 2-core machine a
 # second OpenMP thread that waits for a busy core makes every tiny op many times slower.
 torch.set_num_threads(1)
+
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def tiny_shakespeare():
+    """Tiny Shakespeare's exact bytes from ../shared/data or the input.txt the main job downloaded, else None."""
+    for path in (os.path.join(SHARED, "data", "tinyshakespeare.txt"), os.path.join(REPO, "input.txt")):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256:
+                return data
+    return None
+
+
+def needs_tiny_shakespeare():
+    """The bytes of tiny Shakespeare, or skip the test with a line that says how to enable it."""
+    data = tiny_shakespeare()
+    if data is None:
+        pytest.skip("needs tiny Shakespeare's exact bytes: run `python prepare_data.py --tokenizer byte` once "
+                    "(it downloads input.txt) or put the file at ../shared/data/tinyshakespeare.txt")
+    return data
+
+
+def english_text(n_bytes, seed=0):
+    """n_bytes of ASCII play-like text: tiny Shakespeare's start when it is here, else text made up from a small
+    vocabulary in the same shape (speaker lines, verse, blank lines), so no test depends on a download."""
+    real = tiny_shakespeare()
+    if real is not None and n_bytes <= len(real):
+        return real[:n_bytes]
+    words = ("the king and queen of hearts shall speak to thee my lord what say you now good night sweet prince "
+             "o romeo wherefore art thou gentle sir i pray come hither and be gone with all the world").split()
+    speakers = ["ROMEO", "JULIET", "KING HENRY", "First Citizen", "MENENIUS", "LADY CAPULET"]
+    rng, parts, size = random.Random(seed), [], 0
+    while size < n_bytes:
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(",.;!?:")
+                 for _ in range(rng.randint(1, 5))]
+        part = f"{rng.choice(speakers)}:\n" + "\n".join(lines) + "\n\n"
+        parts.append(part)
+        size += len(part)
+    return "".join(parts).encode("ascii")[:n_bytes]
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, get_tokenizer, load_shard
+from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ArgumentParser, at_least, get_tokenizer, in_range, load_shard
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -316,20 +316,8 @@ def tokenize(texts, tokenizer, separator, desc):
 # CLI
 
 
-def positive_int(s):
-    if int(s) <= 0:
-        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
-    return int(s)
-
-
-def fraction(s):
-    if not 0 < float(s) < 1:
-        raise argparse.ArgumentTypeError(f"{s} is not between 0 and 1")
-    return float(s)
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # transformer.py's: one-line errors
         prog="prepare_data.py",  # also when transformer.py calls main()
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -348,21 +336,21 @@ def parse_args(argv):
     p.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2",
                    help="gpt2: GPT-2's BPE, vocab 50257 (the default); byte: UTF-8 bytes, vocab 256")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<source>_<tokenizer>)")
-    p.add_argument("--shard-tokens", type=positive_int, default=100_000_000, metavar="N",
+    p.add_argument("--shard-tokens", type=at_least(1), default=100_000_000, metavar="N",
                    help="tokens per shard (default: 100000000)")
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=fraction, metavar="F",
+    val.add_argument("--val-fraction", type=in_range(0, 1, low_open=True, high_open=True), metavar="F",
                      help="text file: hold out the last F of its tokens for validation "
                           f"(default: {DEFAULT_VAL_FRACTION})")
-    val.add_argument("--val-tokens", type=positive_int, metavar="N",
+    val.add_argument("--val-tokens", type=at_least(1), metavar="N",
                      help="hold out N tokens for validation: a text file's last N, a dataset's first N "
                           "(default for a dataset: --shard-tokens, one shard)")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     args = p.parse_args(argv)
     if not args.dataset and (args.name or args.data_files):
-        fail("--name and --data-files need --dataset")
+        p.error("--name and --data-files need --dataset")
     if args.dataset and args.val_fraction is not None:
-        fail("--val-fraction needs the total token count, unknown while a dataset streams: use --val-tokens")
+        p.error("--val-fraction needs the total token count, unknown while a dataset streams: use --val-tokens")
     return args
 
 

@@ -5,11 +5,14 @@ import re
 import subprocess
 import sys
 
+from conftest import english_text
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_quick_bench_prints_every_row():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--quick"],
+def test_quick_bench_prints_every_row(tmp_path):
+    (tmp_path / "text.txt").write_bytes(english_text(100_000))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--quick", "--text", str(tmp_path / "text.txt")],
                             cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for row in ("1 train", "2 decode", "3 prepare", "4 cuda"):

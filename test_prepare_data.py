@@ -1,6 +1,8 @@
-"""Tests of prepare_data.py: offline and small (tiny Shakespeare and the tokenizer cache come from ../shared)."""
+"""Tests of prepare_data.py: offline and small. The text is tiny Shakespeare's start where it is here, else made-up
+text of the same shape (conftest.english_text); the download's checksum test needs the real bytes."""
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -14,10 +16,9 @@ import pytest
 import tiktoken
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(REPO, "..", "shared")
-SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
 
 import prepare_data
+from conftest import english_text, needs_tiny_shakespeare
 from transformer import load_shard
 
 EOT = 50256
@@ -26,12 +27,6 @@ EOT = 50256
 def split_tokens(out, split):
     """All tokens of one split, its shards read in order."""
     return np.concatenate([load_shard(p) for p in sorted(glob.glob(os.path.join(out, f"{split}_*.bin")))])
-
-
-def shakespeare(n_bytes=-1):
-    """The first n_bytes of tiny Shakespeare (all of it by default); it is ASCII."""
-    with open(SHAKESPEARE, "rb") as f:
-        return f.read(n_bytes)
 
 
 def cli(cwd, *args):
@@ -84,7 +79,7 @@ def test_interrupted_shard_write_leaves_no_shard(tmp_path, monkeypatch):
 
 
 def test_interrupted_run_writes_no_meta_json(tmp_path, monkeypatch):
-    (tmp_path / "in.txt").write_bytes(shakespeare(5000))
+    (tmp_path / "in.txt").write_bytes(english_text(5000))
     calls = []
     real_write_shard = prepare_data.write_shard
 
@@ -108,7 +103,7 @@ def test_interrupted_run_writes_no_meta_json(tmp_path, monkeypatch):
 
 
 def test_byte_shards_concatenate_to_the_file_bytes(tmp_path):
-    text = shakespeare(20_000).decode() + "naïve café, Straße, 日本語, 🙂\n" * 100
+    text = english_text(20_000).decode() + "naïve café, Straße, 日本語, 🙂\n" * 100
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
     out = tmp_path / "out"
@@ -124,7 +119,7 @@ def test_byte_shards_concatenate_to_the_file_bytes(tmp_path):
 
 def test_gpt2_tokens_equal_tiktoken_on_the_whole_text(tmp_path, monkeypatch):
     # Blank lines, CRLF, trailing spaces and non-ASCII, read in small pieces: many cuts, none may change a token.
-    text = shakespeare(20_000).decode() + "end  \r\n\r\n  indented\t\n\n\n'tis naïve\n日本語\nlast line"
+    text = english_text(20_000).decode() + "end  \r\n\r\n  indented\t\n\n\n'tis naïve\n日本語\nlast line"
     src = tmp_path / "in.txt"
     src.write_bytes(text.encode("utf-8"))
     monkeypatch.setattr(prepare_data, "PIECE_BYTES", 256)
@@ -140,7 +135,7 @@ def test_val_split_over_several_shards_round_trips(tmp_path, tokenizer, cut):
     # The val split is moved out of the train shards at the end: several whole shards of it, and
     # a train shard cut in two (mid-shard) or none (shard-edge, where no train shard is rewritten).
     src = tmp_path / "in.txt"
-    src.write_bytes(shakespeare(40_000) + "naïve café 🙂\n".encode() * 50)
+    src.write_bytes(english_text(40_000) + "naïve café 🙂\n".encode() * 50)
     enc = tiktoken.get_encoding("gpt2")
     total = len(src.read_bytes()) if tokenizer == "byte" else len(enc.encode_ordinary(src.read_text(encoding="utf-8")))
     shard = 1000
@@ -163,7 +158,7 @@ def test_val_split_over_several_shards_round_trips(tmp_path, tokenizer, cut):
 
 
 def test_too_few_tokens_for_the_val_split_is_refused_and_leaves_no_shards(tmp_path):
-    (tmp_path / "in.txt").write_bytes(shakespeare(2000))
+    (tmp_path / "in.txt").write_bytes(english_text(2000))
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="has 2000 tokens: too few to hold out 2000"):
         prepare_data.main(["--input", str(tmp_path / "in.txt"), "--tokenizer", "byte", "--out", str(out),
@@ -185,11 +180,22 @@ def test_missing_input_is_a_one_line_error(tmp_path):
 
 
 def test_default_input_is_downloaded_verified_and_kept(tmp_path, monkeypatch):
-    fake_network(monkeypatch, response=shakespeare())
+    real = needs_tiny_shakespeare()  # the checksum must match the real file
+    fake_network(monkeypatch, response=real)
     monkeypatch.chdir(tmp_path)
     prepare_data.main(["--tokenizer", "byte", "--out", "out"])
-    assert (tmp_path / "input.txt").read_bytes() == shakespeare()
+    assert (tmp_path / "input.txt").read_bytes() == real
     assert sorted(os.listdir(tmp_path)) == ["input.txt", "out"]
+
+
+def test_the_download_is_kept_when_its_checksum_matches(tmp_path, monkeypatch):
+    """The same path without the real bytes: made-up text, and the checksum that text has."""
+    text = english_text(3000, seed=7)
+    monkeypatch.setattr(prepare_data, "SHAKESPEARE_SHA256", hashlib.sha256(text).hexdigest())
+    fake_network(monkeypatch, response=text)
+    monkeypatch.chdir(tmp_path)
+    prepare_data.main(["--tokenizer", "byte", "--out", "out"])
+    assert (tmp_path / "input.txt").read_bytes() == text
 
 
 def test_download_with_wrong_checksum_leaves_no_input_txt(tmp_path, monkeypatch):
@@ -255,7 +261,7 @@ def test_vocab_over_65536_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def test_existing_out_dir_is_refused_without_overwrite(tmp_path, monkeypatch):
-    (tmp_path / "in.txt").write_bytes(shakespeare(2000))
+    (tmp_path / "in.txt").write_bytes(english_text(2000))
     args = ["--input", "in.txt", "--tokenizer", "byte", "--out", "out"]
     monkeypatch.chdir(tmp_path)
     prepare_data.main(args)
@@ -267,7 +273,7 @@ def test_existing_out_dir_is_refused_without_overwrite(tmp_path, monkeypatch):
 
 
 def test_overwrite_removes_the_old_shards(tmp_path):
-    (tmp_path / "in.txt").write_bytes(shakespeare(2000))
+    (tmp_path / "in.txt").write_bytes(english_text(2000))
     args = ["--input", str(tmp_path / "in.txt"), "--tokenizer", "byte", "--out", str(tmp_path / "out")]
     prepare_data.main(args + ["--shard-tokens", "100"])
     prepare_data.main(args + ["--overwrite"])

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(REPO, "..", "shared")
-SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
 
 import prepare_data
 import transformer
+from conftest import english_text
 from transformer import DataLoaderLite, GPT, GPTConfig
 
 SCRIPT = os.path.join(REPO, "transformer.py")
@@ -657,10 +656,7 @@ def test_a_resumed_run_after_a_crash_logs_each_step_once(data, tmp_path, monkeyp
 
 
 def test_prepare_data_then_train_learns_shakespeare(tmp_path, capsys):
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip("tiny Shakespeare is not in ../shared/data")
-    with open(SHAKESPEARE, "rb") as f:
-        (tmp_path / "input.txt").write_bytes(f.read(50_000))
+    (tmp_path / "input.txt").write_bytes(english_text(50_000))
     prepare_data.main(["--input", str(tmp_path / "input.txt"), "--tokenizer", "byte", "--out", str(tmp_path / "data")])
     train(tmp_path / "data", tmp_path / "out", "--max-steps", "40", "--lr", "1e-2", "--batch-size", "8",
           "--eval-every", "20")

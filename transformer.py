@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -1005,10 +1006,12 @@ def wrap_model(model, args, dist, device):
     if args.compile:
         model = torch.compile(model)
     if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True, broadcast_buffers=False,
-        )
+        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True, broadcast_buffers=False,
+            )
     return model
 
 
