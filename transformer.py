@@ -15,7 +15,7 @@ The file is a story, in this order:
     6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
     7. Data        tokenizers, the uint16 shard format, DataLoaderLite
     8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
-    9. Sampling    KV cache, top-k / top-p generation, perplexity
+    9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
    10. CLI         argparse and main()
 """
 
@@ -830,10 +830,16 @@ class Distributed:
                 torch.cuda.set_device(device)
             torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
 
+    def sum(self, t):
+        """Add up a tensor over processes, in place (counts: HellaSwag's correct answers, say)."""
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
     def mean(self, t):
         """Average a tensor over processes (gloo has no AVG, so SUM / world)."""
         if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            self.sum(t)
             t /= self.world
         return t
 
@@ -1243,6 +1249,135 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, progress=True):
     return total / (len(tokens) - 1), len(tokens) - 1
 
 
+# HellaSwag (Zellers et al. 2019) asks which of four endings continues a short scene: "A man is
+# sitting on a roof. He ..." The model is never shown the choices side by side. As in build-nanogpt
+# ("completion style"), each ending is scored as a continuation of the context: the loss of its own
+# tokens, summed, and the lowest loss is the model's answer (acc). Longer endings pile up more loss,
+# so acc_norm compares the mean loss per ending token instead. Random guessing scores 0.25.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def cached_download(url):
+    """The local copy of url in ~/.cache/transformer.py/ (or $XDG_CACHE_HOME/transformer.py/), downloaded
+    on first use. The file appears under its final name only once it is complete (prepare_data.atomic_open)."""
+    import http.client
+    import urllib.request
+
+    import prepare_data
+
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transformer.py")
+    path = os.path.join(folder, url.rsplit("/", 1)[-1])
+    if os.path.exists(path):
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
+        raise ValueError(f"could not download {url} ({e}); pass a local copy: --hellaswag FILE") from None
+    os.makedirs(folder, exist_ok=True)
+    with prepare_data.atomic_open(path) as f:
+        f.write(data)
+    return path
+
+
+def read_hellaswag(path):
+    """The examples of a HellaSwag jsonl file, the official format: one JSON object a line, with
+    ctx (text), endings (4 texts) and label (0-3, the right ending). Other fields are ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a HellaSwag file ({getattr(e, 'strerror', None) or e})") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= set(example):
+            raise ValueError(f"{where}: a HellaSwag example needs the fields ctx, endings and label")
+        ctx, endings, label = example["ctx"], example["endings"], example["label"]
+        if not isinstance(ctx, str) or not ctx:
+            raise ValueError(f"{where}: ctx must be a non-empty text")
+        if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+            raise ValueError(f"{where}: endings must be a list of 4 texts")
+        if type(label) is not int or not 0 <= label < 4:
+            raise ValueError(f"{where}: label must be 0, 1, 2 or 3, not {label!r}")
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no HellaSwag examples in this file")
+    return examples
+
+
+def render_hellaswag(example, tokenizer, block_size):
+    """(4 token rows, 4 ending lengths): the context's tokens followed by each ending's.
+
+    Context and ending are tokenized apart and joined, with the space between them at the start of the
+    ending, where GPT-2's BPE puts it (" roof" is one token). NOTE: when context + longest ending exceed
+    block_size, the context loses its oldest tokens, the same ones for all four rows, so the endings
+    still compete on the same context (the official val set fits GPT-2's 1024 tokens: nothing is cut).
+    An ending that leaves no room for even one context token is refused."""
+    ctx = tokenizer.encode(example["ctx"])
+    endings = [tokenizer.encode(" " + ending) for ending in example["endings"]]
+    longest = max(len(e) for e in endings)
+    if longest >= block_size:
+        raise ValueError(f"HellaSwag example {example['ctx'][:30]!r}...: an ending of {longest} tokens does not fit "
+                         f"the model's context of {block_size} tokens after at least one context token")
+    ctx = ctx[max(0, len(ctx) + longest - block_size) :]
+    return [ctx + e for e in endings], [len(e) for e in endings]
+
+
+@torch.no_grad()
+def hellaswag_losses(model, rendered, device, dtype):
+    """The loss of each ending, for examples rendered by render_hellaswag (a list of (rows, ending lengths)),
+    all in one forward -> (summed, mean), each (examples, 4): summed over the ending's tokens, and per token."""
+    rows = [row for r, _ in rendered for row in r]
+    n_ending = [n for _, ns in rendered for n in ns]
+    R, L = len(rows), max(len(r) for r in rows)  # R = 4 x examples
+    tokens = torch.zeros(R, L, dtype=torch.long)  # (R, L), right-padded with token 0
+    in_ending = torch.zeros(R, L, dtype=torch.bool)  # (R, L): True on the ending's tokens
+    for i, (row, n) in enumerate(zip(rows, n_ending)):
+        tokens[i, : len(row)] = torch.tensor(row)
+        in_ending[i, len(row) - n : len(row)] = True
+    tokens, in_ending = tokens.to(device), in_ending.to(device)
+    with autocast(device, dtype):
+        logits, _ = model(tokens)  # (R, L, vocab); causal, so the padding on the right changes nothing before it
+    scored = in_ending[:, 1:]  # (R, L-1): position t predicts token t+1, which must be an ending's
+    token_loss = torch.zeros(R, L - 1, device=device)  # (R, L-1), zero outside the endings
+    token_loss[scored] = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
+    summed = token_loss.sum(dim=1).view(-1, 4)  # (examples, 4)
+    return summed, summed / scored.sum(dim=1).view(-1, 4)
+
+
+def hellaswag_scores(model, examples, tokenizer, device, dtype, rank=0, world=1, batch_size=8, progress=False):
+    """Score examples[rank::world] -> (n_correct, n_correct_norm, n): this process's share, so a caller
+    under torchrun adds the three counts up over processes (Distributed.sum). batch_size examples, 4 rows
+    each, go through the model at once. The model is scored in eval mode and left in the mode it came in;
+    nothing draws random numbers. Pass the plain model, not a DDP or compiled wrapper: each process runs
+    its own shapes, and a compiled model would recompile for each new one."""
+    from tqdm import tqdm
+
+    mine = examples[rank::world]
+    # Tokenize everything first, so a bad example stops the run before any scoring.
+    rendered = [render_hellaswag(e, tokenizer, model.config.block_size) for e in mine]
+    was_training = model.training
+    model.eval()
+    correct = correct_norm = 0
+    for first in tqdm(range(0, len(mine), batch_size), desc="hellaswag", unit="batch", disable=not progress,
+                      file=sys.stderr):
+        summed, mean = hellaswag_losses(model, rendered[first : first + batch_size], device, dtype)  # (b, 4) each
+        labels = torch.tensor([e["label"] for e in mine[first : first + batch_size]], device=device)  # (b,)
+        correct += (summed.argmin(dim=1) == labels).sum().item()
+        correct_norm += (mean.argmin(dim=1) == labels).sum().item()
+    model.train(was_training)
+    return correct, correct_norm, len(mine)
+
+
 def load_for_inference(args, device):
     """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the weights."""
     if args.ckpt:
@@ -1309,6 +1444,31 @@ def evaluate(args):
     print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted")
 
 
+def evaluate_hellaswag(args):
+    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
+    scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
+    dist = Distributed()
+    device = pick_device(args.device, dist.local_rank)
+    dtype = pick_dtype(args.dtype, device)
+    dist.start(device)
+    try:
+        model, tokenizer = load_for_inference(args, device)
+        path = args.hellaswag
+        if path == HELLASWAG_URL:  # --hellaswag without FILE: the official validation set, 10,042 examples
+            if dist.master:
+                cached_download(path)
+            dist.barrier()
+            path = cached_download(path)
+        examples = read_hellaswag(path)
+        counts = hellaswag_scores(model, examples, tokenizer, device, dtype, dist.rank, dist.world,
+                                  args.batch_size, progress=dist.master)
+        correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
+        if dist.master:
+            print(f"hellaswag: acc {correct / n:.4f} | acc_norm {correct_norm / n:.4f} | {n} examples")
+    finally:
+        dist.stop()
+
+
 # -----------------------------------------------------------------------------
 # 10. CLI
 # One entry point: train (the default), --sample or --eval. The defaults are the main
@@ -1362,7 +1522,8 @@ def parse_args(argv=None):
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
     g.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
-    g.add_argument("--eval", action="store_true", help="loss and perplexity of --ckpt or --init-from on --data's val split or --text")
+    g.add_argument("--eval", action="store_true",
+                   help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, or --hellaswag")
     g.add_argument("--ckpt", help="a checkpoint written by training")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
     g.add_argument("--num-samples", type=int, default=1)
@@ -1373,7 +1534,13 @@ def parse_args(argv=None):
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--text", help="--eval on this text file instead of --data")
-    return p.parse_args(argv)
+    g.add_argument("--hellaswag", nargs="?", const=HELLASWAG_URL, metavar="FILE",
+                   help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
+                   "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
+    args = p.parse_args(argv)
+    if args.hellaswag is not None and not args.eval:
+        p.error("--hellaswag goes with --eval")
+    return args
 
 
 def main(argv=None):
@@ -1381,6 +1548,8 @@ def main(argv=None):
     try:
         if args.sample:
             sample(args)
+        elif args.eval and args.hellaswag is not None:
+            evaluate_hellaswag(args)
         elif args.eval:
             evaluate(args)
         else:
