@@ -13,7 +13,7 @@ The file is a story, in this order:
     4. MLP         GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
-    7. Data        tokenizers, the uint16 shard format, DataLoaderLite
+    7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
     8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
     9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
    10. CLI         argparse and main()
@@ -524,8 +524,13 @@ HF_LOADERS = {"gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf), "llama": (lla
 # waits for a tokenizer. A shard is a 1 KiB header of 256 little-endian int32
 # (magic, format version, vocab size, token count, then zeros) followed by the tokens
 # as uint16: 2 bytes a token, which is why vocabularies stop at 65,536.
+# llm.c and modded-nanogpt write FineWeb as shards of the same shape under another magic
+# number: (magic, version, token count, zeros), GPT-2 tokens implied, no meta.json. A
+# folder of them is read as it is; shard_header tells the two formats apart.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 1, 256
+LLMC_MAGIC, LLMC_VERSION = 20240520, 1  # llm.c's version 1: GPT-2 tokens as uint16 (its Llama 3 shards differ)
+LLMC_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what an llm.c folder's missing meta.json would say
 
 
 class ByteTokenizer:
@@ -593,31 +598,63 @@ def get_tokenizer(name):
         raise ValueError(f"unknown tokenizer {name!r}: use 'byte', 'gpt2' or 'hf:<dir>'") from None
 
 
-def load_shard(path, vocab_size=None):
-    """Memory-map a shard's tokens (uint16, shape (n,)) after checking its header against the file."""
+def shard_header(path):
+    """(format, vocab_size, token count) from a shard's header, checked against the file. The magic number
+    decides the format: this project's ('transformer.py') or llm.c's ('llm.c', whose vocab is GPT-2's)."""
     try:
         header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     except OSError as e:
         raise ValueError(f"{path}: cannot read shard ({e.strerror})") from None
-    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
+    magic = header[0] if header.size == SHARD_HEADER_INTS else None
+    if magic == SHARD_MAGIC:
+        fmt, version, vocab_size, n = "transformer.py", SHARD_VERSION, int(header[2]), int(header[3])
+    elif magic == LLMC_MAGIC:
+        fmt, version, vocab_size, n = "llm.c", LLMC_VERSION, LLMC_META["vocab_size"], int(header[2])
+    else:
         raise ValueError(f"{path}: not a token shard (bad magic); make shards with prepare_data.py")
-    if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: shard format version {header[1]}, this code reads version {SHARD_VERSION}")
-    if vocab_size is not None and header[2] != vocab_size:
-        raise ValueError(f"{path}: shard vocab_size {header[2]} does not match the dataset's {vocab_size}")
-    n, offset = int(header[3]), SHARD_HEADER_INTS * 4
-    if os.path.getsize(path) != offset + 2 * n:
-        raise ValueError(f"{path}: header says {n} tokens but the file holds {(os.path.getsize(path) - offset) / 2:g}: truncated or corrupt")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
+    if header[1] != version:
+        raise ValueError(f"{path}: {fmt} shard format version {header[1]}, this code reads version {version}")
+    held = (os.path.getsize(path) - 4 * SHARD_HEADER_INTS) / 2
+    if held != n:
+        raise ValueError(f"{path}: header says {n} tokens but the file holds {held:g}: truncated or corrupt")
+    return fmt, vocab_size, n
+
+
+def load_shard(path, vocab_size=None):
+    """Memory-map a shard's tokens (uint16, shape (n,)) after checking its header against the file."""
+    _, shard_vocab, n = shard_header(path)
+    if vocab_size is not None and shard_vocab != vocab_size:
+        raise ValueError(f"{path}: shard vocab_size {shard_vocab} does not match the dataset's {vocab_size}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+
+
+def find_shards(data_dir, split):
+    """The shards of one split, in name order. The rule: a file <split>.bin, <prefix>_<split>.bin or either
+    with _<number> before .bin, so the split is a whole word of the name: this project's train_000000.bin,
+    llm.c's fineweb_train_000001.bin and tiny_shakespeare_val.bin, but not interval_000000.bin."""
+
+    def of_split(file):  # 'fineweb_train_000001.bin' -> ['fineweb', 'train', '000001']
+        words = os.path.basename(file).removesuffix(".bin").split("_")
+        return words[-1] == split or (len(words) > 1 and words[-2] == split and words[-1].isdigit())
+
+    files = sorted(f for f in glob.glob(os.path.join(data_dir, "*.bin")) if of_split(f))
+    if not files:
+        raise ValueError(f"{data_dir}: no {split}_*.bin shards (nor llm.c's *_{split}_*.bin); "
+                         "make them with prepare_data.py")
+    return files
 
 
 def read_meta(data_dir):
-    """meta.json of a prepared dataset: tokenizer, vocab_size, token counts. Written last, so it marks a complete dataset."""
+    """meta.json of a prepared dataset: tokenizer, vocab_size, token counts. Written last, so it marks a complete
+    dataset. A folder of llm.c shards has none: its format implies GPT-2's tokenizer (LLMC_META)."""
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
-    with open(path) as f:
-        return json.load(f)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    shards = sorted(glob.glob(os.path.join(data_dir, "*.bin")))
+    if shards and shard_header(shards[0])[0] == "llm.c":
+        return dict(LLMC_META)
+    raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
 
 
 class DataLoaderLite:
@@ -632,9 +669,7 @@ class DataLoaderLite:
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, seed=0):
-        files = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
-        if not files:
-            raise ValueError(f"{data_dir}: no {split}_*.bin shards; make them with prepare_data.py")
+        files = find_shards(data_dir, split)
         meta_path = os.path.join(data_dir, "meta.json")
         vocab_size = read_meta(data_dir)["vocab_size"] if os.path.exists(meta_path) else None
         self.shards = [load_shard(f, vocab_size) for f in files]
@@ -1432,9 +1467,7 @@ def evaluate(args):
         meta = read_meta(args.data)
         if meta["tokenizer"] != tokenizer.name:
             raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
-        files = sorted(glob.glob(os.path.join(args.data, "val_*.bin")))
-        if not files:
-            raise ValueError(f"{args.data}: no val_*.bin shards")
+        files = find_shards(args.data, "val")
         tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
     else:
         raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
@@ -1484,7 +1517,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help=f"directory of shards from prepare_data.py (default: tiny Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
+    g.add_argument("--data", default=None, help=f"directory of shards from prepare_data.py or llm.c (default: tiny Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
