@@ -103,7 +103,8 @@ def llmc_folder_with(tmp_path, **bad):
 def test_a_truncated_llmc_shard_is_a_one_line_error(tmp_path, one_line_error):
     data = llmc_folder_with(tmp_path, n_tokens=1200)  # the header promises 200 tokens more than the file holds
     line = one_line_error(["--data", data, "--out-dir", str(tmp_path / "out"), *TINY, "--max-steps", "1"])
-    assert line.endswith("fineweb_val_000000.bin: header says 1200 tokens but the file holds 1000: truncated or corrupt")
+    assert line.endswith("fineweb_val_000000.bin: header says 1200 tokens but the file holds 1000: "
+                         "truncated or corrupt")
 
 
 def test_an_llmc_shard_of_another_version_is_a_one_line_error(tmp_path, one_line_error):

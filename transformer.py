@@ -1115,7 +1115,8 @@ def run_training(args, dist, device, dtype):
                 return
     if dist.master:
         say(f"saved {ckpt_path}")
-        plot_metrics(metrics_path)
+        default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
+        plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
         tokenizer = get_tokenizer(meta["tokenizer"])
         prompt = torch.tensor([tokenizer.encode("\n")], device=device)
         say("--- sample ---")
@@ -1145,25 +1146,53 @@ def keep_metrics_before(path, step):
     os.replace(path + ".tmp", path)
 
 
-def plot_metrics(path):
-    """loss.png beside metrics.jsonl, when matplotlib is installed."""
-    try:
-        import matplotlib
+def plot_metrics(path, target=None, target_label="target"):
+    """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
+    moving average centred on each step, which shows the trend without lagging behind it; val loss,
+    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
+    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
+    run; the right one zooms in on its second half, where the curves are close together and the
+    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
     except ImportError:
-        return
+        return None
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    val = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    ax.set(xlabel="step", ylabel="loss", title=os.path.dirname(path))
-    ax.legend()
-    fig.savefig(os.path.join(os.path.dirname(path), "loss.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
+    n, h = len(loss), max(1, len(loss) // 80)
+    total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
+    lo, hi = np.maximum(np.arange(n) - h, 0), np.minimum(np.arange(n) + h + 1, n)
+    smooth = (total[hi] - total[lo]) / (hi - lo)  # (n,)
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    whole, tail = fig.subplots(1, 2)
+    for ax in (whole, tail):
+        ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
+        if val:
+            ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
+                    label=f"val loss (last {val[-1][1]:.4f})")
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole
+    whole.set(ylabel="loss (cross-entropy per token)", title="whole run", xlim=(steps[0], steps[-1] + margin))
+    # The zoom: the second half's steps, and a y range that holds its average, val points and the target.
+    first = steps[n // 2]
+    near = [*smooth[n // 2 :], *(v for s, v in val if s >= first), *([target] if target is not None else [])]
+    pad = 0.15 * (max(near) - min(near)) + 1e-3
+    tail.set(title="second half, zoomed in", xlim=(first, steps[-1] + margin), ylim=(min(near) - pad, max(near) + pad))
+    whole.legend(loc="upper right")
+    fig.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {n} steps")
+    out = os.path.join(os.path.dirname(path), "loss.png")
+    fig.savefig(out, dpi=110)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1509,6 +1538,7 @@ def evaluate_hellaswag(args):
 # 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
 
 DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
+NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
 def parse_args(argv=None):
