@@ -1161,6 +1161,8 @@ def plot_metrics(path, target=None, target_label="target"):
         return None
     with open(path) as f:
         rows = [json.loads(line) for line in f]
+    if not rows:  # nothing logged yet
+        return None
     steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
