@@ -13,9 +13,9 @@ The file is a story, in this order:
     4. MLP         GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
-    7. Data        tokenizers, the uint16 shard format, DataLoaderLite
+    7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
     8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
-    9. Sampling    KV cache, top-k / top-p generation, perplexity
+    9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
    10. CLI         argparse and main()
 """
 
@@ -537,8 +537,13 @@ HF_LOADERS = {"gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf), "llama": (lla
 # waits for a tokenizer. A shard is a 1 KiB header of 256 little-endian int32
 # (magic, format version, vocab size, token count, then zeros) followed by the tokens
 # as uint16: 2 bytes a token, which is why vocabularies stop at 65,536.
+# llm.c and modded-nanogpt write FineWeb as shards of the same shape under another magic
+# number: (magic, version, token count, zeros), GPT-2 tokens implied, no meta.json. A
+# folder of them is read as it is; shard_header tells the two formats apart.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 1, 256
+LLMC_MAGIC, LLMC_VERSION = 20240520, 1  # llm.c's version 1: GPT-2 tokens as uint16 (its Llama 3 shards differ)
+LLMC_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what an llm.c folder's missing meta.json would say
 
 
 class ByteTokenizer:
@@ -606,31 +611,63 @@ def get_tokenizer(name):
         raise ValueError(f"unknown tokenizer {name!r}: use 'byte', 'gpt2' or 'hf:<dir>'") from None
 
 
-def load_shard(path, vocab_size=None):
-    """Memory-map a shard's tokens (uint16, shape (n,)) after checking its header against the file."""
+def shard_header(path):
+    """(format, vocab_size, token count) from a shard's header, checked against the file. The magic number
+    decides the format: this project's ('transformer.py') or llm.c's ('llm.c', whose vocab is GPT-2's)."""
     try:
         header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     except OSError as e:
         raise ValueError(f"{path}: cannot read shard ({e.strerror})") from None
-    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
+    magic = header[0] if header.size == SHARD_HEADER_INTS else None
+    if magic == SHARD_MAGIC:
+        fmt, version, vocab_size, n = "transformer.py", SHARD_VERSION, int(header[2]), int(header[3])
+    elif magic == LLMC_MAGIC:
+        fmt, version, vocab_size, n = "llm.c", LLMC_VERSION, LLMC_META["vocab_size"], int(header[2])
+    else:
         raise ValueError(f"{path}: not a token shard (bad magic); make shards with prepare_data.py")
-    if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: shard format version {header[1]}, this code reads version {SHARD_VERSION}")
-    if vocab_size is not None and header[2] != vocab_size:
-        raise ValueError(f"{path}: shard vocab_size {header[2]} does not match the dataset's {vocab_size}")
-    n, offset = int(header[3]), SHARD_HEADER_INTS * 4
-    if os.path.getsize(path) != offset + 2 * n:
-        raise ValueError(f"{path}: header says {n} tokens but the file holds {(os.path.getsize(path) - offset) / 2:g}: truncated or corrupt")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
+    if header[1] != version:
+        raise ValueError(f"{path}: {fmt} shard format version {header[1]}, this code reads version {version}")
+    held = (os.path.getsize(path) - 4 * SHARD_HEADER_INTS) / 2
+    if held != n:
+        raise ValueError(f"{path}: header says {n} tokens but the file holds {held:g}: truncated or corrupt")
+    return fmt, vocab_size, n
+
+
+def load_shard(path, vocab_size=None):
+    """Memory-map a shard's tokens (uint16, shape (n,)) after checking its header against the file."""
+    _, shard_vocab, n = shard_header(path)
+    if vocab_size is not None and shard_vocab != vocab_size:
+        raise ValueError(f"{path}: shard vocab_size {shard_vocab} does not match the dataset's {vocab_size}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+
+
+def find_shards(data_dir, split):
+    """The shards of one split, in name order. The rule: a file <split>.bin, <prefix>_<split>.bin or either
+    with _<number> before .bin, so the split is a whole word of the name: this project's train_000000.bin,
+    llm.c's fineweb_train_000001.bin and tiny_shakespeare_val.bin, but not interval_000000.bin."""
+
+    def of_split(file):  # 'fineweb_train_000001.bin' -> ['fineweb', 'train', '000001']
+        words = os.path.basename(file).removesuffix(".bin").split("_")
+        return words[-1] == split or (len(words) > 1 and words[-2] == split and words[-1].isdigit())
+
+    files = sorted(f for f in glob.glob(os.path.join(data_dir, "*.bin")) if of_split(f))
+    if not files:
+        raise ValueError(f"{data_dir}: no {split}_*.bin shards (nor llm.c's *_{split}_*.bin); "
+                         "make them with prepare_data.py")
+    return files
 
 
 def read_meta(data_dir):
-    """meta.json of a prepared dataset: tokenizer, vocab_size, token counts. Written last, so it marks a complete dataset."""
+    """meta.json of a prepared dataset: tokenizer, vocab_size, token counts. Written last, so it marks a complete
+    dataset. A folder of llm.c shards has none: its format implies GPT-2's tokenizer (LLMC_META)."""
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
-    with open(path) as f:
-        return json.load(f)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    shards = sorted(glob.glob(os.path.join(data_dir, "*.bin")))
+    if shards and shard_header(shards[0])[0] == "llm.c":
+        return dict(LLMC_META)
+    raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
 
 
 class DataLoaderLite:
@@ -649,9 +686,7 @@ class DataLoaderLite:
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, grad_accum=1, seed=0, pin_memory=False):
-        files = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
-        if not files:
-            raise ValueError(f"{data_dir}: no {split}_*.bin shards; make them with prepare_data.py")
+        files = find_shards(data_dir, split)
         meta_path = os.path.join(data_dir, "meta.json")
         vocab_size = read_meta(data_dir)["vocab_size"] if os.path.exists(meta_path) else None
         self.shards = [load_shard(f, vocab_size) for f in files]
@@ -1147,7 +1182,8 @@ def run_training(args, dist, device, dtype):
                 return
     if dist.master:
         say(f"saved {ckpt_path}")
-        plot_metrics(metrics_path)
+        default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
+        plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
         tokenizer = get_tokenizer(meta["tokenizer"])
         prompt = torch.tensor([tokenizer.encode("\n")], device=device)
         say("--- sample ---")
@@ -1191,25 +1227,55 @@ def keep_metrics_before(path, step):
     os.replace(path + ".tmp", path)
 
 
-def plot_metrics(path):
-    """loss.png beside metrics.jsonl, when matplotlib is installed."""
-    try:
-        import matplotlib
+def plot_metrics(path, target=None, target_label="target"):
+    """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
+    moving average centred on each step, which shows the trend without lagging behind it; val loss,
+    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
+    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
+    run; the right one zooms in on its second half, where the curves are close together and the
+    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
     except ImportError:
-        return
+        return None
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    val = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    ax.set(xlabel="step", ylabel="loss", title=os.path.dirname(path))
-    ax.legend()
-    fig.savefig(os.path.join(os.path.dirname(path), "loss.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    if not rows:  # nothing logged yet
+        return None
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
+    n, h = len(loss), max(1, len(loss) // 80)
+    total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
+    lo, hi = np.maximum(np.arange(n) - h, 0), np.minimum(np.arange(n) + h + 1, n)
+    smooth = (total[hi] - total[lo]) / (hi - lo)  # (n,)
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    whole, tail = fig.subplots(1, 2)
+    for ax in (whole, tail):
+        ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
+        if val:
+            ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
+                    label=f"val loss (last {val[-1][1]:.4f})")
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole
+    whole.set(ylabel="loss (cross-entropy per token)", title="whole run", xlim=(steps[0], steps[-1] + margin))
+    # The zoom: the second half's steps, and a y range that holds its average, val points and the target.
+    first = steps[n // 2]
+    near = [*smooth[n // 2 :], *(v for s, v in val if s >= first), *([target] if target is not None else [])]
+    pad = 0.15 * (max(near) - min(near)) + 1e-3
+    tail.set(title="second half, zoomed in", xlim=(first, steps[-1] + margin), ylim=(min(near) - pad, max(near) + pad))
+    whole.legend(loc="upper right")
+    fig.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {n} steps")
+    out = os.path.join(os.path.dirname(path), "loss.png")
+    fig.savefig(out, dpi=110)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1336,6 +1402,135 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
     return total / (len(tokens) - 1), len(tokens) - 1
 
 
+# HellaSwag (Zellers et al. 2019) asks which of four endings continues a short scene: "A man is
+# sitting on a roof. He ..." The model is never shown the choices side by side. As in build-nanogpt
+# ("completion style"), each ending is scored as a continuation of the context: the loss of its own
+# tokens, summed, and the lowest loss is the model's answer (acc). Longer endings pile up more loss,
+# so acc_norm compares the mean loss per ending token instead. Random guessing scores 0.25.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def cached_download(url):
+    """The local copy of url in ~/.cache/transformer.py/ (or $XDG_CACHE_HOME/transformer.py/), downloaded
+    on first use. The file appears under its final name only once it is complete (prepare_data.atomic_open)."""
+    import http.client
+    import urllib.request
+
+    import prepare_data
+
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transformer.py")
+    path = os.path.join(folder, url.rsplit("/", 1)[-1])
+    if os.path.exists(path):
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
+        raise ValueError(f"could not download {url} ({e}); pass a local copy: --hellaswag FILE") from None
+    os.makedirs(folder, exist_ok=True)
+    with prepare_data.atomic_open(path) as f:
+        f.write(data)
+    return path
+
+
+def read_hellaswag(path):
+    """The examples of a HellaSwag jsonl file, the official format: one JSON object a line, with
+    ctx (text), endings (4 texts) and label (0-3, the right ending). Other fields are ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a HellaSwag file ({getattr(e, 'strerror', None) or e})") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= set(example):
+            raise ValueError(f"{where}: a HellaSwag example needs the fields ctx, endings and label")
+        ctx, endings, label = example["ctx"], example["endings"], example["label"]
+        if not isinstance(ctx, str) or not ctx:
+            raise ValueError(f"{where}: ctx must be a non-empty text")
+        if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+            raise ValueError(f"{where}: endings must be a list of 4 texts")
+        if type(label) is not int or not 0 <= label < 4:
+            raise ValueError(f"{where}: label must be 0, 1, 2 or 3, not {label!r}")
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no HellaSwag examples in this file")
+    return examples
+
+
+def render_hellaswag(example, tokenizer, block_size):
+    """(4 token rows, 4 ending lengths): the context's tokens followed by each ending's.
+
+    Context and ending are tokenized apart and joined, with the space between them at the start of the
+    ending, where GPT-2's BPE puts it (" roof" is one token). NOTE: when context + longest ending exceed
+    block_size, the context loses its oldest tokens, the same ones for all four rows, so the endings
+    still compete on the same context (the official val set fits GPT-2's 1024 tokens: nothing is cut).
+    An ending that leaves no room for even one context token is refused."""
+    ctx = tokenizer.encode(example["ctx"])
+    endings = [tokenizer.encode(" " + ending) for ending in example["endings"]]
+    longest = max(len(e) for e in endings)
+    if longest >= block_size:
+        raise ValueError(f"HellaSwag example {example['ctx'][:30]!r}...: an ending of {longest} tokens does not fit "
+                         f"the model's context of {block_size} tokens after at least one context token")
+    ctx = ctx[max(0, len(ctx) + longest - block_size) :]
+    return [ctx + e for e in endings], [len(e) for e in endings]
+
+
+@torch.no_grad()
+def hellaswag_losses(model, rendered, device, dtype):
+    """The loss of each ending, for examples rendered by render_hellaswag (a list of (rows, ending lengths)),
+    all in one forward -> (summed, mean), each (examples, 4): summed over the ending's tokens, and per token."""
+    rows = [row for r, _ in rendered for row in r]
+    n_ending = [n for _, ns in rendered for n in ns]
+    R, L = len(rows), max(len(r) for r in rows)  # R = 4 x examples
+    tokens = torch.zeros(R, L, dtype=torch.long)  # (R, L), right-padded with token 0
+    in_ending = torch.zeros(R, L, dtype=torch.bool)  # (R, L): True on the ending's tokens
+    for i, (row, n) in enumerate(zip(rows, n_ending)):
+        tokens[i, : len(row)] = torch.tensor(row)
+        in_ending[i, len(row) - n : len(row)] = True
+    tokens, in_ending = tokens.to(device), in_ending.to(device)
+    with autocast(device, dtype):
+        logits, _ = model(tokens)  # (R, L, vocab); causal, so the padding on the right changes nothing before it
+    scored = in_ending[:, 1:]  # (R, L-1): position t predicts token t+1, which must be an ending's
+    token_loss = torch.zeros(R, L - 1, device=device)  # (R, L-1), zero outside the endings
+    token_loss[scored] = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
+    summed = token_loss.sum(dim=1).view(-1, 4)  # (examples, 4)
+    return summed, summed / scored.sum(dim=1).view(-1, 4)
+
+
+def hellaswag_scores(model, examples, tokenizer, device, dtype, rank=0, world=1, batch_size=8, progress=False):
+    """Score examples[rank::world] -> (n_correct, n_correct_norm, n): this process's share, so a caller
+    under torchrun adds the three counts up over processes (Distributed.sum). batch_size examples, 4 rows
+    each, go through the model at once. The model is scored in eval mode and left in the mode it came in;
+    nothing draws random numbers. Pass the plain model, not a DDP or compiled wrapper: each process runs
+    its own shapes, and a compiled model would recompile for each new one."""
+    from tqdm import tqdm
+
+    mine = examples[rank::world]
+    # Tokenize everything first, so a bad example stops the run before any scoring.
+    rendered = [render_hellaswag(e, tokenizer, model.config.block_size) for e in mine]
+    was_training = model.training
+    model.eval()
+    correct = correct_norm = 0
+    for first in tqdm(range(0, len(mine), batch_size), desc="hellaswag", unit="batch", disable=not progress,
+                      file=sys.stderr):
+        summed, mean = hellaswag_losses(model, rendered[first : first + batch_size], device, dtype)  # (b, 4) each
+        labels = torch.tensor([e["label"] for e in mine[first : first + batch_size]], device=device)  # (b,)
+        correct += (summed.argmin(dim=1) == labels).sum().item()
+        correct_norm += (mean.argmin(dim=1) == labels).sum().item()
+    model.train(was_training)
+    return correct, correct_norm, len(mine)
+
+
 def load_for_inference(args, device):
     """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the weights."""
     if args.ckpt:
@@ -1388,9 +1583,7 @@ def evaluate(args):
         meta = read_meta(args.data)
         if meta["tokenizer"] != tokenizer.name:
             raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
-        files = sorted(glob.glob(os.path.join(args.data, "val_*.bin")))
-        if not files:
-            raise ValueError(f"{args.data}: no val_*.bin shards")
+        files = find_shards(args.data, "val")
         tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
     else:
         raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
@@ -1400,6 +1593,31 @@ def evaluate(args):
     print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted")
 
 
+def evaluate_hellaswag(args):
+    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
+    scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
+    dist = Distributed()
+    device = pick_device(args.device, dist.local_rank)
+    dtype = pick_dtype(args.dtype, device)
+    dist.start(device)
+    try:
+        model, tokenizer = load_for_inference(args, device)
+        path = args.hellaswag
+        if path == HELLASWAG_URL:  # --hellaswag without FILE: the official validation set, 10,042 examples
+            if dist.master:
+                cached_download(path)
+            dist.barrier()
+            path = cached_download(path)
+        examples = read_hellaswag(path)
+        counts = hellaswag_scores(model, examples, tokenizer, device, dtype, dist.rank, dist.world,
+                                  args.batch_size, progress=dist.master)
+        correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
+        if dist.master:
+            print(f"hellaswag: acc {correct / n:.4f} | acc_norm {correct_norm / n:.4f} | {n} examples")
+    finally:
+        dist.stop()
+
+
 # -----------------------------------------------------------------------------
 # 10. CLI
 # One entry point: train (the default), --sample or --eval. The defaults are the main
@@ -1407,6 +1625,7 @@ def evaluate(args):
 # 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
 
 DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
+NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
 def parse_args(argv=None):
@@ -1416,7 +1635,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help=f"directory of shards from prepare_data.py (default: tiny Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
+    g.add_argument("--data", default=None, help=f"directory of shards from prepare_data.py or llm.c (default: tiny Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
@@ -1455,7 +1674,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
-    mode.add_argument("--eval", action="store_true", help="loss and perplexity of --ckpt or --init-from on --data's val split or --text")
+    mode.add_argument("--eval", action="store_true",
+                      help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, or --hellaswag")
     g.add_argument("--ckpt", help="a checkpoint written by training")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
     g.add_argument("--num-samples", type=at_least(1), default=1)
@@ -1466,6 +1686,9 @@ def parse_args(argv=None):
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--text", help="--eval on this text file instead of --data")
+    g.add_argument("--hellaswag", nargs="?", const=HELLASWAG_URL, metavar="FILE",
+                   help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
+                   "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -1479,6 +1702,8 @@ def check_args(p, args):
         if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
             p.error(f"--prompt {args.prompt}: no such file")
         return
+    if args.hellaswag is not None:
+        p.error("--hellaswag goes with --eval")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     if args.init_from is None:
@@ -1555,6 +1780,8 @@ def main(argv=None):
     try:
         if args.sample:
             sample(args)
+        elif args.eval and args.hellaswag is not None:
+            evaluate_hellaswag(args)
         elif args.eval:
             evaluate(args)
         else:

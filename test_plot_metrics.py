@@ -1,0 +1,90 @@
+"""loss.png (transformer.plot_metrics, section 8): drawn from a synthetic metrics.jsonl with a train loss every step
+and a val loss every 50, with and without a target line; and training still finishes, without a picture, when
+matplotlib is missing. Offline, on CPU.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import prepare_data
+import transformer
+
+TARGET_RGB = (0xD6 / 255, 0x27 / 255, 0x28 / 255)  # matplotlib's tab:red, the target line's colour
+
+
+def synthetic_run(out_dir, steps=850, val_every=50, seed=0):
+    """metrics.jsonl as a run of `steps` steps logs it: a loss falling from ln(256) with noise on every step,
+    and a val loss a little above the trend on every val_every-th step and the last."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path, "w") as f:
+        for s in range(steps):
+            trend = 1.85 + (math.log(256) - 1.85) * math.exp(-s / 60) + 0.35 * math.exp(-s / 400)
+            row = {"step": s, "loss": trend + rng.normal(0, 0.06), "lr": 2e-3}
+            if (s + 1) % val_every == 0 or s == steps - 1:
+                row["val_loss"] = trend + 0.04
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def target_pixels(png):
+    """How many pixels of the picture have the target line's colour."""
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    rgb = matplotlib_image.imread(png)[..., :3]  # (H, W, 3) floats in 0..1
+    return int((np.abs(rgb - TARGET_RGB).max(axis=-1) < 0.15).sum())  # antialiasing blends the line's edges
+
+
+def test_a_png_of_every_steps_loss_with_val_points_and_the_target_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = synthetic_run(tmp_path / "with")
+    png = transformer.plot_metrics(path, target=1.8857, target_label="nanoGPT CPU recipe")
+    assert png == str(tmp_path / "with" / "loss.png")
+    with open(png, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert (width, height) == (1320, 528)  # two panels, 12 x 4.8 inches at 110 dpi
+    without = transformer.plot_metrics(synthetic_run(tmp_path / "without"))
+    assert target_pixels(png) > 1000 and target_pixels(without) == 0  # the dashed red line, in both panels
+
+
+def test_a_run_of_one_step_still_draws(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert os.path.exists(transformer.plot_metrics(synthetic_run(tmp_path, steps=1)))
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    out = str(tmp_path / "data")
+    os.makedirs(out)
+    tokens = np.random.default_rng(0).integers(0, 256, 3000)
+    prepare_data.write_shard(os.path.join(out, "train_000000.bin"), tokens[:2500], 256)
+    prepare_data.write_shard(os.path.join(out, "val_000000.bin"), tokens[2500:], 256)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"format_version": 1, "tokenizer": "byte", "vocab_size": 256, "eot": None}, f)
+    return out
+
+
+TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--seq-len", "16", "--batch-size", "4",
+        "--max-steps", "3", "--log-every", "1", "--eval-every", "2", "--eval-iters", "1", "--warmup-steps", "1"]
+
+
+def test_training_draws_loss_png_beside_metrics(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib")
+    transformer.main(["--data", tiny_data, "--out-dir", str(tmp_path / "out"), *TINY])
+    assert os.path.exists(tmp_path / "out" / "loss.png")
+
+
+def test_without_matplotlib_training_finishes_without_a_picture(tiny_data, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    assert transformer.plot_metrics(synthetic_run(tmp_path / "synthetic")) is None
+    transformer.main(["--data", tiny_data, "--out-dir", str(tmp_path / "out"), *TINY])
+    assert os.path.exists(tmp_path / "out" / "ckpt.pt") and not os.path.exists(tmp_path / "out" / "loss.png")
