@@ -4,6 +4,7 @@ bench.py: how fast transformer.py and prepare_data.py run, each beside what it s
     python bench.py                 # the full table: a few minutes on a 2-core CPU
     python bench.py --quick         # every row at tiny sizes in seconds: a smoke test, not a measurement
     python bench.py --rounds 9 --device cuda
+    python bench.py --gpu-check     # one GPU: flash kernel, compile + bf16 + fused AdamW, bf16 tracks fp32
 
 Rows
     1 train     training steps (forward, loss, backward, AdamW) of a 6-layer, 384-wide GPT-2 on
@@ -311,12 +312,83 @@ def row_cuda(sizes, rounds, device):
     }, rounds)
     tok_s = rates(seconds, {name: B * T for name in names})
     peak, source = transformer.peak_flops(device)
-    mfu = [100 * model.flops_per_token(T) * r / peak for r in tok_s[names[0]]]
     line("4 cuda", names[0], "tok/s", tok_s[names[0]])
     speedup = median_ratio(tok_s[names[0]], tok_s[names[1]])
     line("", names[1], "tok/s", tok_s[names[1]], f"compiled {speedup:.2f}x eager")
-    line("", f"compiled MFU vs {peak / 1e12:,.0f} TFLOP/s", "%", mfu)
+    if peak:
+        mfu = [100 * transformer.mfu(r, model.flops_per_token(T), 1, peak) for r in tok_s[names[0]]]
+        line("", f"compiled MFU vs {peak / 1e12:,.0f} TFLOP/s", "%", mfu)
     line("", f"  (peak: {source})")
+
+
+# -----------------------------------------------------------------------------
+# --gpu-check: is this GPU running the fast path?
+
+
+def gpu_check(quick, device):
+    """Checks, not timings to compare: the training attention runs on SDPA's flash kernel; GPT-2 124M at
+    T = 1024 trains with torch.compile, bf16 autocast and fused AdamW (tokens/s, MFU, peak memory); and
+    20 bf16 steps track 20 fp32 steps from the same weights on the same batches. Returns the failures.
+    --quick runs it at a tiny size (on the CPU too, without compile and the flash check) to test this code."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = device.type == "cuda"
+    failures = []
+    size = dict(n_layer=2, n_head=2, n_embd=64, block_size=64) if quick else dict(block_size=1024)
+    B, steps = (4, 3) if quick else (16, 20)
+    config = transformer.GPTConfig.preset("gpt2", "gpt2", **size)
+    T = config.block_size
+    torch.manual_seed(0)
+    batches = [random_tokens((B, T + 1), config.vocab_size, device) for _ in range(steps)]
+    if cuda:  # 1. flash: with SDPA restricted to its flash kernel, a bf16 forward and backward must run
+        model = GPT(config).to(device)
+        x, y = batches[0][:, :-1], batches[0][:, 1:]
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION), transformer.autocast(device, torch.bfloat16):
+                model(x, y)[1].backward()
+            print("gpu-check: training attention runs on the flash kernel: yes")
+        except RuntimeError as e:
+            failures.append(f"the flash kernel refused the training attention: {str(e).splitlines()[0]}")
+    else:
+        print(f"gpu-check: on {device.type}: the flash-kernel check and torch.compile are skipped")
+
+    def run(dtype, compile_it):
+        """`steps` training steps from the same initial weights -> (losses, seconds per step after the first)."""
+        torch.manual_seed(0)
+        model = GPT(config).to(device)
+        optimizer = transformer.configure_optimizer(model, 3e-4, 0.1, device.type)
+        step_model = torch.compile(model) if compile_it else model
+        losses, t0 = [], None
+        for i, buf in enumerate(batches):
+            if i == 1:
+                synchronize()
+                t0 = time.perf_counter()  # the first step compiles
+            with transformer.autocast(device, dtype):
+                loss = step_model(buf[:, :-1], buf[:, 1:])[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        synchronize()
+        return losses, (time.perf_counter() - t0) / (steps - 1)
+
+    # 2. the fast path's speed
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    bf16, seconds = run(torch.bfloat16, compile_it=cuda)
+    tok_s = B * T / seconds
+    peak, source = transformer.peak_flops(device)
+    mfu = transformer.mfu(tok_s, GPT(config).flops_per_token(T), 1, peak)
+    memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
+    print(f"gpu-check: {config.n_layer}L {config.n_embd}w GPT-2, {B} x {T} tokens, bf16 autocast, fused AdamW"
+          f"{', compiled' if cuda else ''}: {tok_s:,.0f} tok/s, MFU {f'{mfu:.1%}' if mfu else 'n/a'} ({source}){memory}")
+    # 3. bf16 tracks fp32
+    fp32, _ = run(torch.float32, compile_it=False)
+    worst = max(abs(a - b) for a, b in zip(bf16, fp32))
+    print(f"gpu-check: {steps} bf16 steps vs fp32: largest loss difference {worst:.4f} (tolerance 0.05)")
+    if not worst < 0.05:
+        failures.append(f"bf16 losses drift from fp32 by {worst:.4f}")
+    return failures
 
 
 ROWS = (row_train, row_decode, row_prepare, row_cuda)
@@ -354,7 +426,18 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5, --quick 2)")
     p.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
     p.add_argument("--text", help="the UTF-8 text row 3 tokenizes (default: tiny Shakespeare, downloaded if missing)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="instead of the table, check the GPU path (flash kernel, compile + bf16 + fused AdamW on GPT-2 "
+                        "124M at T=1024, bf16 tracking fp32); about 5 minutes on one GPU")
     args = p.parse_args(argv)
+    if args.gpu_check:
+        device = transformer.pick_device(args.device)
+        if device.type != "cuda" and not args.quick:
+            print(f"gpu-check: skipped, no CUDA device (this is {device.type}); --quick runs its code at a tiny size")
+            return
+        failures = gpu_check(args.quick, device)
+        print("gpu-check: " + ("all checks passed" if not failures else "FAILED: " + "; ".join(failures)))
+        sys.exit(1 if failures else 0)
     sizes, rounds = (QUICK, args.rounds or 2) if args.quick else (FULL, args.rounds or 5)
     sizes = dataclasses.replace(sizes, text=args.text)
     device = transformer.pick_device(args.device)

@@ -19,3 +19,19 @@ def test_quick_bench_prints_every_row(tmp_path):
         assert re.search(f"^{row} ", result.stdout, re.MULTILINE), f"no row {row!r} in:\n{result.stdout}"
     assert "ours == HF, 16 greedy tokens: yes" in result.stdout
     assert "peak RSS" in result.stdout
+
+
+def test_gpu_check_on_the_cpu_says_what_it_skips():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--gpu-check", "--device", "cpu"],
+                            cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "gpu-check: skipped, no CUDA device" in result.stdout
+
+
+def test_gpu_check_quick_runs_its_code_at_a_tiny_size():
+    """On the CPU: bf16 autocast + fused AdamW steps, tokens/s and MFU, bf16 tracking fp32 (no flash, no compile)."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--gpu-check", "--quick", "--device", "cpu"],
+                            cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"bf16 autocast, fused AdamW: [\d,]+ tok/s, MFU [\d.]+%", result.stdout), result.stdout
+    assert "gpu-check: all checks passed" in result.stdout

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import transformers
 
 import transformer
+from test_training import write_dataset
 from transformer import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -309,4 +310,20 @@ def test_an_ending_longer_than_the_context_is_refused_in_one_line(hf_dir, tmp_pa
 def test_hellaswag_without_eval_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         transformer.parse_args(["--hellaswag", "x.jsonl"])
-    assert exc.value.code == 2 and "--hellaswag goes with --eval" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--hellaswag goes with --eval or --hellaswag-every" in capsys.readouterr().err
+
+
+def test_training_with_hellaswag_every_logs_the_score_eval_prints(tmp_path, capsys):
+    """--hellaswag-every N scores the model being trained every N steps and at the end; the last score is
+    the one --eval --hellaswag prints for the saved checkpoint."""
+    data = str(tmp_path / "data")
+    write_dataset(data, {"train": [3000], "val": [1000]})
+    file = write_jsonl(tmp_path / "hs.jsonl", EXAMPLES)
+    transformer.main(["--data", data, "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--n-layer", "1",
+                      "--n-head", "2", "--n-embd", "32", "--seq-len", "64", "--batch-size", "4", "--max-steps", "5",
+                      "--hellaswag", file, "--hellaswag-every", "2", "--eval-iters", "1"])
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "hellaswag_acc_norm" in r] == [1, 3, 4]
+    _, acc_norm, _, _ = hellaswag_line(capsys, file, "--ckpt", tmp_path / "out" / "ckpt.pt")
+    assert rows[-1]["hellaswag_acc_norm"] == pytest.approx(acc_norm, abs=1e-4)

@@ -8,6 +8,8 @@ used only where the process itself is the subject (torchrun, SIGINT, the real co
 """
 
 import contextlib
+import importlib.machinery
+import importlib.util
 import io
 import json
 import math
@@ -17,6 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -31,7 +35,7 @@ from conftest import english_text
 from transformer import DataLoaderLite, GPT, GPTConfig
 
 SCRIPT = os.path.join(REPO, "transformer.py")
-ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 # A model small enough for a 2-core CPU: every training run below takes well under a second of steps.
 TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
         "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2", "--eval-every", "1000", "--eval-iters", "2"]
@@ -667,3 +671,50 @@ def test_prepare_data_then_train_learns_shakespeare(tmp_path, capsys):
     assert rows[-1]["val_loss"] < rows[19]["val_loss"] < math.log(256)
     out = capsys.readouterr().out
     assert "--- sample ---" in out and "vocab 256 (byte)" in out
+
+
+# -----------------------------------------------------------------------------
+# Weights & Biases
+
+
+def test_wandb_receives_every_record_of_metrics_jsonl(data, tmp_path, monkeypatch):
+    """A stand-in wandb module records what training hands it (the real package's twin is the next test)."""
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.logged, fake.runs = [], []
+
+    class Run:
+        def log(self, record, step):
+            fake.logged.append((step, record))
+
+        def finish(self):
+            fake.runs[-1]["finished"] = True
+
+    def init(**kwargs):
+        fake.runs.append(kwargs)
+        return Run()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train(data, tmp_path, "--max-steps", "3", "--wandb", "my-project")
+    assert fake.runs[0]["project"] == "my-project" and fake.runs[0]["finished"]
+    assert fake.runs[0]["config"]["max_steps"] == 3
+    assert fake.logged == [(r["step"], r) for r in metrics(tmp_path)]
+
+
+def test_wandb_offline_run_with_the_real_package(data, tmp_path):
+    pytest.importorskip("wandb")
+    result = cli(tmp_path, "--data", data, "--out-dir", tmp_path / "out", *TINY, "--max-steps", "3", "--wandb", "p")
+    env_note = "WANDB_MODE=offline is set by cli(): nothing leaves the machine"
+    assert result.returncode == 0, f"{env_note}\n{result.stderr[-3000:]}"
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"grad_norm" in runs[0].read_bytes()  # our records are in wandb's own log
+
+
+def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees when it is not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else find_spec(name))
+    with pytest.raises(SystemExit) as exc:
+        transformer.main(["--wandb", "p", "--out-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--wandb needs the wandb package" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -1125,9 +1126,9 @@ def run_training(args, dist, device, dtype):
         torch.backends.cudnn.allow_tf32 = True
 
     # --- bookkeeping --------------------------------------------------------------------------
-    if dist.master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        keep_metrics_before(metrics_path, step)  # a resumed run rewrites what came after its checkpoint
+    log = MetricsLog(metrics_path, step, args, dist.master)
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    hellaswag = load_hellaswag(args.hellaswag or HELLASWAG_URL, dist) if args.hellaswag_every else None
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
     vocab = f"vocab {meta['vocab_size']}" + (f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else "")
@@ -1163,28 +1164,33 @@ def run_training(args, dist, device, dtype):
                                  f"{ckpt_path} keeps the last good state (try a lower --lr)")
             step += 1
             record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm}
-            evaluating = step % args.eval_every == 0 or step == args.max_steps
-            if step % args.log_every == 0 or step == 1 or evaluating:
+            last = step == args.max_steps
+            evaluating = step % args.eval_every == 0 or last
+            scoring = args.hellaswag_every is not None and (step % args.hellaswag_every == 0 or last)
+            if step % args.log_every == 0 or step == 1 or evaluating or scoring:
                 synchronize(device)  # only here: the time since the last log is then the time of those steps
                 record["tokens_per_s"] = (step - step_log) * total / (time.perf_counter() - t_log)
                 record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, dist.world, peak)
-                val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device, dtype,
-                                                                  dist) if evaluating else None
+                if evaluating:
+                    val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device,
+                                                                      dtype, dist)
+                if scoring:
+                    _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(raw_model, hellaswag, tokenizer, device,
+                                                                            dtype, dist, args.batch_size)
                 say(log_line(record))
-                t_log, step_log = time.perf_counter(), step  # the evaluation is not counted as training time
-            if dist.master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+                t_log, step_log = time.perf_counter(), step  # evaluations are not counted as training time
+            log.write(record)
             if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
                 checkpoint()
             if stopping:
+                log.close()
                 say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
                 return
+    log.close()
     if dist.master:
         say(f"saved {ckpt_path}")
         default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
         plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
-        tokenizer = get_tokenizer(meta["tokenizer"])
         prompt = torch.tensor([tokenizer.encode("\n")], device=device)
         say("--- sample ---")
         raw_model.eval()
@@ -1194,10 +1200,39 @@ def run_training(args, dist, device, dtype):
 
 
 def log_line(r):
-    val = f" | val {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
+    val = f" | val {r['val_loss']:.4f}" if "val_loss" in r else ""
+    val += f" | hellaswag {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""
     mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
     return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
             f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text}")
+
+
+class MetricsLog:
+    """Every step's record, as one line of metrics.jsonl and, with --wandb PROJECT, in Weights & Biases.
+    Rank 0 writes; a resumed run first drops the lines of the steps it is about to redo."""
+
+    def __init__(self, path, step, args, master):
+        self.path, self.master, self.wandb = path, master, None
+        if not master:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        keep_metrics_before(path, step)
+        if args.wandb:
+            import wandb  # only --wandb needs it
+
+            self.wandb = wandb.init(project=args.wandb, config=vars(args), dir=os.path.dirname(path) or ".")
+
+    def write(self, record):
+        if self.master:
+            record = {k: v for k, v in record.items() if v is not None}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb:
+                self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
 
 
 def model_config(args, vocab_size):
@@ -1593,6 +1628,24 @@ def evaluate(args):
     print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted")
 
 
+def load_hellaswag(path, dist):
+    """The examples of --hellaswag FILE, or of the official validation set (10,042 examples) when path is
+    HELLASWAG_URL: downloaded once into the cache, by rank 0 alone under torchrun."""
+    if path == HELLASWAG_URL:
+        if dist.master:
+            cached_download(path)
+        dist.barrier()
+        path = cached_download(path)
+    return read_hellaswag(path)
+
+
+def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_size, progress=False):
+    """(acc, acc_norm, n) over all examples: each process scores its share, the counts are added up."""
+    counts = hellaswag_scores(model, examples, tokenizer, device, dtype, dist.rank, dist.world, batch_size, progress)
+    correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
+    return correct / n, correct_norm / n, n
+
+
 def evaluate_hellaswag(args):
     """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
     scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
@@ -1602,18 +1655,11 @@ def evaluate_hellaswag(args):
     dist.start(device)
     try:
         model, tokenizer = load_for_inference(args, device)
-        path = args.hellaswag
-        if path == HELLASWAG_URL:  # --hellaswag without FILE: the official validation set, 10,042 examples
-            if dist.master:
-                cached_download(path)
-            dist.barrier()
-            path = cached_download(path)
-        examples = read_hellaswag(path)
-        counts = hellaswag_scores(model, examples, tokenizer, device, dtype, dist.rank, dist.world,
-                                  args.batch_size, progress=dist.master)
-        correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
+        examples = load_hellaswag(args.hellaswag, dist)
+        acc, acc_norm, n = hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, args.batch_size,
+                                              progress=dist.master)
         if dist.master:
-            print(f"hellaswag: acc {correct / n:.4f} | acc_norm {correct_norm / n:.4f} | {n} examples")
+            print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
     finally:
         dist.stop()
 
@@ -1666,6 +1712,10 @@ def parse_args(argv=None):
     g.add_argument("--eval-iters", type=at_least(1), default=20)
     g.add_argument("--ckpt-every", type=at_least(1), default=1000)
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
+                   help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
+                        "from --hellaswag FILE, else the official val set")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log every step's metrics to Weights & Biases (pip install wandb)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", type=device_name, help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
@@ -1702,8 +1752,10 @@ def check_args(p, args):
         if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
             p.error(f"--prompt {args.prompt}: no such file")
         return
-    if args.hellaswag is not None:
-        p.error("--hellaswag goes with --eval")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        p.error("--wandb needs the wandb package: pip install wandb")
+    if args.hellaswag is not None and args.hellaswag_every is None:
+        p.error("--hellaswag goes with --eval or --hellaswag-every")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     if args.init_from is None:
