@@ -460,6 +460,9 @@ def gpt2_config_from_hf(hf):
     )
 
 
+GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
+
+
 def gpt2_weights_from_hf(sd, config):
     """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
     out = {}
@@ -467,7 +470,7 @@ def gpt2_weights_from_hf(sd, config):
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old checkpoints store the causal mask as a buffer
         k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        if k.endswith(GPT2_CONV1D):
             v = v.t()
         out[k] = v
     if config.tie_embeddings:
