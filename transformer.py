@@ -4,6 +4,7 @@ transformer.py: a GPT you can read top to bottom, train on one GPU or many, and 
     python transformer.py                          # prepare tiny Shakespeare, train, save, print a sample
     python transformer.py --sample --ckpt checkpoints/ckpt.pt --prompt "ROMEO:"
     python transformer.py --eval --ckpt checkpoints/ckpt.pt --data data/shakespeare_byte
+    python transformer.py --export-hf out/hf --ckpt checkpoints/ckpt.pt
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
@@ -16,7 +17,8 @@ The file is a story, in this order:
     7. Data        tokenizers, the uint16 shard format, DataLoaderLite
     8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
     9. Sampling    KV cache, top-k / top-p generation, perplexity
-   10. CLI         argparse and main()
+   10. Export      to an HF transformers folder
+   11. CLI         argparse and main()
 """
 
 import argparse
@@ -420,7 +422,8 @@ class GPT(nn.Module):
             if v.shape != expected[k].shape:
                 raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         model.load_state_dict(ours)
-        model.tokenizer = "gpt2" if hf.model_type == "gpt2" else "hf:" + path  # what sampling should decode with
+        gpt2_bpe = hf.model_type == "gpt2" and config.vocab_size >= 50257  # else its own (an exported byte model's)
+        model.tokenizer = "gpt2" if gpt2_bpe else "hf:" + path  # what sampling should decode with
         return model
 
 
@@ -1255,7 +1258,7 @@ def load_for_inference(args, device):
         model = GPT.from_pretrained(args.init_from)
         tokenizer_name = model.tokenizer
     else:
-        raise ValueError("--sample and --eval need --ckpt PATH or --init-from gpt2|<HF dir>")
+        raise ValueError("--sample, --eval and --export-hf need --ckpt PATH or --init-from gpt2|<HF dir>")
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, more than the model's {model.config.vocab_size}")
@@ -1313,8 +1316,234 @@ def evaluate(args):
 
 
 # -----------------------------------------------------------------------------
-# 10. CLI
-# One entry point: train (the default), --sample or --eval. The defaults are the main
+# 10. Export: HF transformers
+# A model is most useful where people already run models. --export-hf writes a folder that
+# transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval). Only two
+# HF classes compute what our blocks compute: GPT2LMHeadModel (learned positions, LayerNorm,
+# GELU) and LlamaForCausalLM (RoPE, RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2
+# with RoPE, ...) is refused before anything is written. Our weights are already theirs up to
+# layout:
+#   - HF's GPT-2 multiplies with Conv1D, which stores a weight as (in, out): the transpose of
+#     nn.Linear's (out, in). GPT-2 always has biases, so a model trained without gets zeros.
+#   - Llama keeps q, k, v (and the MLP's gate, up) as separate matrices where we fuse each
+#     group into one matmul: the fused rows are cut back apart.
+# Only the tokenizer's rows of the embedding and the head are written: a vocabulary padded for
+# speed, or HF weights fine-tuned on bytes, has rows that no token id reaches.
+# Our 'gpt2' and 'byte' tokenizers are written as byte-level BPE, the format of GPT-2's own HF
+# files: every byte is spelled as one printable character, and merges join spelled pieces into
+# tokens. tiktoken keeps only each token's rank, so the merges are recovered from the ranks; the
+# byte tokenizer is 256 one-byte tokens and no merges. An HF tokenizer is copied as it is.
+
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def hf_family(c):
+    """'gpt2' or 'llama': the HF family that computes what config c computes. For any other mix, a ValueError
+    names the settings that the closest family cannot express."""
+    needs = {
+        "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=c.n_head, head_dim=c.n_embd / c.n_head),
+        "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    }
+    misfits = {arch: [f"{k}={getattr(c, k)!r}" for k, v in need.items() if getattr(c, k) != v]
+               for arch, need in needs.items()}
+    family = min(misfits, key=lambda arch: len(misfits[arch]))
+    if misfits[family]:
+        raise ValueError(f"no HF transformers class computes this model: the closest, {HF_CLASSES[family]}, "
+                         f"has no {', '.join(misfits[family])}")
+    return family
+
+
+def hf_tensors(model, family, vocab_size):
+    """Our weights under HF's names and layouts, the embedding and head cut to the tokenizer's vocab_size rows."""
+    sd = dict(model.state_dict())
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        sd[k] = sd[k][:vocab_size]  # (V, C)
+    if model.config.tie_embeddings:
+        del sd["lm_head.weight"]  # HF ties it to the embedding again
+    return gpt2_weights_to_hf(sd) if family == "gpt2" else llama_weights_to_hf(sd, model.config)
+
+
+def gpt2_weights_to_hf(sd):
+    """The inverse of gpt2_weights_from_hf: Conv1D matrices as (in, out), and zero biases where we have none."""
+    out = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
+    for k, v in list(out.items()):
+        if k.startswith(("transformer.h.", "transformer.ln_f.")) and k.endswith("weight"):
+            out.setdefault(k.removesuffix("weight") + "bias", torch.zeros(v.shape[-1]))  # (out features,)
+    return out
+
+
+def llama_weights_to_hf(sd, c):
+    """The inverse of llama_weights_from_hf: our fused c_attn and c_fc cut back into q, k, v and gate, up."""
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    kv = c.n_kv_head * c.head_dim
+    for i in range(c.n_layer):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        wq, wk, wv = sd[q + "attn.c_attn.weight"].split([c.n_head * c.head_dim, kv, kv])  # (nh*hd, C), (nkv*hd, C) x2
+        gate, up = sd[q + "mlp.c_fc.weight"].chunk(2)  # (mlp_hidden, C) each
+        out.update({
+            p + "input_layernorm.weight": sd[q + "ln_1.weight"],
+            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": sd[q + "attn.c_proj.weight"],
+            p + "post_attention_layernorm.weight": sd[q + "ln_2.weight"],
+            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": sd[q + "mlp.c_proj.weight"],
+        })
+    return out
+
+
+def hf_config(c, family, vocab_size, bos, eos):
+    """config.json: our config under GPT2Config's or LlamaConfig's names."""
+    common = dict(architectures=[HF_CLASSES[family]], model_type=family, vocab_size=vocab_size, bos_token_id=bos,
+                  eos_token_id=eos, tie_word_embeddings=c.tie_embeddings, torch_dtype="float32")
+    if family == "gpt2":
+        return common | dict(
+            n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_hidden,
+            layer_norm_epsilon=c.norm_eps, activation_function="gelu_new",  # GELU's tanh approximation
+            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        )
+    return common | dict(
+        hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu", attention_dropout=c.dropout,
+    )
+
+
+def byte_spelling():
+    """GPT-2's printable spelling of the 256 bytes: printable Latin-1 bytes stand for themselves, the others
+    (control bytes, space, ...) take the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
+
+
+def last_merge(piece, ranks):
+    """The pair whose merge made the token `piece`: BPE on its bytes, merging the lowest-ranked pair first, ends
+    in the two parts it was made of."""
+    parts = [bytes([b]) for b in piece]
+    while len(parts) > 2:
+        _, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def byte_level_bpe(name):
+    """(tokens by id, merges [(left, right)], end-of-text id or None) of our 'byte' or tiktoken tokenizer,
+    spelled as byte-level BPE."""
+    spell = byte_spelling()
+    if name == "byte":
+        return [spell[b] for b in range(256)], [], None
+    enc = get_tokenizer(name).enc
+    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]  # each id's bytes
+    specials = {enc.encode_single_token(s): s for s in enc.special_tokens_set}  # <|endoftext|>: 50256
+    ranks = {p: i for i, p in enumerate(pieces) if i not in specials}
+
+    def text(piece):
+        return "".join(spell[b] for b in piece)
+
+    tokens = [specials.get(i) or text(p) for i, p in enumerate(pieces)]
+    merges = [tuple(map(text, last_merge(p, ranks))) for p in ranks if len(p) > 1]  # in rank order
+    return tokens, merges, enc.eot_token
+
+
+def byte_level_tokenizer(tokens, merges, eot):
+    """A tokenizers.Tokenizer for byte-level BPE, set up as HF's GPT-2 tokenizer.json is."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split into words, then spelling
+    tok.decoder = decoders.ByteLevel()  # spelling -> bytes -> UTF-8 text
+    if eot is not None:
+        tok.add_special_tokens([AddedToken(tokens[eot], special=True, normalized=False)])
+    return tok
+
+
+def special_ids(tokenizer):
+    """(bos, eos) token ids, None where the tokenizer has none. GPT-2 uses <|endoftext|> for both."""
+    hf = getattr(tokenizer, "tok", None)  # an HFTokenizer's transformers tokenizer
+    return (hf.bos_token_id, hf.eos_token_id) if hf is not None else (tokenizer.eot, tokenizer.eot)
+
+
+def save_hf_tokenizer(tokenizer, out, block_size):
+    """An HF checkpoint's tokenizer files, copied; ours as tokenizer.json (the tokenizers library's format)."""
+    import shutil
+
+    if tokenizer.name.startswith("hf:"):
+        for f in HF_TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer.name[3:], f)):
+                shutil.copy(os.path.join(tokenizer.name[3:], f), out)
+        return
+    tokens, merges, eot = byte_level_bpe(tokenizer.name)
+    byte_level_tokenizer(tokens, merges, eot).save(os.path.join(out, "tokenizer.json"))
+    special = {"bos_token": tokens[eot], "eos_token": tokens[eot]} if eot is not None else {}
+    write_json(os.path.join(out, "tokenizer_config.json"),
+               {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, **special})
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+@contextlib.contextmanager
+def staged(path):
+    """Yield a temporary path beside `path` to write to; it becomes `path` when the block ends well and is removed
+    when it fails, so an export is whole or absent, never half-written."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield os.path.join(tmp_dir, "out")
+        os.replace(os.path.join(tmp_dir, "out"), path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def export_hf(model, tokenizer, out):
+    """out/: config.json, generation_config.json, model.safetensors and the tokenizer files."""
+    from safetensors.torch import save_file
+
+    family, vocab_size = hf_family(model.config), tokenizer.vocab_size
+    bos, eos = special_ids(tokenizer)
+    # safetensors stores each tensor whole: copy the views (slices, transposes, q/k/v splits) into their own memory
+    tensors = hf_tensors(model, family, vocab_size)
+    tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    with staged(out) as tmp:
+        os.makedirs(tmp)
+        write_json(os.path.join(tmp, "config.json"), hf_config(model.config, family, vocab_size, bos, eos))
+        generation = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
+        write_json(os.path.join(tmp, "generation_config.json"), generation)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
+
+
+def check_new_output(path, folder):
+    """Export never overwrites: a file must be new, a folder new or empty."""
+    if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
+        raise ValueError(f"{path} already exists{' and is not an empty folder' if folder else ''}: "
+                         f"export writes only to a new {'folder (or an empty one)' if folder else 'file'}")
+
+
+def export(args):
+    """--export-hf: check everything first, then write the folder whole."""
+    model, tokenizer = load_for_inference(args, torch.device("cpu"))
+    family = hf_family(model.config)
+    check_new_output(args.export_hf, folder=True)
+    what = f"{HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
+    export_hf(model, tokenizer, args.export_hf)
+    print(f"wrote {args.export_hf}: {what}")
+
+
+# -----------------------------------------------------------------------------
+# 11. CLI
+# One entry point: train (the default), --sample, --eval, or --export-hf. The defaults are the main
 # job's recipe: a small LLaMA-style model on tiny Shakespeare characters, sized so a
 # 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
 
@@ -1323,7 +1552,8 @@ DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train a GPT (default), sample from one (--sample) or measure its perplexity (--eval).",
+        description="Train a GPT (default), sample from one (--sample), measure its perplexity (--eval) "
+        "or export it (--export-hf).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -1376,13 +1606,18 @@ def parse_args(argv=None):
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--text", help="--eval on this text file instead of --data")
+    g = p.add_argument_group("export (of --ckpt or --init-from)")
+    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, model.safetensors, "
+                   "tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new or empty")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.sample:
+        if args.export_hf:
+            export(args)
+        elif args.sample:
             sample(args)
         elif args.eval:
             evaluate(args)
