@@ -1,9 +1,9 @@
-"""Specification of section 10 of transformer.py: export to an HF transformers folder.
+"""Specification of section 10 of transformer.py: export to an HF transformers folder and to GGUF.
 
-Every export is read back by an independent reader: transformers (AutoModelForCausalLM, AutoTokenizer, pipeline),
-tiktoken for the GPT-2 tokenizer, and GPT.from_pretrained for the round trip. Models are tiny and random (every
-weight perturbed), HF checkpoints are built with random weights and saved to temporary folders, and nothing touches
-the network.
+Every export is read back by an independent reader: transformers (AutoModelForCausalLM, AutoTokenizer, pipeline,
+and its GGUF reader, which undoes llama.cpp's RoPE row order and dequantizes), tiktoken for the GPT-2 tokenizer,
+and GPT.from_pretrained for the round trip. Models are tiny and random (every weight perturbed), HF checkpoints
+are built with random weights and saved to temporary folders, and nothing touches the network.
 """
 
 import dataclasses
@@ -27,6 +27,8 @@ from transformer import GPT, GPTConfig
 transformers.logging.set_verbosity_error()
 REPO = os.path.dirname(os.path.abspath(__file__))
 ATOL_HF = 1e-5  # fp32: the exported folder in transformers against our model
+ATOL_GGUF_F32 = 1e-4
+ATOL_GGUF_F16 = 2e-2  # weights rounded to fp16 (measured: about 4e-3 on these models)
 TEXTS = [
     "Hello world! ", "héllo wörld  \n\n  x  ", "日本語のテキスト 🤖🎉 naïve café", "  leading and trailing   ",
     "it's I'll we've 12345 3.14159 1,000,000", "\t\r\n x\u00a0y\u2028z", "ℌ𝔢𝔩𝔩𝔬 Ωμέγα Привет мир ﷽",
@@ -270,6 +272,92 @@ def test_pipeline_greedy_tokens_equal_ours(exported):
 
 
 # -----------------------------------------------------------------------------
+# GGUF, read back with transformers' GGUF reader
+
+
+def interleaved_rope(x, theta=10000.0):
+    """RoPE as llama.cpp computes it: dimensions (2i, 2i+1) are rotated together. x (B, nh, T, hd)."""
+    hd, T = x.size(-1), x.size(-2)
+    angle = torch.outer(torch.arange(T, dtype=torch.float32), theta ** (-torch.arange(0, hd, 2) / hd))  # (T, hd/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()), dim=-1)
+    return out.flatten(-2)  # (B, nh, T, hd)
+
+
+def test_gguf_row_order_makes_llama_cpps_rope_give_our_attention_scores():
+    """q and k rows reordered for the GGUF, then rotated in neighbouring pairs, score exactly as ours do."""
+    n_head, hd, C, T = 4, 16, 32, 10
+    g = torch.Generator().manual_seed(0)
+    wq, wk = torch.randn(n_head * hd, C, generator=g), torch.randn(n_head * hd, C, generator=g)
+    x = torch.randn(T, C, generator=g)
+
+    def heads(y):  # (T, nh*hd) -> (1, nh, T, hd)
+        return y.view(1, T, n_head, hd).transpose(1, 2)
+
+    cos, sin = transformer.rope_cos_sin(hd, T, 10000.0)
+    expected = transformer.apply_rope(heads(x @ wq.T), cos, sin) @ transformer.apply_rope(heads(x @ wk.T), cos, sin).mT
+    q, k = (heads(x @ transformer.rope_pairs_adjacent(w, n_head).T) for w in (wq, wk))
+    assert max_diff(interleaved_rope(q) @ interleaved_rope(k).mT, expected) <= 1e-4
+
+
+GGUF_CASES = {
+    "llama-gqa-untied-f32": ("llama", dict(n_kv_head=2), "f32"),
+    "llama-gqa-tied-head_dim8-f16": ("llama", dict(n_kv_head=2, tie_embeddings=True, head_dim=8, rope_theta=5e5),
+                                     "f16"),
+    # transformers' GGUF reader takes GPT-2's context length from n_ctx, not n_positions: only 1024 reads back
+    "gpt2-f32": ("gpt2", dict(block_size=1024), "f32"),
+    "gpt2-nobias-untied-f16": ("gpt2", dict(block_size=1024, bias=False, tie_embeddings=False), "f16"),
+}
+
+
+@pytest.fixture(scope="module", params=list(GGUF_CASES), ids=list(GGUF_CASES))
+def gguf_exported(request, tmp_path_factory):
+    """(our model, the folder, the GGUF's file name in it, its dtype)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers reads GGUF files only with it
+    arch, overrides, dtype = GGUF_CASES[request.param]
+    model = random_model(tiny(arch, **overrides))
+    tmp = tmp_path_factory.mktemp(request.param)
+    export(tmp, model, "--export-gguf", tmp / "model.gguf", "--gguf-dtype", dtype)
+    return model, tmp, "model.gguf", dtype
+
+
+def test_gguf_loads_in_transformers_with_equal_logits(gguf_exported):
+    model, folder, name, dtype = gguf_exported
+    x = idx(256)
+    diff = max_diff(hf_logits(folder, x, gguf_file=name), ours(model, x))
+    assert diff <= (ATOL_GGUF_F32 if dtype == "f32" else ATOL_GGUF_F16)
+
+
+def test_gguf_greedy_tokens_equal_ours(gguf_exported):
+    model, folder, name, _ = gguf_exported
+    prompt = torch.tensor([list(b"ROMEO:")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).eval()
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert theirs[0].tolist() == model.generate(prompt, 12, temperature=0)[0].tolist()
+
+
+def test_gguf_byte_tokenizer_reads_back_as_utf8_bytes(gguf_exported):
+    _, folder, name, _ = gguf_exported
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    for text in TEXTS:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ids == list(text.encode("utf-8")), text
+        assert theirs.decode(ids) == text
+
+
+def test_gguf_gpt2_tokenizer_reads_back_like_tiktoken(tmp_path):
+    pytest.importorskip("gguf")
+    model = random_model(tiny("llama", vocab_size=50257, n_embd=32))
+    export(tmp_path, model, "--export-gguf", tmp_path / "model.gguf", tokenizer="gpt2")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    enc = transformer.get_tokenizer("gpt2")
+    for text in TEXTS:
+        assert theirs.encode(text, add_special_tokens=False) == enc.encode(text), text
+    assert theirs.eos_token_id == theirs.bos_token_id == 50256
+
+
+# -----------------------------------------------------------------------------
 # What export refuses: one line, nothing written
 
 
@@ -284,7 +372,8 @@ def test_a_model_with_no_hf_class_is_a_one_line_error_naming_the_setting(tmp_pat
                                                                           named):
     model = random_model(tiny(arch, **overrides))
     ckpt = save_ckpt(tmp_path / "ckpt.pt", model)
-    line = one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf")])
+    line = one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf"),
+                           "--export-gguf", str(tmp_path / "m.gguf")])
     assert named in line and "no HF transformers class" in line
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
@@ -307,6 +396,22 @@ def test_export_into_an_empty_folder_fills_it(tmp_path, capsys):
     export(tmp_path, random_model(tiny("llama")), "--export-hf", tmp_path / "hf")
     assert "config.json" in os.listdir(tmp_path / "hf")
     assert f"wrote {tmp_path / 'hf'}: LlamaForCausalLM" in capsys.readouterr().out
+
+
+def test_gguf_export_over_an_existing_file_is_refused(tmp_path, one_line_error):
+    (tmp_path / "m.gguf").write_bytes(b"old")
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", random_model(tiny("llama")))
+    assert "already exists" in one_line_error(["--ckpt", ckpt, "--export-gguf", str(tmp_path / "m.gguf")])
+    assert (tmp_path / "m.gguf").read_bytes() == b"old"
+
+
+def test_gguf_export_of_an_hf_tokenizer_is_a_one_line_error_before_anything_is_written(llama_hf_export, tmp_path,
+                                                                                      one_line_error):
+    _, src, _ = llama_hf_export
+    line = one_line_error(["--init-from", str(src), "--export-hf", str(tmp_path / "hf"),
+                           "--export-gguf", str(tmp_path / "m.gguf")])
+    assert "convert_hf_to_gguf.py" in line
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_failed_export_leaves_neither_output_nor_temporary_files(tmp_path, monkeypatch, one_line_error):
@@ -339,8 +444,10 @@ def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_pat
     cli("--data", "data", "--out-dir", "out", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
         "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-iters", "1", "--log-every", "1",
         "--device", "cpu")
-    printed = cli("--ckpt", "out/ckpt.pt", "--export-hf", "hf")
-    assert "wrote hf: LlamaForCausalLM" in printed
+    printed = cli("--ckpt", "out/ckpt.pt", "--export-hf", "hf", "--export-gguf", "model.gguf")
+    assert "wrote hf: LlamaForCausalLM" in printed and "wrote model.gguf" in printed
     model = transformer.model_from_checkpoint(transformer.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))).eval()
     x = idx(256)
     assert max_diff(hf_logits(tmp_path / "hf", x), ours(model, x)) <= ATOL_HF
+    if transformers.utils.is_accelerate_available():
+        assert max_diff(hf_logits(tmp_path, x, gguf_file="model.gguf"), ours(model, x)) <= ATOL_GGUF_F16

@@ -4,7 +4,7 @@ transformer.py: a GPT you can read top to bottom, train on one GPU or many, and 
     python transformer.py                          # prepare tiny Shakespeare, train, save, print a sample
     python transformer.py --sample --ckpt checkpoints/ckpt.pt --prompt "ROMEO:"
     python transformer.py --eval --ckpt checkpoints/ckpt.pt --data data/shakespeare_byte
-    python transformer.py --export-hf out/hf --ckpt checkpoints/ckpt.pt
+    python transformer.py --export-hf out/hf --export-gguf out/model.gguf --ckpt checkpoints/ckpt.pt
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
@@ -17,7 +17,7 @@ The file is a story, in this order:
     7. Data        tokenizers, the uint16 shard format, DataLoaderLite
     8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
     9. Sampling    KV cache, top-k / top-p generation, perplexity
-   10. Export      to an HF transformers folder
+   10. Export      to an HF transformers folder and to GGUF (llama.cpp, ollama)
    11. CLI         argparse and main()
 """
 
@@ -1258,7 +1258,7 @@ def load_for_inference(args, device):
         model = GPT.from_pretrained(args.init_from)
         tokenizer_name = model.tokenizer
     else:
-        raise ValueError("--sample, --eval and --export-hf need --ckpt PATH or --init-from gpt2|<HF dir>")
+        raise ValueError("--sample, --eval and --export-* need --ckpt PATH or --init-from gpt2|<HF dir>")
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, more than the model's {model.config.vocab_size}")
@@ -1316,17 +1316,23 @@ def evaluate(args):
 
 
 # -----------------------------------------------------------------------------
-# 10. Export: HF transformers
+# 10. Export: HF transformers and GGUF
 # A model is most useful where people already run models. --export-hf writes a folder that
-# transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval). Only two
-# HF classes compute what our blocks compute: GPT2LMHeadModel (learned positions, LayerNorm,
-# GELU) and LlamaForCausalLM (RoPE, RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2
-# with RoPE, ...) is refused before anything is written. Our weights are already theirs up to
-# layout:
+# transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval), and
+# --export-gguf one file for llama.cpp and ollama. Only two HF classes compute what our blocks
+# compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU) and LlamaForCausalLM (RoPE,
+# RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2 with RoPE, ...) is refused before
+# anything is written. Our weights are already theirs up to layout:
 #   - HF's GPT-2 multiplies with Conv1D, which stores a weight as (in, out): the transpose of
 #     nn.Linear's (out, in). GPT-2 always has biases, so a model trained without gets zeros.
 #   - Llama keeps q, k, v (and the MLP's gate, up) as separate matrices where we fuse each
 #     group into one matmul: the fused rows are cut back apart.
+#   - The GGUF is written from those HF tensors as llama.cpp's convert_hf_to_gguf.py would,
+#     with one twist. RoPE rotates pairs of dimensions of each head: we and HF pair dimension i
+#     with i + hd/2 (section 2), llama.cpp pairs neighbours (2i, 2i+1), as Meta's original code
+#     did. Rotating other pairs computes another function, so the GGUF stores each head's q and
+#     k rows in the order 0, hd/2, 1, hd/2+1, ...: the neighbours llama.cpp rotates together
+#     are then our pairs, and q·k is unchanged. v and the output projection never see RoPE.
 # Only the tokenizer's rows of the embedding and the head are written: a vocabulary padded for
 # speed, or HF weights fine-tuned on bytes, has rows that no token id reaches.
 # Our 'gpt2' and 'byte' tokenizers are written as byte-level BPE, the format of GPT-2's own HF
@@ -1524,6 +1530,91 @@ def export_hf(model, tokenizer, out):
         save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
 
 
+def import_gguf():
+    try:
+        import gguf  # llama.cpp's own reader and writer of the format
+    except ImportError:
+        raise ValueError("--export-gguf needs the gguf package (llama.cpp's gguf-py): pip install gguf") from None
+    return gguf
+
+
+def gguf_vocab(name):
+    """byte_level_bpe, with one change for the byte tokenizer: GGUF cannot store an empty list, and llama.cpp
+    insists on merges. So byte FF, which never occurs in UTF-8, is spelled as the pair C0 C1, which never occurs
+    either, and one merge makes it: it never fires, and any UTF-8 text still encodes to exactly its bytes."""
+    tokens, merges, eot = byte_level_bpe(name)
+    if not merges:
+        tokens = tokens[:0xFF] + [tokens[0xC0] + tokens[0xC1]]
+        merges = [(tokens[0xC0], tokens[0xC1])]
+    return tokens, merges, eot
+
+
+def rope_pairs_adjacent(w, n_head):
+    """Reorder each head's rows of a q or k weight (n_head*hd, C) from HF's halves (0 .. hd/2-1 | hd/2 .. hd-1) to
+    llama.cpp's neighbouring pairs (0, hd/2, 1, hd/2+1, ...)."""
+    rows, C = w.shape
+    w = w.view(n_head, 2, rows // n_head // 2, C)  # (nh, 2, hd/2, C): the halves
+    return w.transpose(1, 2).reshape(rows, C)  # (nh, hd/2, 2, C): dimension i beside i + hd/2, flattened
+
+
+def gguf_hyperparameters(w, c, family, vocab_size):
+    """The numbers llama.cpp builds the model from, under its key names ('<family>.block_count', ...)."""
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.mlp_hidden)
+    w.add_head_count(c.n_head)
+    if family == "gpt2":
+        w.add_layer_norm_eps(c.norm_eps)
+        return
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_vocab_size(vocab_size)
+
+
+def gguf_tokenizer(w, gguf, tokens, merges, eot):
+    """The tokenizer as llama.cpp's 'gpt2' (byte-level BPE) model: tokens by id, their types, the merges."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # GPT-2's split of text into words before BPE
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges([f"{a} {b}" for a, b in merges])
+    if eot is not None:
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+    w.add_add_bos_token(False)
+
+
+def export_gguf(model, tokenizer, path, dtype="f16"):
+    """path: one GGUF file, the hyperparameters and tokenizer as key-value metadata, then the tensors."""
+    gguf = import_gguf()
+    c, family = model.config, hf_family(model.config)
+    tokens, merges, eot = gguf_vocab(tokenizer.name)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if family == "gpt2" else gguf.MODEL_ARCH.LLAMA, c.n_layer)
+    with staged(path) as tmp:
+        w = gguf.GGUFWriter(tmp, family)
+        gguf_hyperparameters(w, c, family, len(tokens))
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        gguf_tokenizer(w, gguf, tokens, merges, eot)
+        for k, v in hf_tensors(model, family, len(tokens)).items():
+            if family == "gpt2" and k.endswith(GPT2_CONV1D):
+                v = v.t()  # back to (out, in): ggml keeps nn.Linear's layout
+            if k.endswith(("q_proj.weight", "k_proj.weight")):
+                v = rope_pairs_adjacent(v, c.n_head if k.endswith("q_proj.weight") else c.n_kv_head)
+            name = names.get_name(k, try_suffixes=(".weight", ".bias"))  # blk.0.attn_q.weight, ...
+            # --gguf-dtype is for the matrices: llama.cpp wants norms, biases and position embeddings in f32
+            half = dtype == "f16" and v.dim() == 2 and not name.startswith("position_embd")
+            w.add_tensor(name, v.to(torch.float16 if half else torch.float32).contiguous().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
 def check_new_output(path, folder):
     """Export never overwrites: a file must be new, a folder new or empty."""
     if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
@@ -1532,18 +1623,29 @@ def check_new_output(path, folder):
 
 
 def export(args):
-    """--export-hf: check everything first, then write the folder whole."""
+    """--export-hf and --export-gguf: check everything first, then write each output whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
     family = hf_family(model.config)
-    check_new_output(args.export_hf, folder=True)
+    if args.export_gguf:
+        import_gguf()
+        if tokenizer.name.startswith("hf:"):
+            raise ValueError(f"--export-gguf writes the gpt2 and byte tokenizers, not {tokenizer.name}'s: use "
+                             "--export-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
+    for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
+        if path:
+            check_new_output(path, folder)
     what = f"{HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
-    export_hf(model, tokenizer, args.export_hf)
-    print(f"wrote {args.export_hf}: {what}")
+    if args.export_hf:
+        export_hf(model, tokenizer, args.export_hf)
+        print(f"wrote {args.export_hf}: {what}")
+    if args.export_gguf:
+        export_gguf(model, tokenizer, args.export_gguf, args.gguf_dtype)
+        print(f"wrote {args.export_gguf}: {what}, {args.gguf_dtype}")
 
 
 # -----------------------------------------------------------------------------
 # 11. CLI
-# One entry point: train (the default), --sample, --eval, or --export-hf. The defaults are the main
+# One entry point: train (the default), --sample, --eval, or --export-hf / --export-gguf. The defaults are the main
 # job's recipe: a small LLaMA-style model on tiny Shakespeare characters, sized so a
 # 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
 
@@ -1553,7 +1655,7 @@ DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a GPT (default), sample from one (--sample), measure its perplexity (--eval) "
-        "or export it (--export-hf).",
+        "or export it (--export-hf, --export-gguf).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -1609,13 +1711,17 @@ def parse_args(argv=None):
     g = p.add_argument_group("export (of --ckpt or --init-from)")
     g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, model.safetensors, "
                    "tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new or empty")
+    g.add_argument("--export-gguf", metavar="FILE", help="write a GGUF file for llama.cpp and ollama (needs "
+                   "`pip install gguf`); FILE must be new")
+    g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
+                   help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.export_hf:
+        if args.export_hf or args.export_gguf:
             export(args)
         elif args.sample:
             sample(args)
