@@ -141,16 +141,14 @@ def test_rows_beyond_the_tokenizers_vocab_are_not_exported(tmp_path):
     assert max_diff(hf_logits(tmp_path / "hf", x), ours(model, x)[..., :256]) <= ATOL_HF
 
 
-def test_an_exported_gpt2_byte_model_samples_with_its_own_tokenizer(exported, capsys):
-    """GPT.from_pretrained would pick tiktoken's GPT-2 for a gpt2 model; one with fewer than its 50,257 tokens
-    must use the tokenizer in its folder."""
-    model, out = exported
-    if model.config.pos != "learned":
-        pytest.skip("gpt2 architecture only")
-    assert GPT.from_pretrained(str(out)).tokenizer == "hf:" + str(out)
-    transformer.main(["--sample", "--init-from", str(out), "--prompt", "ab", "--max-new-tokens", "4",
+def test_an_exported_gpt2_byte_model_samples_with_its_own_tokenizer(tmp_path, capsys):
+    """GPT.from_pretrained picks tiktoken's GPT-2 for a gpt2 model; one with fewer than its 50,257 tokens must use
+    the tokenizer in its folder."""
+    export(tmp_path, random_model(tiny("gpt2")), "--export-hf", tmp_path / "hf")
+    assert GPT.from_pretrained(str(tmp_path / "hf")).tokenizer == "hf:" + str(tmp_path / "hf")
+    transformer.main(["--sample", "--init-from", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "4",
                       "--device", "cpu"])
-    assert capsys.readouterr().out.startswith("ab")
+    assert capsys.readouterr().out.split("\n", 1)[1].startswith("ab")
 
 
 # -----------------------------------------------------------------------------
@@ -344,6 +342,48 @@ def test_gguf_byte_tokenizer_reads_back_as_utf8_bytes(gguf_exported):
         ids = theirs.encode(text, add_special_tokens=False)
         assert ids == list(text.encode("utf-8")), text
         assert theirs.decode(ids) == text
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_model(gguf_exported):
+    """(our model, the GGUF in llama.cpp itself, its dtype), where llama-cpp-python is installed: it compiles
+    llama.cpp from source, so CI skips these."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, folder, name, dtype = gguf_exported
+    llm = llama_cpp.Llama(str(folder / name), n_ctx=64, logits_all=True, type_k=0, type_v=0,  # an f32 KV cache
+                          n_threads=1, verbose=False)
+    yield model, llm, dtype
+    llm.close()
+
+
+def test_llama_cpp_tokenizes_as_utf8_bytes(llama_cpp_model):
+    _, llm, _ = llama_cpp_model
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == list(text.encode()), text
+        assert llm.detokenize(list(text.encode())).decode() == text
+
+
+def test_llama_cpp_logits_equal_ours(llama_cpp_model):
+    """Within 1e-4 for f32, but ggml's GELU reads an fp16 table: GPT-2 gets a looser bound."""
+    model, llm, dtype = llama_cpp_model
+    prompt = list(b"ROMEO: to be or not")
+    llm.reset()
+    llm.eval(prompt)
+    tolerance = ATOL_GGUF_F16 if dtype == "f16" else 5e-3 if model.config.pos == "learned" else ATOL_GGUF_F32
+    assert max_diff(torch.tensor(llm.scores[: len(prompt)]), ours(model, torch.tensor([prompt]))[0]) <= tolerance
+
+
+def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp_model):
+    model, llm, _ = llama_cpp_model
+    prompt = list(b"ROMEO:")
+    expected = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
+    llm.reset()
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        tokens.append(token)
+        if len(tokens) == len(expected):
+            break
+    assert tokens == expected
 
 
 def test_gguf_gpt2_tokenizer_reads_back_like_tiktoken(tmp_path):
