@@ -422,8 +422,9 @@ class GPT(nn.Module):
             if v.shape != expected[k].shape:
                 raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         model.load_state_dict(ours)
-        gpt2_bpe = hf.model_type == "gpt2" and config.vocab_size >= 50257  # else its own (an exported byte model's)
-        model.tokenizer = "gpt2" if gpt2_bpe else "hf:" + path  # what sampling should decode with
+        # what sampling decodes with: tiktoken for GPT-2, unless the folder brings a tokenizer GPT-2's would not fit
+        own = os.path.isfile(os.path.join(path, "tokenizer.json")) and config.vocab_size < 50257  # exported bytes
+        model.tokenizer = "gpt2" if hf.model_type == "gpt2" and not own else "hf:" + path
         return model
 
 
@@ -1709,8 +1710,9 @@ def parse_args(argv=None):
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--text", help="--eval on this text file instead of --data")
     g = p.add_argument_group("export (of --ckpt or --init-from)")
-    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, model.safetensors, "
-                   "tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new or empty")
+    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
+                   "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
+                   "or empty")
     g.add_argument("--export-gguf", metavar="FILE", help="write a GGUF file for llama.cpp and ollama (needs "
                    "`pip install gguf`); FILE must be new")
     g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
