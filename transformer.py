@@ -4,6 +4,7 @@ transformer.py: a GPT you can read top to bottom, train on one GPU or many, and 
     python transformer.py                          # prepare tiny Shakespeare, train, save, print a sample
     python transformer.py --sample --ckpt checkpoints/ckpt.pt --prompt "ROMEO:"
     python transformer.py --eval --ckpt checkpoints/ckpt.pt --data data/shakespeare_byte
+    python transformer.py --export-hf out/hf --export-gguf out/model.gguf --ckpt checkpoints/ckpt.pt
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
@@ -16,7 +17,8 @@ The file is a story, in this order:
     7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
     8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
     9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
-   10. CLI         argparse and main()
+   10. Export      to an HF transformers folder and to GGUF (llama.cpp, ollama)
+   11. CLI         argparse and main()
 """
 
 import argparse
@@ -434,7 +436,9 @@ class GPT(nn.Module):
             if v.shape != expected[k].shape:
                 raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         model.load_state_dict(ours)
-        model.tokenizer = "gpt2" if hf.model_type == "gpt2" else "hf:" + path  # what sampling should decode with
+        # what sampling decodes with: tiktoken for GPT-2, unless the folder brings a tokenizer GPT-2's would not fit
+        own = os.path.isfile(os.path.join(path, "tokenizer.json")) and config.vocab_size < 50257  # exported bytes
+        model.tokenizer = "gpt2" if hf.model_type == "gpt2" and not own else "hf:" + path
         return model
 
 
@@ -474,6 +478,9 @@ def gpt2_config_from_hf(hf):
     )
 
 
+GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
+
+
 def gpt2_weights_from_hf(sd, config):
     """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
     out = {}
@@ -481,7 +488,7 @@ def gpt2_weights_from_hf(sd, config):
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old checkpoints store the causal mask as a buffer
         k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        if k.endswith(GPT2_CONV1D):
             v = v.t()
         out[k] = v
     if config.tie_embeddings:
@@ -1665,8 +1672,336 @@ def evaluate_hellaswag(args):
 
 
 # -----------------------------------------------------------------------------
-# 10. CLI
-# One entry point: train (the default), --sample or --eval. The defaults are the main
+# 10. Export: HF transformers and GGUF
+# A model is most useful where people already run models. --export-hf writes a folder that
+# transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval), and
+# --export-gguf one file for llama.cpp and ollama. Only two HF classes compute what our blocks
+# compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU) and LlamaForCausalLM (RoPE,
+# RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2 with RoPE, ...) is refused before
+# anything is written. Our weights are already theirs up to layout:
+#   - HF's GPT-2 multiplies with Conv1D, which stores a weight as (in, out): the transpose of
+#     nn.Linear's (out, in). GPT-2 always has biases, so a model trained without gets zeros.
+#   - Llama keeps q, k, v (and the MLP's gate, up) as separate matrices where we fuse each
+#     group into one matmul: the fused rows are cut back apart.
+#   - The GGUF is written from those HF tensors as llama.cpp's convert_hf_to_gguf.py would,
+#     with one twist. RoPE rotates pairs of dimensions of each head: we and HF pair dimension i
+#     with i + hd/2 (section 2), llama.cpp pairs neighbours (2i, 2i+1), as Meta's original code
+#     did. Rotating other pairs computes another function, so the GGUF stores each head's q and
+#     k rows in the order 0, hd/2, 1, hd/2+1, ...: the neighbours llama.cpp rotates together
+#     are then our pairs, and q·k is unchanged. v and the output projection never see RoPE.
+# Only the tokenizer's rows of the embedding and the head are written: a vocabulary padded for
+# speed, or HF weights fine-tuned on bytes, has rows that no token id reaches.
+# Our 'gpt2' and 'byte' tokenizers are written as byte-level BPE, the format of GPT-2's own HF
+# files: every byte is spelled as one printable character, and merges join spelled pieces into
+# tokens. tiktoken keeps only each token's rank, so the merges are recovered from the ranks; the
+# byte tokenizer is 256 one-byte tokens and no merges. An HF tokenizer is copied as it is.
+
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def hf_family(c):
+    """'gpt2' or 'llama': the HF family that computes what config c computes. For any other mix, a ValueError
+    names the settings that the closest family cannot express."""
+    needs = {
+        "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=c.n_head, head_dim=c.n_embd / c.n_head),
+        "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    }
+    misfits = {arch: [f"{k}={getattr(c, k)!r}" for k, v in need.items() if getattr(c, k) != v]
+               for arch, need in needs.items()}
+    family = min(misfits, key=lambda arch: len(misfits[arch]))
+    if misfits[family]:
+        raise ValueError(f"no HF transformers class computes this model: the closest, {HF_CLASSES[family]}, "
+                         f"has no {', '.join(misfits[family])}")
+    return family
+
+
+def hf_tensors(model, family, vocab_size):
+    """Our weights under HF's names and layouts, the embedding and head cut to the tokenizer's vocab_size rows."""
+    sd = dict(model.state_dict())
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        sd[k] = sd[k][:vocab_size]  # (V, C)
+    if model.config.tie_embeddings:
+        del sd["lm_head.weight"]  # HF ties it to the embedding again
+    return gpt2_weights_to_hf(sd) if family == "gpt2" else llama_weights_to_hf(sd, model.config)
+
+
+def gpt2_weights_to_hf(sd):
+    """The inverse of gpt2_weights_from_hf: Conv1D matrices as (in, out), and zero biases where we have none."""
+    out = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
+    for k, v in list(out.items()):
+        if k.startswith(("transformer.h.", "transformer.ln_f.")) and k.endswith("weight"):
+            out.setdefault(k.removesuffix("weight") + "bias", torch.zeros(v.shape[-1]))  # (out features,)
+    return out
+
+
+def llama_weights_to_hf(sd, c):
+    """The inverse of llama_weights_from_hf: our fused c_attn and c_fc cut back into q, k, v and gate, up."""
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    kv = c.n_kv_head * c.head_dim
+    for i in range(c.n_layer):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        wq, wk, wv = sd[q + "attn.c_attn.weight"].split([c.n_head * c.head_dim, kv, kv])  # (nh*hd, C), (nkv*hd, C) x2
+        gate, up = sd[q + "mlp.c_fc.weight"].chunk(2)  # (mlp_hidden, C) each
+        out.update({
+            p + "input_layernorm.weight": sd[q + "ln_1.weight"],
+            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": sd[q + "attn.c_proj.weight"],
+            p + "post_attention_layernorm.weight": sd[q + "ln_2.weight"],
+            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": sd[q + "mlp.c_proj.weight"],
+        })
+    return out
+
+
+def hf_config(c, family, vocab_size, bos, eos):
+    """config.json: our config under GPT2Config's or LlamaConfig's names."""
+    common = dict(architectures=[HF_CLASSES[family]], model_type=family, vocab_size=vocab_size, bos_token_id=bos,
+                  eos_token_id=eos, tie_word_embeddings=c.tie_embeddings, torch_dtype="float32")
+    if family == "gpt2":
+        return common | dict(
+            n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_hidden,
+            layer_norm_epsilon=c.norm_eps, activation_function="gelu_new",  # GELU's tanh approximation
+            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        )
+    return common | dict(
+        hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu", attention_dropout=c.dropout,
+    )
+
+
+def byte_spelling():
+    """GPT-2's printable spelling of the 256 bytes: printable Latin-1 bytes stand for themselves, the others
+    (control bytes, space, ...) take the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
+
+
+def last_merge(piece, ranks):
+    """The pair whose merge made the token `piece`: BPE on its bytes, merging the lowest-ranked pair first, ends
+    in the two parts it was made of."""
+    parts = [bytes([b]) for b in piece]
+    while len(parts) > 2:
+        _, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def byte_level_bpe(name):
+    """(tokens by id, merges [(left, right)], end-of-text id or None) of our 'byte' or tiktoken tokenizer,
+    spelled as byte-level BPE."""
+    spell = byte_spelling()
+    if name == "byte":
+        return [spell[b] for b in range(256)], [], None
+    enc = get_tokenizer(name).enc
+    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]  # each id's bytes
+    specials = {enc.encode_single_token(s): s for s in enc.special_tokens_set}  # <|endoftext|>: 50256
+    ranks = {p: i for i, p in enumerate(pieces) if i not in specials}
+
+    def text(piece):
+        return "".join(spell[b] for b in piece)
+
+    tokens = [specials.get(i) or text(p) for i, p in enumerate(pieces)]
+    merges = [tuple(map(text, last_merge(p, ranks))) for p in ranks if len(p) > 1]  # in rank order
+    return tokens, merges, enc.eot_token
+
+
+def byte_level_tokenizer(tokens, merges, eot):
+    """A tokenizers.Tokenizer for byte-level BPE, set up as HF's GPT-2 tokenizer.json is."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split into words, then spelling
+    tok.decoder = decoders.ByteLevel()  # spelling -> bytes -> UTF-8 text
+    if eot is not None:
+        tok.add_special_tokens([AddedToken(tokens[eot], special=True, normalized=False)])
+    return tok
+
+
+def special_ids(tokenizer):
+    """(bos, eos) token ids, None where the tokenizer has none. GPT-2 uses <|endoftext|> for both."""
+    hf = getattr(tokenizer, "tok", None)  # an HFTokenizer's transformers tokenizer
+    return (hf.bos_token_id, hf.eos_token_id) if hf is not None else (tokenizer.eot, tokenizer.eot)
+
+
+def save_hf_tokenizer(tokenizer, out, block_size):
+    """An HF checkpoint's tokenizer files, copied; ours as tokenizer.json (the tokenizers library's format)."""
+    import shutil
+
+    if tokenizer.name.startswith("hf:"):
+        for f in HF_TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer.name[3:], f)):
+                shutil.copy(os.path.join(tokenizer.name[3:], f), out)
+        return
+    tokens, merges, eot = byte_level_bpe(tokenizer.name)
+    byte_level_tokenizer(tokens, merges, eot).save(os.path.join(out, "tokenizer.json"))
+    special = {"bos_token": tokens[eot], "eos_token": tokens[eot]} if eot is not None else {}
+    write_json(os.path.join(out, "tokenizer_config.json"),
+               {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, **special})
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+@contextlib.contextmanager
+def staged(path):
+    """Yield a temporary path beside `path` to write to; it becomes `path` when the block ends well and is removed
+    when it fails, so an export is whole or absent, never half-written."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield os.path.join(tmp_dir, "out")
+        os.replace(os.path.join(tmp_dir, "out"), path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def export_hf(model, tokenizer, out):
+    """out/: config.json, generation_config.json, model.safetensors and the tokenizer files."""
+    from safetensors.torch import save_file
+
+    family, vocab_size = hf_family(model.config), tokenizer.vocab_size
+    bos, eos = special_ids(tokenizer)
+    # safetensors stores each tensor whole: copy the views (slices, transposes, q/k/v splits) into their own memory
+    tensors = hf_tensors(model, family, vocab_size)
+    tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    with staged(out) as tmp:
+        os.makedirs(tmp)
+        write_json(os.path.join(tmp, "config.json"), hf_config(model.config, family, vocab_size, bos, eos))
+        generation = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
+        write_json(os.path.join(tmp, "generation_config.json"), generation)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
+
+
+def import_gguf():
+    try:
+        import gguf  # llama.cpp's own reader and writer of the format
+    except ImportError:
+        raise ValueError("--export-gguf needs the gguf package (llama.cpp's gguf-py): pip install gguf") from None
+    return gguf
+
+
+def gguf_vocab(name):
+    """byte_level_bpe, with one change for the byte tokenizer: GGUF cannot store an empty list, and llama.cpp
+    insists on merges. So byte FF, which never occurs in UTF-8, is spelled as the pair C0 C1, which never occurs
+    either, and one merge makes it: it never fires, and any UTF-8 text still encodes to exactly its bytes."""
+    tokens, merges, eot = byte_level_bpe(name)
+    if not merges:
+        tokens = tokens[:0xFF] + [tokens[0xC0] + tokens[0xC1]]
+        merges = [(tokens[0xC0], tokens[0xC1])]
+    return tokens, merges, eot
+
+
+def rope_pairs_adjacent(w, n_head):
+    """Reorder each head's rows of a q or k weight (n_head*hd, C) from HF's halves (0 .. hd/2-1 | hd/2 .. hd-1) to
+    llama.cpp's neighbouring pairs (0, hd/2, 1, hd/2+1, ...)."""
+    rows, C = w.shape
+    w = w.view(n_head, 2, rows // n_head // 2, C)  # (nh, 2, hd/2, C): the halves
+    return w.transpose(1, 2).reshape(rows, C)  # (nh, hd/2, 2, C): dimension i beside i + hd/2, flattened
+
+
+def gguf_hyperparameters(w, c, family, vocab_size):
+    """The numbers llama.cpp builds the model from, under its key names ('<family>.block_count', ...)."""
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.mlp_hidden)
+    w.add_head_count(c.n_head)
+    if family == "gpt2":
+        w.add_layer_norm_eps(c.norm_eps)
+        return
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_vocab_size(vocab_size)
+
+
+def gguf_tokenizer(w, gguf, tokens, merges, eot):
+    """The tokenizer as llama.cpp's 'gpt2' (byte-level BPE) model: tokens by id, their types, the merges."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # GPT-2's split of text into words before BPE
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges([f"{a} {b}" for a, b in merges])
+    if eot is not None:
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+    w.add_add_bos_token(False)
+
+
+def export_gguf(model, tokenizer, path, dtype="f16"):
+    """path: one GGUF file, the hyperparameters and tokenizer as key-value metadata, then the tensors."""
+    gguf = import_gguf()
+    c, family = model.config, hf_family(model.config)
+    tokens, merges, eot = gguf_vocab(tokenizer.name)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if family == "gpt2" else gguf.MODEL_ARCH.LLAMA, c.n_layer)
+    with staged(path) as tmp:
+        w = gguf.GGUFWriter(tmp, family)
+        gguf_hyperparameters(w, c, family, len(tokens))
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        gguf_tokenizer(w, gguf, tokens, merges, eot)
+        for k, v in hf_tensors(model, family, len(tokens)).items():
+            if family == "gpt2" and k.endswith(GPT2_CONV1D):
+                v = v.t()  # back to (out, in): ggml keeps nn.Linear's layout
+            if k.endswith(("q_proj.weight", "k_proj.weight")):
+                v = rope_pairs_adjacent(v, c.n_head if k.endswith("q_proj.weight") else c.n_kv_head)
+            name = names.get_name(k, try_suffixes=(".weight", ".bias"))  # blk.0.attn_q.weight, ...
+            # --gguf-dtype is for the matrices: llama.cpp wants norms, biases and position embeddings in f32
+            half = dtype == "f16" and v.dim() == 2 and not name.startswith("position_embd")
+            w.add_tensor(name, v.to(torch.float16 if half else torch.float32).contiguous().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def check_new_output(path, folder):
+    """Export never overwrites: a file must be new, a folder new or empty."""
+    if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
+        raise ValueError(f"{path} already exists{' and is not an empty folder' if folder else ''}: "
+                         f"export writes only to a new {'folder (or an empty one)' if folder else 'file'}")
+
+
+def export(args):
+    """--export-hf and --export-gguf: check everything first, then write each output whole."""
+    model, tokenizer = load_for_inference(args, torch.device("cpu"))
+    family = hf_family(model.config)
+    if args.export_gguf:
+        import_gguf()
+        if tokenizer.name.startswith("hf:"):
+            raise ValueError(f"--export-gguf writes the gpt2 and byte tokenizers, not {tokenizer.name}'s: use "
+                             "--export-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
+    for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
+        if path:
+            check_new_output(path, folder)
+    what = f"{HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
+    if args.export_hf:
+        export_hf(model, tokenizer, args.export_hf)
+        print(f"wrote {args.export_hf}: {what}")
+    if args.export_gguf:
+        export_gguf(model, tokenizer, args.export_gguf, args.gguf_dtype)
+        print(f"wrote {args.export_gguf}: {what}, {args.gguf_dtype}")
+
+
+# -----------------------------------------------------------------------------
+# 11. CLI
+# One entry point: train (the default), --sample, --eval, or --export-hf / --export-gguf. The defaults are the main
 # job's recipe: a small LLaMA-style model on tiny Shakespeare characters, sized so a
 # 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
 
@@ -1677,7 +2012,8 @@ NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val 
 def parse_args(argv=None):
     p = ArgumentParser(
         prog="transformer.py",
-        description="Train a GPT (default), sample from one (--sample) or measure its perplexity (--eval).",
+        description="Train a GPT (default), sample from one (--sample), measure its perplexity (--eval) "
+        "or export it (--export-hf, --export-gguf).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -1739,6 +2075,14 @@ def parse_args(argv=None):
     g.add_argument("--hellaswag", nargs="?", const=HELLASWAG_URL, metavar="FILE",
                    help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
                    "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
+    g = p.add_argument_group("export (of --ckpt or --init-from)")
+    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
+                   "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
+                   "or empty")
+    g.add_argument("--export-gguf", metavar="FILE", help="write a GGUF file for llama.cpp and ollama (needs "
+                   "`pip install gguf`); FILE must be new")
+    g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
+                   help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -1746,9 +2090,11 @@ def parse_args(argv=None):
 
 def check_args(p, args):
     """What no single flag can check: flags that must agree with each other. p.error exits with one line."""
-    if args.sample or args.eval:
+    exporting = args.export_hf or args.export_gguf
+    if args.sample or args.eval or exporting:
         if not (args.ckpt or args.init_from):
-            p.error(f"--{'sample' if args.sample else 'eval'} needs --ckpt PATH or --init-from gpt2|<HF dir>")
+            what = "--sample" if args.sample else "--eval" if args.eval else "--export-hf/--export-gguf"
+            p.error(f"{what} needs --ckpt PATH or --init-from gpt2|<HF dir>")
         if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
             p.error(f"--prompt {args.prompt}: no such file")
         return
@@ -1830,7 +2176,9 @@ def device_name(text):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.sample:
+        if args.export_hf or args.export_gguf:
+            export(args)
+        elif args.sample:
             sample(args)
         elif args.eval and args.hellaswag is not None:
             evaluate_hellaswag(args)

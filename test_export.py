@@ -1,0 +1,493 @@
+"""Specification of section 10 of transformer.py: export to an HF transformers folder and to GGUF.
+
+Every export is read back by an independent reader: transformers (AutoModelForCausalLM, AutoTokenizer, pipeline,
+and its GGUF reader, which undoes llama.cpp's RoPE row order and dequantizes), tiktoken for the GPT-2 tokenizer,
+and GPT.from_pretrained for the round trip. Models are tiny and random (every weight perturbed), HF checkpoints
+are built with random weights and saved to temporary folders, and nothing touches the network.
+"""
+
+import dataclasses
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import transformer
+from test_training import write_dataset
+from test_transformer import max_diff, random_model, save_hf, tiny
+from transformer import GPT, GPTConfig
+
+transformers.logging.set_verbosity_error()
+REPO = os.path.dirname(os.path.abspath(__file__))
+ATOL_HF = 1e-5  # fp32: the exported folder in transformers against our model
+ATOL_GGUF_F32 = 1e-4
+ATOL_GGUF_F16 = 2e-2  # weights rounded to fp16 (measured: about 4e-3 on these models)
+TEXTS = [
+    "Hello world! ", "héllo wörld  \n\n  x  ", "日本語のテキスト 🤖🎉 naïve café", "  leading and trailing   ",
+    "it's I'll we've 12345 3.14159 1,000,000", "\t\r\n x\u00a0y\u2028z", "ℌ𝔢𝔩𝔩𝔬 Ωμέγα Привет мир ﷽",
+    "aaaaaaaaaaaaaaaa          a", "def f(x):\n    return x**2  # comment\n", "ROMEO:\nBut soft, what light?",
+]
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def save_ckpt(path, model, tokenizer="byte"):
+    """A checkpoint as training writes it, reduced to what --ckpt reads."""
+    transformer.save_checkpoint(str(path), {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
+                                            "config": dataclasses.asdict(model.config), "tokenizer": tokenizer})
+    return str(path)
+
+
+def export(tmp_path, model, *flags, tokenizer="byte"):
+    """Save model as a checkpoint, then run `transformer.py --ckpt ... *flags` in process."""
+    transformer.main(["--ckpt", save_ckpt(tmp_path / "ckpt.pt", model, tokenizer), *map(str, flags)])
+
+
+def idx(vocab_size, B=2, T=12, seed=0):
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def ours(model, x):
+    return model(x)[0]
+
+
+@torch.no_grad()
+def hf_logits(model_dir, x, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()(x).logits
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# HF folders: round trip and logits
+
+
+CASES = {
+    "gpt2": ("gpt2", {}),
+    "gpt2-nobias": ("gpt2", dict(bias=False)),
+    "gpt2-untied": ("gpt2", dict(tie_embeddings=False)),
+    "gpt2-nobias-untied-n_inner80-eps1e-6": ("gpt2", dict(bias=False, tie_embeddings=False, mlp_hidden=80,
+                                                          norm_eps=1e-6)),
+    "llama-gqa-untied": ("llama", dict(n_kv_head=2)),
+    "llama-gqa-tied-head_dim8-theta5e5": ("llama", dict(n_kv_head=2, tie_embeddings=True, head_dim=8,
+                                                        rope_theta=5e5)),
+    "llama-mqa-untied": ("llama", dict(n_kv_head=1)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def exported(request, tmp_path_factory):
+    """(our model, the folder --export-hf wrote from its checkpoint)."""
+    arch, overrides = CASES[request.param]
+    model = random_model(tiny(arch, **overrides))
+    tmp = tmp_path_factory.mktemp(request.param)
+    export(tmp, model, "--export-hf", tmp / "hf")
+    return model, tmp / "hf"
+
+
+def test_export_writes_the_files_transformers_needs(exported):
+    _, out = exported
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_export_loads_back_with_bit_identical_weights(exported):
+    model, out = exported
+    theirs, expected = GPT.from_pretrained(str(out)).state_dict(), model.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(theirs[k], v), k
+
+
+def test_a_gpt2_model_without_biases_is_exported_with_zero_biases(exported):
+    """HF's GPT-2 always has biases: zeros compute what no biases compute."""
+    model, out = exported
+    extra = {k: v for k, v in GPT.from_pretrained(str(out)).state_dict().items() if k not in model.state_dict()}
+    assert all(k.endswith(".bias") and not v.any() for k, v in extra.items())
+    assert bool(extra) == (not model.config.bias and model.config.pos == "learned")
+
+
+def test_transformers_loads_the_export_with_equal_logits(exported):
+    model, out = exported
+    x = idx(256)
+    assert max_diff(hf_logits(out, x), ours(model, x)) <= ATOL_HF
+
+
+def test_the_export_names_the_hf_class_of_its_architecture(exported):
+    model, out = exported
+    expected = "GPT2LMHeadModel" if model.config.pos == "learned" else "LlamaForCausalLM"
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(str(out))).__name__ == expected
+    assert read_json(out / "config.json")["architectures"] == [expected]
+
+
+def test_rows_beyond_the_tokenizers_vocab_are_not_exported(tmp_path):
+    """A vocabulary padded to a multiple of 64 (256 -> 320) is cut back to the tokenizer's 256."""
+    model = random_model(tiny("llama", vocab_size=320))
+    export(tmp_path, model, "--export-hf", tmp_path / "hf")
+    x = idx(256)
+    assert read_json(tmp_path / "hf" / "config.json")["vocab_size"] == 256
+    assert max_diff(hf_logits(tmp_path / "hf", x), ours(model, x)[..., :256]) <= ATOL_HF
+
+
+def test_an_exported_gpt2_byte_model_samples_with_its_own_tokenizer(tmp_path, capsys):
+    """GPT.from_pretrained picks tiktoken's GPT-2 for a gpt2 model; one with fewer than its 50,257 tokens must use
+    the tokenizer in its folder."""
+    export(tmp_path, random_model(tiny("gpt2")), "--export-hf", tmp_path / "hf")
+    assert GPT.from_pretrained(str(tmp_path / "hf")).tokenizer == "hf:" + str(tmp_path / "hf")
+    transformer.main(["--sample", "--init-from", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "4",
+                      "--device", "cpu"])
+    assert capsys.readouterr().out.split("\n", 1)[1].startswith("ab")
+
+
+# -----------------------------------------------------------------------------
+# HF checkpoints through --init-from, then --export-hf
+
+
+@pytest.fixture(scope="module")
+def gpt2_hf_export(tmp_path_factory):
+    """A random GPT2LMHeadModel whose vocab is padded to 50304, --init-from it, --export-hf.
+    Returns (hf model, exported folder)."""
+    tmp = tmp_path_factory.mktemp("gpt2-hf")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50304)
+    hf = save_hf(transformers.GPT2LMHeadModel(config), tmp / "src")
+    transformer.main(["--init-from", str(tmp / "src"), "--export-hf", str(tmp / "hf")])
+    return hf, tmp / "hf"
+
+
+def byte_tokenizer_files(path):
+    """A byte-level tokenizer (id == byte, built here with the tokenizers library) saved beside an HF model."""
+    spelling = bytes_to_unicode()
+    tok = Tokenizer(models.BPE({spelling[b]: b for b in range(256)}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def llama_hf_export(tmp_path_factory):
+    """A random LlamaForCausalLM (GQA, vocab 300) with a 256-token byte tokenizer, --init-from it, --export-hf.
+    Returns (hf model, source folder, exported folder)."""
+    tmp = tmp_path_factory.mktemp("llama-hf")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=False)
+    hf = save_hf(transformers.LlamaForCausalLM(config), tmp / "src")
+    byte_tokenizer_files(tmp / "src")
+    transformer.main(["--init-from", str(tmp / "src"), "--export-hf", str(tmp / "hf")])
+    return hf, tmp / "src", tmp / "hf"
+
+
+def test_an_hf_gpt2_checkpoint_exports_with_its_logits(gpt2_hf_export):
+    hf, out = gpt2_hf_export
+    x = idx(50257)
+    with torch.no_grad():
+        expected = hf(x).logits[..., :50257]  # the padding rows are cut
+    assert max_diff(hf_logits(out, x), expected) <= ATOL_HF
+
+
+def test_an_hf_llama_checkpoint_exports_with_its_logits(llama_hf_export):
+    hf, _, out = llama_hf_export
+    x = idx(256)
+    with torch.no_grad():
+        expected = hf(x).logits[..., :256]  # the rows past the byte tokenizer are cut
+    assert max_diff(hf_logits(out, x), expected) <= ATOL_HF
+
+
+def test_an_hf_checkpoints_tokenizer_files_are_copied(llama_hf_export):
+    _, src, out = llama_hf_export
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert filecmp.cmp(src / name, out / name, shallow=False), name
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+
+def test_gpt2_tokenizer_files_encode_like_tiktoken(gpt2_hf_export):
+    _, out = gpt2_hf_export
+    theirs, enc = transformers.AutoTokenizer.from_pretrained(str(out)), transformer.get_tokenizer("gpt2")
+    for text in TEXTS:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ids == enc.encode(text), text
+        assert theirs.decode(ids) == text
+
+
+def test_gpt2_end_of_text_is_one_special_token_as_tiktoken_allows_it(gpt2_hf_export):
+    _, out = gpt2_hf_export
+    theirs, enc = transformers.AutoTokenizer.from_pretrained(str(out)), transformer.get_tokenizer("gpt2").enc
+    text = "one<|endoftext|>two"
+    assert theirs.encode(text, add_special_tokens=False) == enc.encode(text, allowed_special="all")
+
+
+def test_gpt2_end_of_text_is_bos_and_eos_in_both_configs(gpt2_hf_export):
+    _, out = gpt2_hf_export
+    for name in ("config.json", "generation_config.json"):
+        assert {k: read_json(out / name)[k] for k in ("bos_token_id", "eos_token_id")} == {"bos_token_id": 50256,
+                                                                                            "eos_token_id": 50256}
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token_id == 50256
+
+
+def test_byte_tokenizer_files_encode_text_as_its_utf8_bytes(exported):
+    _, out = exported
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in TEXTS:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ids == list(text.encode("utf-8")), text
+        assert theirs.decode(ids) == text
+
+
+def test_byte_tokenizer_export_has_no_end_of_text(exported):
+    _, out = exported
+    assert read_json(out / "config.json")["eos_token_id"] is None
+    assert "eos_token_id" not in read_json(out / "generation_config.json")
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token_id is None
+
+
+def test_byte_spelling_is_gpt2s():
+    assert transformer.byte_spelling() == bytes_to_unicode()
+
+
+def test_pipeline_greedy_tokens_equal_ours(exported):
+    model, out = exported
+    prompt = "ROMEO:"
+    pipe = transformers.pipeline("text-generation", model=str(out))
+    theirs = pipe(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    expected = model.generate(torch.tensor([list(prompt.encode())]), 12, temperature=0)[0].tolist()
+    assert list(theirs) == expected
+
+
+# -----------------------------------------------------------------------------
+# GGUF, read back with transformers' GGUF reader
+
+
+def interleaved_rope(x, theta=10000.0):
+    """RoPE as llama.cpp computes it: dimensions (2i, 2i+1) are rotated together. x (B, nh, T, hd)."""
+    hd, T = x.size(-1), x.size(-2)
+    angle = torch.outer(torch.arange(T, dtype=torch.float32), theta ** (-torch.arange(0, hd, 2) / hd))  # (T, hd/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()), dim=-1)
+    return out.flatten(-2)  # (B, nh, T, hd)
+
+
+def test_gguf_row_order_makes_llama_cpps_rope_give_our_attention_scores():
+    """q and k rows reordered for the GGUF, then rotated in neighbouring pairs, score exactly as ours do."""
+    n_head, hd, C, T = 4, 16, 32, 10
+    g = torch.Generator().manual_seed(0)
+    wq, wk = torch.randn(n_head * hd, C, generator=g), torch.randn(n_head * hd, C, generator=g)
+    x = torch.randn(T, C, generator=g)
+
+    def heads(y):  # (T, nh*hd) -> (1, nh, T, hd)
+        return y.view(1, T, n_head, hd).transpose(1, 2)
+
+    cos, sin = transformer.rope_cos_sin(hd, T, 10000.0)
+    expected = transformer.apply_rope(heads(x @ wq.T), cos, sin) @ transformer.apply_rope(heads(x @ wk.T), cos, sin).mT
+    q, k = (heads(x @ transformer.rope_pairs_adjacent(w, n_head).T) for w in (wq, wk))
+    assert max_diff(interleaved_rope(q) @ interleaved_rope(k).mT, expected) <= 1e-4
+
+
+GGUF_CASES = {
+    "llama-gqa-untied-f32": ("llama", dict(n_kv_head=2), "f32"),
+    "llama-gqa-tied-head_dim8-f16": ("llama", dict(n_kv_head=2, tie_embeddings=True, head_dim=8, rope_theta=5e5),
+                                     "f16"),
+    # transformers' GGUF reader takes GPT-2's context length from n_ctx, not n_positions: only 1024 reads back
+    "gpt2-f32": ("gpt2", dict(block_size=1024), "f32"),
+    "gpt2-nobias-untied-f16": ("gpt2", dict(block_size=1024, bias=False, tie_embeddings=False), "f16"),
+}
+
+
+@pytest.fixture(scope="module", params=list(GGUF_CASES), ids=list(GGUF_CASES))
+def gguf_exported(request, tmp_path_factory):
+    """(our model, the folder, the GGUF's file name in it, its dtype)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers reads GGUF files only with it
+    arch, overrides, dtype = GGUF_CASES[request.param]
+    model = random_model(tiny(arch, **overrides))
+    tmp = tmp_path_factory.mktemp(request.param)
+    export(tmp, model, "--export-gguf", tmp / "model.gguf", "--gguf-dtype", dtype)
+    return model, tmp, "model.gguf", dtype
+
+
+def test_gguf_loads_in_transformers_with_equal_logits(gguf_exported):
+    model, folder, name, dtype = gguf_exported
+    x = idx(256)
+    diff = max_diff(hf_logits(folder, x, gguf_file=name), ours(model, x))
+    assert diff <= (ATOL_GGUF_F32 if dtype == "f32" else ATOL_GGUF_F16)
+
+
+def test_gguf_greedy_tokens_equal_ours(gguf_exported):
+    model, folder, name, _ = gguf_exported
+    prompt = torch.tensor([list(b"ROMEO:")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).eval()
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert theirs[0].tolist() == model.generate(prompt, 12, temperature=0)[0].tolist()
+
+
+def test_gguf_byte_tokenizer_reads_back_as_utf8_bytes(gguf_exported):
+    _, folder, name, _ = gguf_exported
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    for text in TEXTS:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ids == list(text.encode("utf-8")), text
+        assert theirs.decode(ids) == text
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_model(gguf_exported):
+    """(our model, the GGUF in llama.cpp itself, its dtype), where llama-cpp-python is installed: it compiles
+    llama.cpp from source, so CI skips these."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, folder, name, dtype = gguf_exported
+    llm = llama_cpp.Llama(str(folder / name), n_ctx=64, logits_all=True, type_k=0, type_v=0,  # an f32 KV cache
+                          n_threads=1, verbose=False)
+    yield model, llm, dtype
+    llm.close()
+
+
+def test_llama_cpp_tokenizes_as_utf8_bytes(llama_cpp_model):
+    _, llm, _ = llama_cpp_model
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == list(text.encode()), text
+        assert llm.detokenize(list(text.encode())).decode() == text
+
+
+def test_llama_cpp_logits_equal_ours(llama_cpp_model):
+    """Within 1e-4 for f32, but ggml's GELU reads an fp16 table: GPT-2 gets a looser bound."""
+    model, llm, dtype = llama_cpp_model
+    prompt = list(b"ROMEO: to be or not")
+    llm.reset()
+    llm.eval(prompt)
+    tolerance = ATOL_GGUF_F16 if dtype == "f16" else 5e-3 if model.config.pos == "learned" else ATOL_GGUF_F32
+    assert max_diff(torch.tensor(llm.scores[: len(prompt)]), ours(model, torch.tensor([prompt]))[0]) <= tolerance
+
+
+def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp_model):
+    model, llm, _ = llama_cpp_model
+    prompt = list(b"ROMEO:")
+    expected = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
+    llm.reset()
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        tokens.append(token)
+        if len(tokens) == len(expected):
+            break
+    assert tokens == expected
+
+
+def test_gguf_gpt2_tokenizer_reads_back_like_tiktoken(tmp_path):
+    pytest.importorskip("gguf")
+    model = random_model(tiny("llama", vocab_size=50257, n_embd=32))
+    export(tmp_path, model, "--export-gguf", tmp_path / "model.gguf", tokenizer="gpt2")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    enc = transformer.get_tokenizer("gpt2")
+    for text in TEXTS:
+        assert theirs.encode(text, add_special_tokens=False) == enc.encode(text), text
+    assert theirs.eos_token_id == theirs.bos_token_id == 50256
+
+
+# -----------------------------------------------------------------------------
+# What export refuses: one line, nothing written
+
+
+@pytest.mark.parametrize("arch, overrides, named", [
+    ("olmo", {}, "pos='alibi'"),
+    ("gpt2", dict(pos="rope"), "pos='rope'"),
+    ("llama", dict(norm="layernorm"), "norm='layernorm'"),
+    ("gpt2", dict(mlp="swiglu"), "mlp='swiglu'"),
+    ("gpt2", dict(n_kv_head=2), "n_kv_head=2"),
+], ids=["alibi", "gpt2-rope", "llama-layernorm", "gpt2-swiglu", "gpt2-gqa"])
+def test_a_model_with_no_hf_class_is_a_one_line_error_naming_the_setting(tmp_path, one_line_error, arch, overrides,
+                                                                          named):
+    model = random_model(tiny(arch, **overrides))
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model)
+    line = one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf"),
+                           "--export-gguf", str(tmp_path / "m.gguf")])
+    assert named in line and "no HF transformers class" in line
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_export_without_ckpt_or_init_from_is_a_one_line_error(tmp_path, one_line_error):
+    assert "needs --ckpt" in one_line_error(["--export-hf", str(tmp_path / "hf")], status=2)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_into_a_non_empty_folder_is_refused_and_leaves_it_as_it_was(tmp_path, one_line_error):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", random_model(tiny("llama")))
+    assert "not an empty folder" in one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf")])
+    assert os.listdir(tmp_path / "hf") == ["notes.txt"]
+
+
+def test_export_into_an_empty_folder_fills_it(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    export(tmp_path, random_model(tiny("llama")), "--export-hf", tmp_path / "hf")
+    assert "config.json" in os.listdir(tmp_path / "hf")
+    assert f"wrote {tmp_path / 'hf'}: LlamaForCausalLM" in capsys.readouterr().out
+
+
+def test_gguf_export_over_an_existing_file_is_refused(tmp_path, one_line_error):
+    (tmp_path / "m.gguf").write_bytes(b"old")
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", random_model(tiny("llama")))
+    assert "already exists" in one_line_error(["--ckpt", ckpt, "--export-gguf", str(tmp_path / "m.gguf")])
+    assert (tmp_path / "m.gguf").read_bytes() == b"old"
+
+
+def test_gguf_export_of_an_hf_tokenizer_is_a_one_line_error_before_anything_is_written(llama_hf_export, tmp_path,
+                                                                                      one_line_error):
+    _, src, _ = llama_hf_export
+    line = one_line_error(["--init-from", str(src), "--export-hf", str(tmp_path / "hf"),
+                           "--export-gguf", str(tmp_path / "m.gguf")])
+    assert "convert_hf_to_gguf.py" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_export_leaves_neither_output_nor_temporary_files(tmp_path, monkeypatch, one_line_error):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", random_model(tiny("llama")))
+    assert "No space left" in one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf")])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+# -----------------------------------------------------------------------------
+# The command line, as a user runs it, on a checkpoint from a real training run
+
+
+def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_path):
+    write_dataset(tmp_path / "data", {"train": [3000], "val": [1000]})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TIKTOKEN_CACHE_DIR": os.environ.get("TIKTOKEN_CACHE_DIR", ""),
+           "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), *map(str, args)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    cli("--data", "data", "--out-dir", "out", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
+        "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-iters", "1", "--log-every", "1",
+        "--device", "cpu")
+    printed = cli("--ckpt", "out/ckpt.pt", "--export-hf", "hf", "--export-gguf", "model.gguf")
+    assert "wrote hf: LlamaForCausalLM" in printed and "wrote model.gguf" in printed
+    model = transformer.model_from_checkpoint(transformer.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))).eval()
+    x = idx(256)
+    assert max_diff(hf_logits(tmp_path / "hf", x), ours(model, x)) <= ATOL_HF
+    if transformers.utils.is_accelerate_available():
+        assert max_diff(hf_logits(tmp_path, x, gguf_file="model.gguf"), ours(model, x)) <= ATOL_GGUF_F16
