@@ -129,7 +129,7 @@ def test_a_training_step_waits_for_the_device_once(data, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (reads.append(_name),
                                                                                            _real(self, *a))[1])
     for step in range(3):
-        transformer.train_step(model, loader, optimizer, scaler, 1e-3, 2, 1.0, torch.device("cpu"), torch.float32,
+        transformer.train_step(model, loader, optimizer, scaler, 1.0, 2, 1.0, torch.device("cpu"), torch.float32,
                                transformer.Distributed(), False)
     assert reads == ["tolist"] * 3
 
@@ -187,12 +187,12 @@ def test_fp16_loss_scaling_skips_a_step_with_inf_gradients_and_carries_on(data):
     model.transformer.wte.weight.register_hook(lambda g: g * float("inf") if poison else g)
     poison = True
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, norm, updated, _ = transformer.train_step(model, loader, optimizer, scaler, 1e-3, 1, 1.0, cpu, fp16, dist, False)
+    _, norm, updated, _ = transformer.train_step(model, loader, optimizer, scaler, 1.0, 1, 1.0, cpu, fp16, dist, False)
     assert updated and not np.isfinite(norm)  # not an error: the scaler skipped the step itself
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert scaler.get_scale() == 2.0**15
     poison = False
-    transformer.train_step(model, loader, optimizer, scaler, 1e-3, 1, 1.0, cpu, fp16, dist, False)
+    transformer.train_step(model, loader, optimizer, scaler, 1.0, 1, 1.0, cpu, fp16, dist, False)
     assert not torch.equal(model.state_dict()["lm_head.weight"], before["lm_head.weight"])
 
 

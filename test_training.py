@@ -718,3 +718,78 @@ def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch, ca
         transformer.main(["--wandb", "p", "--out-dir", str(tmp_path / "out")])
     assert exc.value.code == 2 and "--wandb needs the wandb package" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else():
+    model = GPT(GPTConfig.preset("tiny", "llama"))
+    optimizer = transformer.configure_optimizer(model, 1e-3, 0.1, "cpu", muon_lr=0.02)
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    to_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    assert to_muon == sorted(n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in to_muon)
+    to_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert to_adamw == set(names.values()) - set(to_muon)  # wte, lm_head, norms: every other parameter once
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.02, 1e-3, 1e-3]
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """Bytes of play-like text (learnable, unlike the random tokens of `data`)."""
+    tmp = tmp_path_factory.mktemp("text")
+    (tmp / "input.txt").write_bytes(english_text(30_000))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare_data.main(["--input", str(tmp / "input.txt"), "--tokenizer", "byte", "--out", str(tmp / "data")])
+    return str(tmp / "data")
+
+
+def test_muon_training_lowers_the_loss_and_both_lrs_follow_the_schedule(text_data, tmp_path):
+    train(text_data, tmp_path, "--optimizer", "muon", "--max-steps", "30", "--lr", "3e-3", "--muon-lr", "0.02")
+    rows = metrics(tmp_path)
+    assert np.mean([r["loss"] for r in rows[-5:]]) < rows[0]["loss"] - 1.0
+    ckpt = transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert set(ckpt["optimizer"]) == {"Muon", "AdamW"}  # both optimizers' state in the one checkpoint
+    muon_lr = ckpt["optimizer"]["Muon"]["param_groups"][0]["lr"]
+    adamw_lr = ckpt["optimizer"]["AdamW"]["param_groups"][0]["lr"]
+    assert muon_lr / 0.02 == pytest.approx(adamw_lr / 3e-3) == pytest.approx(rows[-1]["lr"] / 3e-3)
+
+
+def test_muon_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path):
+    flags = ["--optimizer", "muon", "--dropout", "0.2", "--lr-decay-steps", "8"]
+    train(data, tmp_path / "straight", *flags, "--max-steps", "8")
+    train(data, tmp_path / "resumed", *flags, "--max-steps", "4")
+    train(data, tmp_path / "resumed", *flags, "--max-steps", "8", "--resume")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    a = transformer.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
+    b = transformer.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_with_another_optimizer_is_a_one_line_error(data, tmp_path, one_line_error):
+    train(data, tmp_path, "--optimizer", "muon", "--max-steps", "2")
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "4", "--resume"])
+    assert "was trained with --optimizer muon" in line
+
+
+def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(SystemExit) as exc:
+        transformer.parse_args(["--optimizer", "muon"])
+    assert exc.value.code == 2 and "--optimizer muon needs torch >= 2.9" in capsys.readouterr().err
+
+
+def test_muon_under_torchrun_equals_one_process(data, tmp_path):
+    train(data, tmp_path / "one", "--optimizer", "muon", "--batch-size", "8", "--max-steps", "4")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, "--data", data,
+         "--out-dir", str(tmp_path / "two"), *TINY, "--optimizer", "muon", "--batch-size", "4", "--max-steps", "4"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 1e-4, not AdamW's 1e-5: the all-reduced gradient differs from one process's in its last bits, and
+    # Muon's orthogonalised update (every direction scaled to about 1) does not shrink that difference
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)

@@ -761,15 +761,59 @@ class DataLoaderLite:
 CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
 
 
-def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95)):
-    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights."""
+def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
+    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights. With muon_lr, the
+    blocks' matrices (attention and MLP projections) go to Muon instead, and AdamW keeps the embeddings,
+    the head, the norms and the biases. Each group remembers its peak lr as "initial_lr"; train_step
+    scales them all by the schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
+    hidden = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2} if muon_lr else set()
+    rest = [p for p in params if id(p) not in hidden]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "initial_lr": lr},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "initial_lr": lr},
     ]
     fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop over them
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+    if not muon_lr:
+        return adamw
+    matrices = [p for p in params if id(p) in hidden]
+    muon = torch.optim.Muon([{"params": matrices, "initial_lr": muon_lr}], lr=muon_lr, weight_decay=weight_decay)
+    return Optimizers(muon, adamw)
+
+
+# Muon (Jordan et al. 2024, as modded-nanogpt and nanochat use it) updates a weight matrix with its
+# momentum made orthogonal: a few Newton-Schulz iterations push every singular value of the momentum
+# towards 1, so the update moves the matrix by the same amount in every direction its gradient points,
+# instead of mostly along the few largest ones. That only means something for a matrix that maps one
+# hidden space to another, so the embeddings (a lookup table), the head, norms and biases stay with
+# AdamW. NOTE: our c_attn (q, k, v) and SwiGLU's c_fc (gate, up) are fused, so Muon orthogonalises
+# each fused matrix as one, where nanochat orthogonalises q, k and v apart.
+class Optimizers:
+    """Several torch optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): the
+    parts of torch.optim.Optimizer that training uses, and one state_dict holding each one's."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # read anew each time: load_state_dict replaces each optimizer's groups
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {type(o).__name__: o.state_dict() for o in self.optimizers}
+
+    def load_state_dict(self, state):
+        for o in self.optimizers:
+            o.load_state_dict(state[type(o).__name__])
 
 
 def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
@@ -1005,15 +1049,16 @@ class StopSignal:
         self.requested = True
 
 
-def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, device, dtype, dist, stop_requested):
-    """One optimizer step over grad_accum micro-batches -> (mean loss, gradient norm, updated, stop).
+def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip, device, dtype, dist, stop_requested):
+    """One optimizer step over grad_accum micro-batches, each group's lr at lr_scale x its peak
+    -> (mean loss, gradient norm, updated, stop).
     A non-finite loss or norm skips the update (updated=False): the weights stay as they were. stop is
     True on every process when any process was asked to stop.
 
     NOTE: the step waits for the device once, where the loss, the norm and the stop flag are read
     together; the update itself is queued behind that and not waited for."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * lr_scale
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1), one copy from pinned memory on GPUs
@@ -1111,7 +1156,8 @@ def run_training(args, dist, device, dtype):
     config = raw_model.config
     raw_model.grad_checkpointing = args.grad_checkpointing
     raw_model.to(device)
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type)
+    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type,
+                                    muon_lr=args.muon_lr if args.optimizer == "muon" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
@@ -1119,6 +1165,9 @@ def run_training(args, dist, device, dtype):
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_same_architecture(ckpt["config"], config, ckpt_path)
+        if ckpt["args"].get("optimizer", "adamw") != args.optimizer:
+            raise ValueError(f"{ckpt_path} was trained with --optimizer {ckpt['args'].get('optimizer', 'adamw')}: "
+                             "resume with the same optimizer")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -1163,7 +1212,7 @@ def run_training(args, dist, device, dtype):
     with StopSignal() as stop:
         while step < args.max_steps:
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            loss, norm, updated, stopping = train_step(model, train_loader, optimizer, scaler, lr, grad_accum,
+            loss, norm, updated, stopping = train_step(model, train_loader, optimizer, scaler, lr / args.lr, grad_accum,
                                                        args.grad_clip, device, dtype, dist, stop.requested)
             if not updated:
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
@@ -2034,7 +2083,10 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=at_least(1), default=12, help="B, sequences per process per micro-step")
     g.add_argument("--total-batch-tokens", type=at_least(1), help="tokens per optimizer step; default B x T x processes (no accumulation)")
     g.add_argument("--max-steps", type=at_least(1), default=850)
-    g.add_argument("--lr", type=in_range(0, low_open=True), default=2e-3)
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                   help="muon: Muon for the blocks' matrices (--muon-lr), AdamW for the rest (--lr); torch >= 2.9")
+    g.add_argument("--lr", type=in_range(0, low_open=True), default=2e-3, help="AdamW's peak lr")
+    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=0.02, help="Muon's peak lr (--optimizer muon)")
     g.add_argument("--min-lr", type=in_range(0), default=2e-4, help="the cosine ends here; <= --lr")
     g.add_argument("--warmup-steps", type=at_least(0), default=50)
     g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
@@ -2102,6 +2154,8 @@ def check_args(p, args):
         p.error("--wandb needs the wandb package: pip install wandb")
     if args.hellaswag is not None and args.hellaswag_every is None:
         p.error("--hellaswag goes with --eval or --hellaswag-every")
+    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     if args.init_from is None:
