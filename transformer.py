@@ -764,21 +764,21 @@ CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files a
 def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
     """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights. With muon_lr, the
     blocks' matrices (attention and MLP projections) go to Muon instead, and AdamW keeps the embeddings,
-    the head, the norms and the biases. Each group remembers its peak lr as "initial_lr"; train_step
-    scales them all by the schedule."""
+    the head, the norms and the biases. train_step scales each optimizer's own lr (its defaults["lr"])
+    by the schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2} if muon_lr else set()
     rest = [p for p in params if id(p) not in hidden]
     groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "initial_lr": lr},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "initial_lr": lr},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop over them
     adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
     if not muon_lr:
         return adamw
     matrices = [p for p in params if id(p) in hidden]
-    muon = torch.optim.Muon([{"params": matrices, "initial_lr": muon_lr}], lr=muon_lr, weight_decay=weight_decay)
+    muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay)
     return Optimizers(muon, adamw)
 
 
@@ -1057,8 +1057,9 @@ def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip
 
     NOTE: the step waits for the device once, where the loss, the norm and the stop flag are read
     together; the update itself is queued behind that and not waited for."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lr_scale
+    for opt in getattr(optimizer, "optimizers", [optimizer]):  # a resumed run's lr is its flags', not the file's
+        for group in opt.param_groups:
+            group["lr"] = opt.defaults["lr"] * lr_scale  # defaults: what the optimizer was built with
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1), one copy from pinned memory on GPUs
