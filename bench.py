@@ -21,6 +21,9 @@ Rows
                 13 MB); and prepare_data's peak memory on a corpus ten shards long.
     4 cuda      only on CUDA: bf16 autocast training steps of GPT-2 small, torch.compile'd
                 against eager, with MFU against the GPU's datasheet peak.
+    5 to loss   wall time of the main job (`python transformer.py` in a fresh folder) to its val loss,
+                against nanoGPT's CPU recipe run the same way: nanoGPT's own train.py when
+                NANOGPT_DIR points at a nanoGPT checkout, else that recipe in our trainer.
 
 Method
     Shared machines drift, by up to ~1.8x over minutes, so contenders are never timed one
@@ -38,6 +41,8 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,7 +73,8 @@ class Sizes:
     text_mb: float  # size of the corpus for row 3
     cuda_model: dict  # GPTConfig.preset('gpt2', 'gpt2', ...) fields of the model trained in row 4
     cuda_batch: int
-    text: str = None  # the text file row 3 repeats to text_mb (None: tiny Shakespeare, see corpus())
+    text: str = None  # the text file rows 3 and 5 read (None: tiny Shakespeare, see corpus())
+    to_loss_steps: int = None  # row 5: None runs each recipe whole; a number cuts both to that many steps
 
 
 FULL = Sizes(
@@ -79,7 +85,7 @@ FULL = Sizes(
 QUICK = Sizes(
     train_model=dict(n_layer=1, n_head=2, n_embd=64, n_positions=32), train_batch=2,
     decode_model=dict(n_layer=1, n_head=2, n_embd=64), prompt_tokens=16, new_tokens=16, uncached_tokens=4,
-    text_mb=1, cuda_model=dict(n_layer=1, n_head=2, n_embd=64, block_size=32), cuda_batch=2,
+    text_mb=1, cuda_model=dict(n_layer=1, n_head=2, n_embd=64, block_size=32), cuda_batch=2, to_loss_steps=20,
 )
 
 
@@ -178,15 +184,47 @@ def row_train(sizes, rounds, device):
     peak = transformer.matmul_peak_flops(device)  # what training's MFU is measured against
     shape = f"{ours.config.n_layer}L {ours.config.n_embd}w, {B}x{T} fp32"
     names = f"ours GPT ({shape})", f"HF GPT2LMHeadModel ({hf.config._attn_implementation})"
-    seconds, _ = alternate({
+    contenders = {
         names[0]: train_step(lambda: ours(x, y)[1], ours_opt),
         names[1]: train_step(lambda: hf(input_ids=x, labels=x).loss, hf_opt),  # HF shifts the labels itself
-    }, rounds)
+    }
+    nanogpt = nanogpt_model(ours, device)
+    if nanogpt is not None:  # the strongest peer: nanoGPT's own model.py, with its own AdamW set-up
+        names += ("nanoGPT's model.py (NANOGPT_DIR)",)
+        x_c, y_c = x.contiguous(), y.contiguous()  # its loss views the targets
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter groups
+            nano_opt = nanogpt.configure_optimizers(WEIGHT_DECAY, LR, BETAS, device.type)
+        contenders[names[2]] = train_step(lambda: nanogpt(x_c, y_c)[1], nano_opt)
+    seconds, _ = alternate(contenders, rounds)
     tok_s = rates(seconds, {name: B * T for name in names})
     mfu = [100 * ours.flops_per_token(T) * r / peak for r in tok_s[names[0]]]
     line("1 train", names[0], "tok/s", tok_s[names[0]])
     line("", names[1], "tok/s", tok_s[names[1]], versus(tok_s[names[0]], tok_s[names[1]], "HF", 1.3))
+    if nanogpt is not None:
+        line("", names[2], "tok/s", tok_s[names[2]], versus(tok_s[names[0]], tok_s[names[2]], "nanoGPT", 1.0))
+    else:
+        line("", "(nanoGPT's model.py: set NANOGPT_DIR to a nanoGPT checkout to time it here)")
     line("", f"ours MFU vs {peak / 1e9:,.0f} GFLOP/s fp32 matmul (measured)", "%", mfu)
+
+
+def nanogpt_model(ours, device):
+    """nanoGPT's GPT from $NANOGPT_DIR/model.py holding our weights (same shapes and names but its
+    (out, in) Linear layout, as ours), or None when NANOGPT_DIR is not set."""
+    folder = os.environ.get("NANOGPT_DIR")
+    if not folder:
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(folder, "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = ours.config
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        model = module.GPT(module.GPTConfig(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                            n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=True))
+    # nanoGPT's GELU is the exact (erf) one, GPT-2's the tanh approximation: equal weights, not equal outputs
+    model.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
+    return model.to(device)
 
 
 def row_decode(sizes, rounds, device):
@@ -391,7 +429,75 @@ def gpu_check(quick, device):
     return failures
 
 
-ROWS = (row_train, row_decode, row_prepare, row_cuda)
+# nanoGPT's README recipe for a CPU (train_shakespeare_char with its CPU flags), as nanoGPT's own train.py runs
+# it, and the same recipe in our trainer: the stand-in when nanoGPT is not at hand.
+NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                     "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                     "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_RECIPE_HERE = ["--arch", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--seq-len", "64",
+                       "--batch-size", "12", "--max-steps", "2000", "--lr", "1e-3", "--min-lr", "1e-4",
+                       "--warmup-steps", "100", "--eval-every", "250"]
+
+
+def row_to_loss(sizes, rounds, device):
+    """Time to a loss, start to end as a user runs it: `python transformer.py` in a fresh folder (data
+    preparation, start-up and the closing sample included) against nanoGPT's CPU recipe run the same way
+    (nanoGPT's own prepare.py and train.py from $NANOGPT_DIR, else its recipe in our trainer). Our val loss
+    is measured on the whole val split (--eval); nanoGPT's is the last one its train.py prints (20 batches).
+    One run each, in turn: minutes, not rounds."""
+    steps = sizes.to_loss_steps
+    with tempfile.TemporaryDirectory() as d:
+        source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
+        contenders = {"ours: python transformer.py (the main job)": [],
+                      "nanoGPT's CPU recipe, its own train.py" if os.environ.get("NANOGPT_DIR")
+                      else "nanoGPT's CPU recipe in our trainer (no NANOGPT_DIR)": NANOGPT_RECIPE_HERE}
+        results = {}
+        for name, flags in contenders.items():
+            folder = os.path.join(d, str(len(results)))
+            os.makedirs(folder)
+            shutil.copy(source, os.path.join(folder, "input.txt"))
+            if flags == NANOGPT_RECIPE_HERE or not name.startswith("nanoGPT"):
+                results[name] = run_ours(folder, flags + (["--max-steps", str(steps)] if steps else []))
+            else:
+                results[name] = run_nanogpt(folder, steps)
+        (ours, (t_ours, loss_ours)), (theirs, (t_theirs, loss_theirs)) = results.items()
+        line("5 to loss", ours, "s", [t_ours], f"val {loss_ours:.4f} (whole val split)")
+        ratio = t_ours / t_theirs
+        line("", theirs, "s", [t_theirs], f"val {loss_theirs:.4f} | ours {ratio:.2f}x its time (goal <= 0.33x: "
+             f"{'met' if ratio <= 0.33 and loss_ours <= 1.8857 else 'MISSED'})")
+
+
+def run_ours(folder, flags):
+    """(wall seconds of `python transformer.py FLAGS` in folder, its val loss on the whole val split)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), *flags], cwd=folder, check=True,
+                   capture_output=True)
+    seconds = time.perf_counter() - t0
+    result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--eval", "--ckpt",
+                             "checkpoints/ckpt.pt", "--data", "data/shakespeare_byte"],
+                            cwd=folder, check=True, capture_output=True, text=True)
+    return seconds, float(re.search(r"loss (\d+\.\d+)", result.stdout)[1])
+
+
+def run_nanogpt(folder, steps):
+    """(wall seconds of nanoGPT's prepare.py + train.py with its CPU recipe, the last val loss it prints).
+    Its files are copied into folder, so nothing is written into the checkout."""
+    nano = os.environ["NANOGPT_DIR"]
+    for part in ("train.py", "model.py", "configurator.py", "config", "data/shakespeare_char/prepare.py"):
+        target = os.path.join(folder, part)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        (shutil.copytree if os.path.isdir(os.path.join(nano, part)) else shutil.copy)(os.path.join(nano, part), target)
+    os.replace(os.path.join(folder, "input.txt"), os.path.join(folder, "data", "shakespeare_char", "input.txt"))
+    cut = [f"--max_iters={steps}", f"--lr_decay_iters={steps}", f"--eval_interval={steps}"] if steps else []
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=folder, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_FLAGS, *cut],
+                            cwd=folder, check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    return seconds, float(re.findall(r"val loss (\d+\.\d+)", result.stdout)[-1])
+
+
+ROWS = (row_train, row_decode, row_prepare, row_cuda, row_to_loss)
 
 
 def quiet_transformers():
