@@ -811,6 +811,17 @@ def load_checkpoint(path):
     return ckpt
 
 
+def training_state(model, optimizer):
+    """(model state, optimizer state) for ckpt.pt: model.state_dict() and optimizer.state_dict()."""
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_training_state(model, optimizer, ckpt):
+    """Put ckpt's model and optimizer state into model and optimizer."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+
+
 def model_from_checkpoint(ckpt):
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -1010,9 +1021,7 @@ def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, devi
     for micro in range(grad_accum):
         buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1), one copy from pinned memory on GPUs
         x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
-        last = micro == grad_accum - 1
-        sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()  # DDP all-reduces once, at the last
-        with sync:
+        with gradient_sync(model, micro == grad_accum - 1):  # processes average the gradients once, at the last
             with autocast(device, dtype):
                 _, loss = model(x, y)
             loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
@@ -1030,6 +1039,18 @@ def train_step(model, loader, optimizer, scaler, lr, grad_accum, grad_clip, devi
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm, updated, stop > 0
+
+
+@contextlib.contextmanager
+def gradient_sync(model, sync):
+    """Around one micro-step's forward and backward. sync=False: each process adds this micro-batch's gradients
+    to its own and talks to no one; sync=True (the last micro-step): DDP all-reduces the sums, once per
+    optimizer step."""
+    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def wrap_model(model, args, dist, device):
@@ -1103,6 +1124,9 @@ def run_training(args, dist, device, dtype):
     config = raw_model.config
     raw_model.grad_checkpointing = args.grad_checkpointing
     raw_model.to(device)
+    # NOTE: wrapped before the optimizer is built, which then loads its state after the model's: a wrapper that
+    # replaced the weights would need that order. DDP and compile leave them as they are.
+    model = wrap_model(raw_model, args, dist, device)
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -1111,15 +1135,13 @@ def run_training(args, dist, device, dtype):
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_same_architecture(ckpt["config"], config, ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_training_state(raw_model, optimizer, ckpt)
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step = ckpt["step"]
         say(f"resumed {ckpt_path} at step {step}")
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
-    model = wrap_model(raw_model, args, dist, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -1141,9 +1163,10 @@ def run_training(args, dist, device, dtype):
 
     def checkpoint():
         rngs = dist.gather(rng_state(device))  # every process's RNG, so dropout continues exactly
+        model_state, optimizer_state = training_state(raw_model, optimizer)
         if dist.master:
             save_checkpoint(ckpt_path, {
-                "format": CKPT_FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
                 "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args), "step": step,
                 "loader": train_loader.state_dict(), "rng": rngs, "tokenizer": meta["tokenizer"], "val_loss": val_loss,
             })
