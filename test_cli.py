@@ -129,3 +129,12 @@ def test_the_real_command_line_prints_one_line_and_exits_2(tmp_path, script, arg
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(f"{script}: error: ")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fsdp", "--optimizer", "muon"], "--optimizer muon needs whole matrices"),
+    (["--fsdp", "--hellaswag-every", "10"], "--hellaswag-every under --fsdp is not supported"),
+])
+def test_what_fsdp_cannot_combine_with_is_one_line(capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("RANK", "0")  # as under torchrun
+    assert message in refused(capsys, transformer.main, argv)

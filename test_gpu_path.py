@@ -141,7 +141,8 @@ def test_ddp_keeps_gradients_in_its_buckets_and_does_not_broadcast_buffers(tmp_p
         dist = transformer.Distributed()
         dist.enabled = True
         args = transformer.parse_args(["--no-compile"])
-        ddp = transformer.wrap_model(GPT(GPTConfig.preset("tiny", "llama")), args, dist, torch.device("cpu"))
+        ddp = transformer.wrap_model(GPT(GPTConfig.preset("tiny", "llama")), args, dist, torch.device("cpu"),
+                                        torch.float32)
         assert ddp.gradient_as_bucket_view and not ddp.broadcast_buffers
     finally:
         torch.distributed.destroy_process_group()

@@ -15,7 +15,7 @@ The file is a story, in this order:
     5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
     7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
-    8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process or torchrun DDP)
+    8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process, torchrun DDP or FSDP)
     9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
    10. Export      to an HF transformers folder and to GGUF (llama.cpp, ollama)
    11. CLI         argparse and main()
@@ -754,9 +754,11 @@ class DataLoaderLite:
 # AdamW with weight decay on matrices only, linear warmup then cosine decay, gradient
 # accumulation to reach a large batch in small steps, gradient clipping, bf16 autocast
 # on GPUs. Under torchrun every process runs this same code on its slice of each
-# batch, and DistributedDataParallel averages the gradients. Checkpoints hold all the
-# state (weights, optimizer, data position, RNGs), so a resumed run continues exactly,
-# even after a kill -9: the file on disk is always a complete checkpoint.
+# batch, and DistributedDataParallel averages the gradients; with --fsdp each process
+# keeps only a 1/N shard of the weights, gradients and AdamW state instead (FSDP2).
+# Checkpoints hold all the state (weights, optimizer, data position, RNGs), so a resumed
+# run continues exactly, even after a kill -9: the file on disk is always a complete
+# checkpoint, in one format whatever ran the training.
 
 CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
 
@@ -861,6 +863,69 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
     return ckpt
+
+
+def is_sharded(model):
+    """Whether --fsdp's fully_shard split this model (or the one torch.compile wraps) across processes."""
+    if "torch.distributed.fsdp" not in sys.modules:  # only --fsdp imports it: then nothing is sharded, and
+        return False  # single-process and DDP runs skip the import (about a second)
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def training_state(model, optimizer):
+    """(model state, optimizer state) for ckpt.pt: model.state_dict() and optimizer.state_dict(), plain tensors.
+
+    Under FSDP every process must call this: each weight and each AdamW moment is gathered from its shards
+    into whole CPU tensors on rank 0 (the other processes get ({}, {})), and laid out as one process's
+    state_dict()s would be. So a checkpoint is the same file whether one process, DDP or FSDP wrote it, and
+    any of them can read it (load_training_state).
+
+    NOTE: the gathered layout costs rank 0 the host RAM of the whole model and optimizer state at every save
+    (~12 bytes a parameter: fp32 weights and AdamW's two moments); torch.distributed.checkpoint would let
+    each process write its own shard instead (README: "Many GPUs: DDP or FSDP")."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
+    model_state = get_model_state_dict(model, options=full)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by parameter name
+    if not model_state:
+        return {}, {}
+    first = {}  # a tied weight comes back as two copies: make it one tensor under both names, as in state_dict()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        model_state[name] = model_state[first.setdefault(id(p), name)]
+    ids = optimizer.state_dict()  # torch.optim's layout (ids 0, 1, ... and the groups' settings), local shards
+    ids["state"] = {i: optim_state["state"][name] for i, name in enumerate(optimizer_param_names(model, optimizer))
+                    if name in optim_state["state"]}
+    return model_state, ids
+
+
+def load_training_state(model, optimizer, ckpt):
+    """Put ckpt's model and optimizer state into model and optimizer, whatever wrote it (one process, DDP or FSDP).
+    Under FSDP every process reads the whole tensors (mapped from the file, see load_checkpoint) and keeps its
+    own shard of each."""
+    if not is_sharded(model):
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ckpt["model"], options=full)
+    names = optimizer_param_names(model, optimizer)  # torch.optim's ids -> the names FSDP's loader expects
+    saved = ckpt["optimizer"]
+    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=full)
+
+
+def optimizer_param_names(model, optimizer):
+    """The name of each parameter the optimizer updates, in the order of its state_dict() ids 0, 1, 2, ..."""
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def model_from_checkpoint(ckpt):
@@ -1064,9 +1129,7 @@ def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip
     for micro in range(grad_accum):
         buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1), one copy from pinned memory on GPUs
         x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
-        last = micro == grad_accum - 1
-        sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()  # DDP all-reduces once, at the last
-        with sync:
+        with gradient_sync(model, micro == grad_accum - 1):  # processes average the gradients once, at the last
             with autocast(device, dtype):
                 _, loss = model(x, y)
             loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
@@ -1075,7 +1138,9 @@ def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip
     # every process logs the same, global, loss; the flag rides along in the same all-reduce
     stats = dist.sum(torch.stack([loss_sum, torch.full((), float(stop_requested), device=device)]))
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the norm of the whole gradient
+    if is_sharded(model):  # FSDP: a DTensor, the norm over every process's shards, the same on each
+        norm = norm.full_tensor()
     loss, stop, norm = torch.cat([stats, norm.view(1).float()]).tolist()  # the step's one host sync
     loss /= dist.world
     updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16's GradScaler skips inf steps itself
@@ -1086,15 +1151,58 @@ def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip
     return loss, norm, updated, stop > 0
 
 
-def wrap_model(model, args, dist, device):
-    """What runs the steps: the model, compiled, and under torchrun inside DDP.
+@contextlib.contextmanager
+def gradient_sync(model, sync):
+    """Around one micro-step's forward and backward. sync=False: each process adds this micro-batch's gradients
+    to its own and talks to no one; sync=True (the last micro-step): the sums are averaged over the processes,
+    one all-reduce (DDP) or reduce-scatter into each process's shard (FSDP) per optimizer step.
+
+    NOTE: under FSDP the skipped syncs cost memory: until the last micro-step every process holds whole,
+    unsharded gradients. Syncing every micro-step would keep only shards, at grad_accum times the traffic."""
+    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif not sync and is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def wrap_model(model, args, dist, device, dtype):
+    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place; compiled.
 
     NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
     less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
-    from the config, identical on every process, and need no broadcast each step."""
+    from the config, identical on every process, and need no broadcast each step.
+
+    NOTE: FSDP (fully_shard, FSDP2) shards each Block, then the root (embeddings, final norm, head), so a
+    forward gathers one block's weights at a time and frees them after; the weights become DTensors, each
+    process holding a 1/N slice, and the optimizer built over them keeps 1/N of AdamW's state. A tied
+    weight stays one parameter (wte and lm_head both live in the root's group). With bf16, FSDP's
+    mixed-precision policy gathers bf16 copies of the fp32 master weights (half the traffic and memory of
+    a gathered block) and reduces gradients in fp32. autocast stays on around the forward as on every other
+    path, so the ops it keeps in fp32 (layer_norm, pow, rsqrt, exp, ...) run in fp32 here too; what differs
+    from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE tables) to bf16, as
+    torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard."""
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if dtype == torch.float16:
+            raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is not shard-aware "
+                             "here): pass --dtype bfloat16 or --dtype float32")
+        policy = MixedPrecisionPolicy()  # fp32: nothing cast
+        if dtype == torch.bfloat16:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
     if args.compile:
         model = torch.compile(model)
-    if dist.enabled:
+    if dist.enabled and not args.fsdp:
         with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
             warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
             model = torch.nn.parallel.DistributedDataParallel(
@@ -1157,6 +1265,9 @@ def run_training(args, dist, device, dtype):
     config = raw_model.config
     raw_model.grad_checkpointing = args.grad_checkpointing
     raw_model.to(device)
+    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
+    # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
+    model = wrap_model(raw_model, args, dist, device, dtype)
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type,
                                     muon_lr=args.muon_lr if args.optimizer == "muon" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -1169,15 +1280,13 @@ def run_training(args, dist, device, dtype):
         if ckpt["args"].get("optimizer", "adamw") != args.optimizer:
             raise ValueError(f"{ckpt_path} was trained with --optimizer {ckpt['args'].get('optimizer', 'adamw')}: "
                              "resume with the same optimizer")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_training_state(raw_model, optimizer, ckpt)
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step = ckpt["step"]
         say(f"resumed {ckpt_path} at step {step}")
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
-    model = wrap_model(raw_model, args, dist, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -1193,15 +1302,20 @@ def run_training(args, dist, device, dtype):
         f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
     say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = {total:,} tokens/step | "
         f"device {device}, {str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
+    if args.fsdp:
+        local = sum(p.to_local().numel() for p in raw_model.parameters())
+        say(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
+            f"rank 0 holds {local:,} of {raw_model.num_params():,} parameters")
     say(f"MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
     decay_steps = args.lr_decay_steps or args.max_steps
     val_loss = None
 
     def checkpoint():
         rngs = dist.gather(rng_state(device))  # every process's RNG, so dropout continues exactly
+        model_state, optimizer_state = training_state(raw_model, optimizer)  # under FSDP: gathered on rank 0
         if dist.master:
             save_checkpoint(ckpt_path, {
-                "format": CKPT_FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
                 "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args), "step": step,
                 "loader": train_loader.state_dict(), "rng": rngs, "tokenizer": meta["tokenizer"], "val_loss": val_loss,
             })
@@ -1248,6 +1362,9 @@ def run_training(args, dist, device, dtype):
         say(f"saved {ckpt_path}")
         default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
         plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
+    # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
+    # together (rank 0 prints). Otherwise rank 0 samples alone.
+    if dist.master or args.fsdp:
         prompt = torch.tensor([tokenizer.encode("\n")], device=device)
         say("--- sample ---")
         raw_model.eval()
@@ -2110,6 +2227,8 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA only)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
+                   "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints keep the one format")
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
@@ -2143,6 +2262,16 @@ def parse_args(argv=None):
 
 def check_args(p, args):
     """What no single flag can check: flags that must agree with each other. p.error exits with one line."""
+    if args.fsdp and (args.sample or args.eval):
+        p.error(f"--fsdp is for training; --{'sample' if args.sample else 'eval'} runs the whole model in one process")
+    if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
+        p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
+                "--fsdp ...")
+    if args.fsdp and args.optimizer == "muon":
+        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP")
+    if args.fsdp and args.hellaswag_every:
+        p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
+                "examples, and FSDP needs every process in every forward")
     exporting = args.export_hf or args.export_gguf
     if args.sample or args.eval or exporting:
         if not (args.ckpt or args.init_from):

@@ -1,0 +1,241 @@
+"""--fsdp (transformer.py sections 8 and 10): PyTorch's FSDP2 (fully_shard) over 2 CPU processes with gloo,
+started with torchrun as a user would. Two processes with accumulation and clipping equal one process; each
+holds half of the weights and of AdamW's state; the checkpoint is a one-process checkpoint (it samples,
+evaluates and resumes in one process) and a one-process checkpoint resumes under FSDP; --compile and
+--grad-checkpointing run. Four torchrun launches, about a minute and a half on a quiet 2-core machine,
+most of it in the compiled one."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import transformer
+from test_training import ENV, SCRIPT, TINY, metrics, train, write_dataset
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+START_UP_S = 400  # torch's cold start in two processes on a busy 2-core machine, and compiling on a CPU
+# The gpt2 arch has a tied head (one parameter in two modules) and 1-D biases; 2 blocks are sharded one by one.
+# --grad-clip 0.3 is below every step's gradient norm (0.8 to 1.0), so clipping scales every step here.
+FLAGS = [*TINY, "--arch", "gpt2", "--n-layer", "2", "--grad-clip", "0.3", "--lr-decay-steps", "6"]
+ONE = ["--batch-size", "8"]  # one process: 8 x 16 tokens a step
+FSDP = ["--fsdp", "--batch-size", "2", "--total-batch-tokens", str(8 * 16)]  # 2 processes x 2 x 2 micro-steps
+
+
+def torchrun(cmd, cwd):
+    """cmd under torchrun with 2 processes; the result, after asserting every process exited 0."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *map(str, cmd)], cwd=cwd, capture_output=True, text=True, timeout=START_UP_S, env=ENV)
+    assert result.returncode == 0, f"torchrun exited {result.returncode}; stderr:\n{result.stderr[-3000:]}"
+    return result
+
+
+def losses(out_dir):
+    return [r["loss"] for r in metrics(out_dir)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "random_byte")
+    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """One process for 6 steps ("straight") and for 4 ("one"); 2 FSDP processes for 4 ("fsdp"); same schedule."""
+    root = tmp_path_factory.mktemp("runs")
+    train(data, root / "straight", *FLAGS, *ONE, "--max-steps", "6")
+    train(data, root / "one", *FLAGS, *ONE, "--max-steps", "4")
+    result = torchrun([SCRIPT, "--data", data, "--out-dir", root / "fsdp", *FLAGS, *FSDP, "--max-steps", "4"], root)
+    return root, result
+
+
+# -----------------------------------------------------------------------------
+# Training: 2 FSDP processes == 1 process
+
+
+def test_two_fsdp_processes_with_accumulation_and_clipping_equal_one_process(runs):
+    root, result = runs
+    one, fsdp = metrics(root / "straight")[:4], metrics(root / "fsdp")
+    assert [r["step"] for r in fsdp] == [0, 1, 2, 3]
+    assert all(r["grad_norm"] > 0.3 for r in one)  # clipping acted on every step
+    for key in ("loss", "grad_norm"):  # the norm is the whole gradient's, over both processes' shards
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], abs=1e-5)
+    assert fsdp[-1]["val_loss"] == pytest.approx(metrics(root / "one")[-1]["val_loss"], abs=1e-5)  # at its end
+    assert "2 x 16 tokens x 2 processes x 2 accumulation steps" in result.stdout
+    assert "rank 0 holds 17,088 of 34,176 parameters" in result.stdout
+    assert result.stdout.count("--- sample ---") == 1  # both processes sample (the weights are split), rank 0 prints
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one format
+
+
+def test_an_fsdp_checkpoint_is_laid_out_as_a_one_process_checkpoint(runs):
+    root, _ = runs
+    one = transformer.load_checkpoint(str(root / "one" / "ckpt.pt"))
+    fsdp = transformer.load_checkpoint(str(root / "fsdp" / "ckpt.pt"))
+    assert list(fsdp["model"]) == list(one["model"])
+    for k, v in fsdp["model"].items():
+        assert type(v) is torch.Tensor and v.dtype == one["model"][k].dtype  # no DTensor inside
+        torch.testing.assert_close(v, one["model"][k], atol=1e-5, rtol=1e-4)
+    tied = fsdp["model"]["lm_head.weight"], fsdp["model"]["transformer.wte.weight"]
+    assert tied[0].data_ptr() == tied[1].data_ptr()  # one tensor under both names, stored once, as in one's
+    # the optimizer's state as torch.optim keys it (ids 0, 1, ...) with the same groups
+    assert fsdp["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
+    assert list(fsdp["optimizer"]["state"]) == list(one["optimizer"]["state"])
+    for i, state in fsdp["optimizer"]["state"].items():
+        assert list(state) == list(one["optimizer"]["state"][i])
+        for k, v in state.items():
+            assert type(v) is torch.Tensor
+            torch.testing.assert_close(v, one["optimizer"]["state"][i][k], atol=1e-5, rtol=1e-3)
+    assert fsdp["step"] == 4 and len(fsdp["rng"]) == 2 and fsdp["loader"] == one["loader"]
+
+
+def test_an_fsdp_checkpoint_samples_in_one_process(runs, capsys):
+    root, _ = runs
+    capsys.readouterr()
+    transformer.main(["--sample", "--ckpt", str(root / "fsdp" / "ckpt.pt"), "--device", "cpu", "--prompt", "ab",
+                      "--max-new-tokens", "20"])
+    out = capsys.readouterr().out
+    assert out.startswith("ab") and out.rstrip().endswith("-" * 40)
+
+
+def test_an_fsdp_checkpoint_evaluates_in_one_process_as_the_one_process_checkpoint(runs, data, capsys):
+    root, _ = runs
+    lines = []
+    for run in ("fsdp", "one"):
+        capsys.readouterr()
+        transformer.main(["--eval", "--ckpt", str(root / run / "ckpt.pt"), "--data", data, "--device", "cpu"])
+        lines.append(capsys.readouterr().out)
+    loss = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert "perplexity" in lines[0] and loss[0] == pytest.approx(loss[1], abs=1e-4)  # the line shows 4 decimals
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process_where_it_left_off(runs, data):
+    root, _ = runs
+    out = root / "fsdp_then_one"
+    out.mkdir()
+    shutil.copy(root / "fsdp" / "ckpt.pt", out / "ckpt.pt")
+    train(data, out, *FLAGS, *ONE, "--max-steps", "6", "--resume")
+    assert [r["step"] for r in metrics(out)] == [4, 5]
+    assert losses(out) == pytest.approx(losses(root / "straight")[4:], abs=1e-5)
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp_where_it_left_off(runs, data):
+    root, _ = runs
+    out = root / "one_then_fsdp"
+    out.mkdir()
+    shutil.copy(root / "one" / "ckpt.pt", out / "ckpt.pt")
+    result = torchrun([SCRIPT, "--data", data, "--out-dir", out, *FLAGS, *FSDP, "--max-steps", "6", "--resume"], root)
+    assert "resumed" in result.stdout
+    assert [r["step"] for r in metrics(out)] == [4, 5]
+    assert losses(out) == pytest.approx(losses(root / "straight")[4:], abs=1e-5)
+    straight = transformer.load_checkpoint(str(root / "straight" / "ckpt.pt"))["model"]
+    resumed = transformer.load_checkpoint(str(out / "ckpt.pt"))["model"]
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# What each process holds, measured from inside: a small program under torchrun that shards a model with
+# wrap_model, takes one bf16 step with train_step, and reports this process's local sizes as JSON.
+
+SHARDS = """
+import json, sys
+import torch
+import transformer
+
+data = sys.argv[1]
+dist, device, dtype = transformer.Distributed(), torch.device("cpu"), torch.bfloat16
+dist.start(device)
+torch.manual_seed(0)
+model = transformer.GPT(transformer.GPTConfig.preset("tiny", "gpt2", block_size=16))
+total = model.num_params()
+wrapped = transformer.wrap_model(model, transformer.parse_args(["--fsdp", "--no-compile"]), dist, device, dtype)
+optimizer = transformer.configure_optimizer(model, 1e-3, 0.1, device.type)
+forward_dtypes = []  # the head's weight as the forward uses it
+model.lm_head.register_forward_pre_hook(lambda module, args: forward_dtypes.append(str(module.weight.dtype)))
+loader = transformer.DataLoaderLite(data, "train", 2, 16, dist.rank, dist.world, grad_accum=2)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+transformer.train_step(wrapped, loader, optimizer, scaler, 1e-3, 2, 1.0, device, dtype, dist, False)
+print(json.dumps({
+    "total": total,
+    "params": sum(p.to_local().numel() for p in model.parameters()),
+    "adamw": sum(v.to_local().numel() for s in optimizer.state.values() for k, v in s.items() if k != "step"),
+    "stored_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+    "forward_dtypes": sorted(set(forward_dtypes)),
+    "tied": model.lm_head.weight is model.transformer.wte.weight,
+}))
+dist.stop()
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(data, tmp_path_factory):
+    """Each process's report, in rank order."""
+    root = tmp_path_factory.mktemp("shards")
+    (root / "shards.py").write_text(SHARDS)
+    result = torchrun([root / "shards.py", data], root)
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2, result.stdout
+    return reports
+
+
+def test_each_fsdp_process_holds_half_of_the_weights_and_of_the_adamw_state(shards):
+    total = shards[0]["total"]
+    assert sum(r["params"] for r in shards) == total  # every parameter in exactly one shard
+    for r in shards:
+        assert r["params"] == pytest.approx(total / 2, rel=0.05)
+        assert r["adamw"] == 2 * r["params"]  # exp_avg and exp_avg_sq for this process's shard only
+
+
+def test_the_tied_head_stays_one_parameter_when_sharded(shards):
+    assert all(r["tied"] for r in shards)
+
+
+def test_fsdp_bf16_gathers_bf16_weights_for_the_forward_and_keeps_fp32_shards(shards):
+    for r in shards:
+        assert r["forward_dtypes"] == ["torch.bfloat16"] and r["stored_dtypes"] == ["torch.float32"]
+
+
+# -----------------------------------------------------------------------------
+# The GPU path's features, on the CPU
+
+
+def test_compiled_fsdp_with_gradient_checkpointing_equals_one_eager_process(runs, data):
+    root, _ = runs
+    out = root / "compiled"
+    torchrun([SCRIPT, "--data", data, "--out-dir", out, *FLAGS, *FSDP, "--max-steps", "2", "--compile",
+              "--grad-checkpointing"], root)
+    assert losses(out) == pytest.approx(losses(root / "straight")[:2], abs=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# What --fsdp refuses
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(monkeypatch, one_line_error):
+    monkeypatch.delenv("RANK", raising=False)
+    line = one_line_error(["--fsdp"], status=2)
+    assert "start it with torchrun" in line
+
+
+@pytest.mark.parametrize("mode", ["--sample", "--eval"])
+def test_fsdp_is_for_training_only(monkeypatch, one_line_error, mode):
+    monkeypatch.setenv("RANK", "0")
+    assert "--fsdp is for training" in one_line_error([mode, "--ckpt", "c.pt", "--fsdp"], status=2)
+
+
+def test_fsdp_refuses_float16(monkeypatch):
+    """fp16 needs a GradScaler that finds an inf in any process's shard; bf16 does not scale the loss at all."""
+    monkeypatch.setenv("RANK", "0")
+    args = transformer.parse_args(["--fsdp", "--no-compile"])
+    model = transformer.GPT(transformer.GPTConfig.preset("tiny", "gpt2"))
+    with pytest.raises(ValueError, match="not float16"):
+        transformer.wrap_model(model, args, transformer.Distributed(), torch.device("cpu"), torch.float16)
