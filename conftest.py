@@ -3,12 +3,16 @@ the texts tests read. The suite also passes on a fresh clone with nothing beside
 tiktoken then uses its own cache or downloads its two files, and tests make their own text."""
 
 import hashlib
+import json
 import os
 import random
+
+import numpy as np
 
 import pytest
 import torch
 
+import prepare_data
 import transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -79,3 +83,30 @@ def one_line_error(capsys):
         return lines[0]
 
     return run
+
+
+def write_dataset(out, splits, vocab_size=256, seed=0, tokenizer="byte"):
+    """A dataset as prepare_data.py lays it out, from random tokens: splits maps a split name to the token
+    count of each of its shards, e.g. {"train": [9000, 6000], "val": [2000]}. Returns the tokens by split."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tokens = {}
+    for split, sizes in splits.items():
+        tokens[split] = []
+        for i, n in enumerate(sizes):
+            t = rng.integers(0, vocab_size, n).astype(np.uint16)
+            prepare_data.write_shard(os.path.join(out, f"{split}_{i:06d}.bin"), t, vocab_size)
+            tokens[split].append(t)
+    meta = {"format_version": 1, "tokenizer": tokenizer, "vocab_size": vocab_size, "eot": None,
+            "splits": {s: {"tokens": int(sum(n)), "shards": len(n)} for s, n in splits.items()}}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Random byte tokens: two train shards (15,000 tokens), one val shard (2,000). Read-only for the tests."""
+    out = str(tmp_path_factory.mktemp("data") / "random_byte")
+    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
+    return out

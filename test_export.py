@@ -20,9 +20,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import transformer
-from test_training import write_dataset
+from conftest import write_dataset
 from test_transformer import max_diff, random_model, save_hf, tiny
-from transformer import GPT, GPTConfig
+from transformer import GPT
 
 transformers.logging.set_verbosity_error()
 REPO = os.path.dirname(os.path.abspath(__file__))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import transformer
-from test_training import ENV, SCRIPT, TINY, metrics, train, write_dataset
+from test_training import ENV, SCRIPT, TINY, metrics, train
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 START_UP_S = 400  # torch's cold start in two processes on a busy 2-core machine, and compiling on a CPU
@@ -36,13 +36,6 @@ def torchrun(cmd, cwd):
 
 def losses(out_dir):
     return [r["loss"] for r in metrics(out_dir)]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "random_byte")
-    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
-    return out
 
 
 @pytest.fixture(scope="module")

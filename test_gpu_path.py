@@ -3,8 +3,6 @@ kernels, padding, host syncs, DDP options) and the CUDA-only features that have 
 bf16 and fp16 autocast with loss scaling, DDP over gloo, several processes == one process with
 accumulation across epoch ends). Where a behaviour exists only on CUDA, the logic that decides it is tested."""
 
-import json
-import os
 import subprocess
 import sys
 
@@ -14,15 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import transformer
-from test_training import ENV, SCRIPT, TINY, losses, metrics, train, write_dataset
+from test_training import ENV, SCRIPT, TINY, losses, metrics, train
+from conftest import write_dataset
 from transformer import GPT, GPTConfig
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "random_byte")
-    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers
 
 import transformer
-from test_training import write_dataset
+from conftest import write_dataset
 from transformer import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))

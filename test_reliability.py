@@ -10,11 +10,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 import transformer
-from test_training import write_dataset
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(REPO, "transformer.py")
@@ -25,13 +23,6 @@ START_UP_S = 180
 RUN = ["--device", "cpu", "--arch", "llama", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
        "--batch-size", "4", "--dropout", "0.1", "--warmup-steps", "5", "--log-every", "25", "--eval-every", "40",
        "--eval-iters", "2"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "random_byte")
-    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
-    return out
 
 
 def lines_in(path):

@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 import prepare_data
 import transformer
-from conftest import english_text
+from conftest import english_text, write_dataset
 from transformer import DataLoaderLite, GPT, GPTConfig
 
 SCRIPT = os.path.join(REPO, "transformer.py")
@@ -44,33 +44,6 @@ SEED = 1337  # transformer.py's default --seed
 
 # -----------------------------------------------------------------------------
 # Helpers
-
-
-def write_dataset(out, splits, vocab_size=256, seed=0, tokenizer="byte"):
-    """A dataset as prepare_data.py lays it out, from random tokens: splits maps a split name to the token
-    count of each of its shards, e.g. {"train": [9000, 6000], "val": [2000]}. Returns the tokens by split."""
-    os.makedirs(out, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tokens = {}
-    for split, sizes in splits.items():
-        tokens[split] = []
-        for i, n in enumerate(sizes):
-            t = rng.integers(0, vocab_size, n).astype(np.uint16)
-            prepare_data.write_shard(os.path.join(out, f"{split}_{i:06d}.bin"), t, vocab_size)
-            tokens[split].append(t)
-    meta = {"format_version": 1, "tokenizer": tokenizer, "vocab_size": vocab_size, "eot": None,
-            "splits": {s: {"tokens": int(sum(n)), "shards": len(n)} for s, n in splits.items()}}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return tokens
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Random byte tokens: two train shards (15,000 tokens), one val shard (2,000)."""
-    out = str(tmp_path_factory.mktemp("data") / "random_byte")
-    write_dataset(out, {"train": [9000, 6000], "val": [2000]})
-    return out
 
 
 @pytest.fixture(autouse=True)

@@ -1306,7 +1306,7 @@ def run_training(args, dist, device, dtype):
         local = sum(p.to_local().numel() for p in raw_model.parameters())
         say(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
             f"rank 0 holds {local:,} of {raw_model.num_params():,} parameters")
-    say(f"MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
+    say("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
     decay_steps = args.lr_decay_steps or args.max_steps
     val_loss = None
 
