@@ -23,7 +23,7 @@ TRAINING = [
     ("--lr-decay-steps", ["0"]),
     ("--weight-decay", ["-0.1", "nan"]),
     ("--grad-clip", ["0", "-1"]),
-    ("--seed", ["-1", "x"]),
+    ("--seed", ["-1", "x", str(2**32)]),
     ("--dropout", ["-0.1", "1", "1.5"]),
     ("--n-layer", ["0"]),
     ("--n-head", ["0", "3"]),  # 3: 128 wide is not divisible by 3 heads

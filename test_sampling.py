@@ -246,6 +246,11 @@ def draws(logits_row, n=4000, seed=0, **kwargs):
     return set(out[:, 0].tolist())
 
 
+def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing():
+    logits = torch.tensor([[3.0, 9.0, -2.0, 8.5]])
+    assert draws(logits[0], n=50, temperature=1e-45) == {1}  # 9 / 1e-45 would overflow fp32 to inf
+
+
 def test_temperature_zero_is_argmax():
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(transformer.sample_next(logits, temperature=0), logits.argmax(-1, keepdim=True))

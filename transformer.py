@@ -1546,7 +1546,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """Pick the next token from logits (B, vocab) -> (B, 1). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: finite for any temperature
     if top_k is not None:  # keep the k most likely tokens
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -2210,7 +2211,7 @@ def parse_args(argv=None):
     g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
     g.add_argument("--weight-decay", type=in_range(0), default=0.1)
     g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=1.0, help="max global gradient norm")
-    g.add_argument("--seed", type=at_least(0), default=1337)
+    g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=1337)
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
     g.add_argument("--log-every", type=at_least(1), default=100)
@@ -2308,16 +2309,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def at_least(low):
-    """An argparse type: an integer >= low."""
+def at_least(low, high=None):
+    """An argparse type: an integer >= low (and <= high, when given)."""
 
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be >= {low}{f' and <= {high}' if high else ''}, got {value}")
         return value
 
     return parse
