@@ -15,7 +15,7 @@ The file is a story, in this order:
     5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
     7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
-    8. Training    AdamW, the lr schedule, atomic checkpoints, the loop (single process, torchrun DDP or FSDP)
+    8. Training    AdamW (or Muon), the lr schedule, atomic checkpoints, the loop (one process, torchrun DDP or FSDP)
     9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
    10. Export      to an HF transformers folder and to GGUF (llama.cpp, ollama)
    11. CLI         argparse and main()
