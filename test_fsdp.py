@@ -137,14 +137,15 @@ def test_a_one_process_checkpoint_resumes_under_fsdp_where_it_left_off(runs, dat
 
 # -----------------------------------------------------------------------------
 # What each process holds, measured from inside: a small program under torchrun that shards a model with
-# wrap_model, takes one bf16 step with train_step, and reports this process's local sizes as JSON.
+# wrap_model, takes one bf16 step with train_step, and writes this process's local sizes to rank<N>.json
+# (a file per process: two processes printing to one pipe can interleave their lines).
 
 SHARDS = """
 import json, sys
 import torch
 import transformer
 
-data = sys.argv[1]
+data, out = sys.argv[1], sys.argv[2]
 dist, device, dtype = transformer.Distributed(), torch.device("cpu"), torch.bfloat16
 dist.start(device)
 torch.manual_seed(0)
@@ -157,14 +158,16 @@ model.lm_head.register_forward_pre_hook(lambda module, args: forward_dtypes.appe
 loader = transformer.DataLoaderLite(data, "train", 2, 16, dist.rank, dist.world, grad_accum=2)
 scaler = torch.amp.GradScaler("cpu", enabled=False)
 transformer.train_step(wrapped, loader, optimizer, scaler, 1e-3, 2, 1.0, device, dtype, dist, False)
-print(json.dumps({
+report = {
     "total": total,
     "params": sum(p.to_local().numel() for p in model.parameters()),
     "adamw": sum(v.to_local().numel() for s in optimizer.state.values() for k, v in s.items() if k != "step"),
     "stored_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
     "forward_dtypes": sorted(set(forward_dtypes)),
     "tied": model.lm_head.weight is model.transformer.wte.weight,
-}))
+}
+with open(f"{out}/rank{dist.rank}.json", "w") as f:
+    json.dump(report, f)
 dist.stop()
 """
 
@@ -174,10 +177,8 @@ def shards(data, tmp_path_factory):
     """Each process's report, in rank order."""
     root = tmp_path_factory.mktemp("shards")
     (root / "shards.py").write_text(SHARDS)
-    result = torchrun([root / "shards.py", data], root)
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 2, result.stdout
-    return reports
+    torchrun([root / "shards.py", data, root], root)
+    return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
 def test_each_fsdp_process_holds_half_of_the_weights_and_of_the_adamw_state(shards):
