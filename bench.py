@@ -4,6 +4,7 @@ bench.py: how fast transformer.py and prepare_data.py run, each beside what it s
     python bench.py                 # the full table: a few minutes on a 2-core CPU
     python bench.py --quick         # every row at tiny sizes in seconds: a smoke test, not a measurement
     python bench.py --rounds 9 --device cuda
+    python bench.py --rows decode --rounds 9   # one row (or several: --rows train,decode)
     python bench.py --gpu-check     # one GPU: flash kernel, compile + bf16 + fused AdamW, bf16 tracks fp32
 
 Rows
@@ -497,7 +498,16 @@ def run_nanogpt(folder, steps):
     return seconds, float(re.findall(r"val loss (\d+\.\d+)", result.stdout)[-1])
 
 
-ROWS = (row_train, row_decode, row_prepare, row_cuda, row_to_loss)
+ROWS = {"train": row_train, "decode": row_decode, "prepare": row_prepare, "cuda": row_cuda, "to-loss": row_to_loss}
+
+
+def row_names(text):
+    """--rows: comma-separated names of ROWS, in the table's order."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown row {unknown[0]!r}: choose from {', '.join(ROWS)}")
+    return [n for n in ROWS if n in names]
 
 
 def quiet_transformers():
@@ -531,6 +541,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: checks that every row runs")
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5, --quick 2)")
     p.add_argument("--device", default="auto", help="auto: cuda > mps > cpu")
+    p.add_argument("--rows", type=row_names, default=list(ROWS), help=f"rows to run, comma-separated: {','.join(ROWS)}")
     p.add_argument("--text", help="the UTF-8 text row 3 tokenizes (default: tiny Shakespeare, downloaded if missing)")
     p.add_argument("--gpu-check", action="store_true",
                    help="instead of the table, check the GPU path (flash kernel, compile + bf16 + fused AdamW on GPT-2 "
@@ -552,8 +563,8 @@ def main(argv=None):
     print(machine(device))
     print(f"{rounds} alternating rounds per row{' (--quick: tiny sizes, not a measurement)' if args.quick else ''}\n")
     print(COLUMNS)
-    for row in ROWS:
-        row(sizes, rounds, device)
+    for name in args.rows:
+        ROWS[name](sizes, rounds, device)
 
 
 if __name__ == "__main__":

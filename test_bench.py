@@ -35,3 +35,16 @@ def test_gpu_check_quick_runs_its_code_at_a_tiny_size():
     assert result.returncode == 0, result.stderr
     assert re.search(r"bf16 autocast, fused AdamW: [\d,]+ tok/s, MFU [\d.]+%", result.stdout), result.stdout
     assert "gpu-check: all checks passed" in result.stdout
+
+
+def test_rows_runs_only_the_rows_named():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--quick", "--rows", "decode"],
+                            cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search("^2 decode ", result.stdout, re.MULTILINE) and not re.search("^1 train ", result.stdout, re.MULTILINE)
+
+
+def test_an_unknown_row_is_one_line_before_any_work():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--rows", "train,sprint"],
+                            cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown row 'sprint'" in result.stderr and result.stdout == ""
