@@ -53,19 +53,19 @@ this needs is the val split's size.
 import argparse
 import contextlib
 import glob
-import hashlib
-import http.client
 import json
 import math
 import os
 import sys
 import time
-import urllib.request
 
 import numpy as np
 from tqdm import tqdm
 
-from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ArgumentParser, at_least, get_tokenizer, in_range, load_shard
+from transformer import (
+    SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ArgumentParser, at_least, atomic_open, download, get_tokenizer,
+    in_range, load_shard,
+)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -84,17 +84,6 @@ def fail(msg):
 
 # -----------------------------------------------------------------------------
 # Shards: header + uint16 tokens, written atomically
-
-
-@contextlib.contextmanager
-def atomic_open(path):
-    """Write to path + '.tmp'; only when the block completes is it flushed to disk and renamed to path."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: path is either absent (or the old file) or the complete new one
 
 
 def write_shard(path, tokens, vocab_size):
@@ -205,19 +194,12 @@ def remove_dataset(out_dir):
 
 
 def default_input():
-    """input.txt, downloading tiny Shakespeare to it first if it is missing."""
-    if os.path.exists(DEFAULT_INPUT):
-        return DEFAULT_INPUT
-    print(f"downloading tiny Shakespeare to {DEFAULT_INPUT}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
-        fail(f"could not download tiny Shakespeare ({e}); pass --input FILE to use a text file you have")
-    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
-        fail(f"the download from {SHAKESPEARE_URL} has the wrong sha256; pass --input FILE to use a text file you have")
-    with atomic_open(DEFAULT_INPUT) as f:  # input.txt appears only once it is complete and verified
-        f.write(data)
+    """input.txt, downloading tiny Shakespeare to it first (checksum verified) if it is missing."""
+    if not os.path.exists(DEFAULT_INPUT):
+        try:
+            download(SHAKESPEARE_URL, DEFAULT_INPUT, "pass --input FILE to use a text file you have", SHAKESPEARE_SHA256)
+        except ValueError as e:
+            fail(e)
     return DEFAULT_INPUT
 
 

@@ -30,6 +30,8 @@ TRAINING = [
     ("--n-embd", ["0", "130"]),
     ("--n-kv-head", ["0", "3"]),  # 3: 4 heads are not a multiple of 3 kv heads
     ("--seq-len", ["0"]),
+    ("--block-size", ["0"]),
+    ("--size", ["gpt5"]),
     ("--log-every", ["0"]),
     ("--eval-every", ["0"]),
     ("--eval-iters", ["0"]),
@@ -46,6 +48,7 @@ SAMPLING = [
     ("--top-k", ["0", "-2"]),
     ("--top-p", ["0", "1.5", "-0.5"]),
     ("--prompt", ["FILE:/no/such/file"]),
+    ("--block-size", ["0", "-1"]),
 ]
 PREPARE = [
     ("--shard-tokens", ["0", "-1", "x"]),
@@ -92,6 +95,8 @@ def test_a_bad_sampling_or_eval_flag_is_one_line_before_loading_anything(tmp_pat
     (["--eval", "--text", "x.txt"], "--eval needs --ckpt"),
     (["--sample", "--eval", "--ckpt", "c.pt"], "not allowed with argument"),
     (["--arch", "llama", "--n-embd", "12", "--n-head", "4"], "RoPE needs an even head dim"),
+    (["--seq-len", "128", "--block-size", "64"], "--seq-len 128 is longer than the model's context, --block-size 64"),
+    (["--size", "gpt2", "--n-head", "5"], "--n-embd 768 is not divisible by --n-head 5"),
     (["--unknown-flag"], "unrecognized arguments"),
 ])
 def test_flags_that_disagree_are_one_line(tmp_path, capsys, argv, message):

@@ -64,7 +64,8 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
 
 def test_rope_tables_are_built_with_the_model_not_at_the_first_forward():
     model = GPT(GPTConfig.preset("tiny", "llama", block_size=40))
-    assert model.rope_cos.shape == model.rope_sin.shape == (40, model.config.head_dim)
+    positions = model.transformer.wpe
+    assert positions.rope_cos.shape == positions.rope_sin.shape == (40, model.config.head_dim)
 
 
 def sdpa_calls(monkeypatch):

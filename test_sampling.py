@@ -151,17 +151,19 @@ def test_cached_logits_equal_a_full_forward(name):
         full, _ = model(idx)
         cache = KVCache(model.config, idx.size(0))
         first, _ = model(idx[:, :7], cache=cache)
+        cache.advance(7)  # the generation loop's part: the model only reads the cache
         torch.testing.assert_close(first, full[:, :7], atol=1e-4, rtol=1e-4)
         for t in range(7, BLOCK):
             step, _ = model(idx[:, t : t + 1], cache=cache)
+            cache.advance(1)
             torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
     assert cache.len == cache.pos == BLOCK
 
 
-def test_stream_yields_the_tokens_generate_returns():
+def test_streaming_yields_the_tokens_generate_returns():
     model = make_model("llama")
     idx = prompt()
-    streamed = list(model.stream(idx, 10, temperature=0))
+    streamed = list(model.generate(idx, 10, temperature=0, stream=True))
     assert len(streamed) == 10 and all(t.shape == (2, 1) for t in streamed)
     assert torch.equal(torch.cat([idx, *streamed], 1), model.generate(idx, 10, temperature=0))
 

@@ -522,6 +522,72 @@ def test_finetuning_a_model_whose_vocab_is_larger_than_the_data_tokenizer_finish
     assert status == 0, err.strip().splitlines()[-1:]
 
 
+def test_without_data_the_main_job_prepares_input_txt_as_bytes_on_first_use(tmp_path):
+    """The real path, no stubs: prepare_data.py runs as a program, then training reads its shards."""
+    (tmp_path / "input.txt").write_bytes(english_text(20_000))
+    result = cli(tmp_path, "--out-dir", "out", *TINY, "--max-steps", "2")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "data" / "shakespeare_byte" / "meta.json").read_text())
+    assert meta["vocab_size"] == 256 and len(metrics(tmp_path / "out")) == 2
+
+
+def test_without_data_and_offline_the_main_job_stops_with_prepare_datas_one_line(tmp_path):
+    result = cli(tmp_path, "--out-dir", "out", *TINY, "--max-steps", "2")  # no input.txt; tests have no network
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "prepare_data.py: error: could not download" in result.stderr
+    assert not (tmp_path / "input.txt").exists() and not (tmp_path / "out").exists()
+
+
+def saved_config(out_dir):
+    return transformer.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]
+
+
+def test_the_cli_defaults_are_the_mini_size_preset():
+    """One source of defaults: what the flags leave open is GPTConfig.preset's."""
+    args = transformer.parse_args([])
+    config = transformer.model_config(args, vocab_size=256)
+    assert config == GPTConfig.preset("mini", "llama", vocab_size=256)
+    assert args.seq_len == config.block_size == 64
+
+
+def test_size_sets_the_shape_and_single_flags_override_it(data, tmp_path):
+    pairs = dict(zip(TINY[::2], TINY[1::2], strict=True))
+    flags = [x for k, v in pairs.items() if k not in ("--n-layer", "--n-embd") for x in (k, v)]  # --n-head 2 stays
+    for out, extra in (("tiny", []), ("deeper", ["--n-layer", "3"])):
+        transformer.main(["--data", data, "--out-dir", str(tmp_path / out), *flags, "--size", "tiny", *extra,
+                          "--max-steps", "1"])
+    config = saved_config(tmp_path / "tiny")
+    assert (config["n_layer"], config["n_head"], config["n_embd"]) == (2, 2, 64)  # tiny's depth and width
+    assert saved_config(tmp_path / "deeper")["n_layer"] == 3
+
+
+def test_block_size_is_the_models_context_and_seq_len_the_training_windows(data, tmp_path, capsys):
+    train(data, tmp_path / "out", *TINY, "--block-size", "32", "--max-steps", "2")  # TINY trains on --seq-len 16
+    assert saved_config(tmp_path / "out")["block_size"] == 32
+    assert "4 x 16 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_eval_reads_past_the_trained_context_with_rope_and_alibi(data, tmp_path, capsys, pos):
+    train(data, tmp_path / "out", *TINY, "--arch", "llama", "--pos", pos, "--max-steps", "2")  # trained on 16
+    losses = {}
+    for block_size in ("16", "64"):
+        capsys.readouterr()
+        transformer.main(["--eval", "--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--data", data, "--device", "cpu",
+                          "--block-size", block_size])
+        line = capsys.readouterr().out
+        assert f"in windows of {block_size}" in line
+        losses[block_size] = float(line.split("loss ")[1].split()[0])
+    assert all(math.isfinite(v) for v in losses.values()) and losses["16"] != losses["64"]
+
+
+def test_learned_positions_refuse_a_longer_context_in_one_line(data, tmp_path, one_line_error):
+    train(data, tmp_path / "out", *TINY, "--arch", "gpt2", "--max-steps", "1")
+    line = one_line_error(["--eval", "--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--data", data, "--device", "cpu",
+                           "--block-size", "17"])
+    assert "learned position embeddings end at 16" in line
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one clear line, a non-zero exit, nothing damaged
 

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -95,7 +96,8 @@ class GPTConfig:
 
 POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm"), ("gelu", "swiglu")
 SIZES = {
-    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),  # for tests and CPUs
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),  # for tests
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # the main job: Shakespeare's characters on a CPU
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -110,10 +112,12 @@ ARCHS = {
 # -----------------------------------------------------------------------------
 # 2. Positions
 # Attention by itself is blind to order. GPT-2 adds a learned vector per position to
-# the token embedding (wpe, in GPT below). RoPE instead rotates queries and keys by an
-# angle proportional to their position, so q·k depends only on the distance between
-# them. ALiBi adds no vectors at all: each head subtracts slope × distance from its
-# attention scores, and so runs past the length it was trained on.
+# the token embedding. RoPE instead rotates queries and keys by an angle proportional
+# to their position, so q·k depends only on the distance between them. ALiBi adds no
+# vectors at all: each head subtracts slope × distance from its attention scores, and
+# so runs past the length it was trained on. The Positions module at the end of this
+# section is the one place that knows which scheme a model uses: a new one (NoPE, YaRN)
+# is a new GPTConfig.pos value and a branch there.
 
 
 def rope_cos_sin(head_dim, n_pos, theta, device=None):
@@ -151,6 +155,57 @@ def alibi_slopes(n_head):
     return torch.tensor(slopes)
 
 
+class Positions(nn.Module):
+    """What the model needs to know about positions, for T queries at positions start .. start+T-1
+    that attend to S keys (S > T when a KV cache holds earlier ones):
+        pos_emb (T, C)   added to the token embeddings (learned), else None
+        rope             (cos, sin), each (T, hd), to rotate q and k by (rope), else None
+        bias             the additive attention mask of section 3: None for plain causal
+                         attention, else (1, nh or 1, T, S), with ALiBi's distance penalty (alibi)
+    GPT keeps it under GPT-2's name for its learned position embedding, transformer.wpe, so that
+    GPT-2 checkpoints load unchanged; only the learned scheme has a weight."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.pos, self.n_head, self.head_dim = config.pos, config.n_head, config.head_dim
+        self.block_size, self.rope_theta = config.block_size, config.rope_theta
+        # the furthest position a token may sit at: learned vectors end at block_size; RoPE and ALiBi
+        # only see distances, so a sliding window of block_size tokens can run on forever
+        self.max_len = config.block_size if config.pos == "learned" else math.inf
+        if config.pos == "learned":
+            self.weight = nn.Parameter(torch.empty(config.block_size, config.n_embd))  # one vector per position
+        self.make_tables()
+
+    def make_tables(self):
+        """The tables derived from the config alone (checkpoints do not store them), built with the
+        model rather than at the first forward, so that a compiled graph never sees them change."""
+        if self.pos == "rope":  # cos/sin for block_size positions, grown if generation runs past them
+            cos, sin = rope_cos_sin(self.head_dim, self.block_size, self.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if self.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(self.n_head), persistent=False)  # (nh,)
+
+    def forward(self, start, T, S, device):
+        if start + T > self.max_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than block_size={self.block_size}: "
+                "learned position embeddings exist only for positions < block_size"
+            )
+        pos_emb = self.weight[start : start + T] if self.pos == "learned" else None  # (T, C)
+        rope = self.rope(start, T) if self.pos == "rope" else None
+        bias = attention_bias(T, S, self.alibi if self.pos == "alibi" else None, device)
+        return pos_emb, rope, bias
+
+    def rope(self, start, T):
+        """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
+        if self.rope_cos.size(0) < start + T:
+            n = 2 * (start + T)
+            with torch.inference_mode(False):  # plain tensors even when generate() grows them, so training can use them
+                self.rope_cos, self.rope_sin = rope_cos_sin(self.head_dim, n, self.rope_theta, self.rope_cos.device)
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+
 # -----------------------------------------------------------------------------
 # 3. Attention
 # Every position asks a question (query), advertises what it holds (key) and what it
@@ -172,7 +227,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, bias=None, cache=None):
         """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
-        GPT._attention_bias), else an additive (nh or 1, T, S) float mask; cache: this layer's
+        attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
         view of the KVCache during generation."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(
@@ -202,6 +257,20 @@ class CausalSelfAttention(nn.Module):
             y = explicit_attention(q, k, v, bias, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention_bias(T, S, alibi=None, device=None):
+    """The additive mask for T queries that are the last T of S keys (the first S - T come from a KV
+    cache): 0 where query i may look at key j, -inf where j is in its future, and with ALiBi's slopes
+    (nh,) each head's -slope * distance on top. None when plain causal attention needs no mask:
+    a square window (T == S), which SDPA's is_causal covers with its fastest (flash) kernel, or one
+    new token that sees every key (T == 1). Else (1, nh or 1, T, S), in fp32."""
+    if alibi is None and (T == S or T == 1):
+        return None
+    q_pos = torch.arange(S - T, S, device=device)  # the queries' places among the keys
+    distance = (q_pos[:, None] - torch.arange(S, device=device)[None, :]).float()  # (T, S), >= 0: in the past
+    bias = torch.zeros(T, S, device=device) if alibi is None else -alibi.view(-1, 1, 1) * distance  # (1|nh, T, S)
+    return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
 
 
 def repeat_kv(k, v, groups):
@@ -295,10 +364,9 @@ class GPT(nn.Module):
                 ln_f=make_norm(config),
             )
         )
-        if config.pos == "learned":
-            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer["wpe"] = Positions(config)  # after ln_f, where GPT-2's wpe was: the same init order
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self._tie_and_make_buffers()
+        self.tie_weights()
         self.grad_checkpointing = False
         # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
         # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth.
@@ -307,19 +375,23 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _tie_and_make_buffers(self):
-        """Weight tying, and the tables derived from the config alone (checkpoints do not store them)."""
+    def set_block_size(self, block_size):
+        """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
+        --sample. RoPE and ALiBi see only distances, so any length runs (how well is what --eval
+        measures); learned position vectors exist only for the positions trained."""
+        positions = self.transformer.wpe
+        if block_size > positions.max_len:
+            raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
+                             f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
+        self.config.block_size = positions.block_size = block_size
+        positions.make_tables()
+
+    def tie_weights(self):
         if self.config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
-        if self.config.pos == "rope":  # cos/sin for block_size positions, grown if generation runs past them
-            cos, sin = rope_cos_sin(self.config.head_dim, self.config.block_size, self.config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)  # built here, not at the first forward,
-            self.register_buffer("rope_sin", sin, persistent=False)  # so a compiled graph never sees them change
-        if self.config.pos == "alibi":
-            self.register_buffer("alibi", alibi_slopes(self.config.n_head), persistent=False)
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, Positions)) and hasattr(module, "weight"):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
@@ -338,34 +410,23 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None).
 
         targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a
-        KVCache, idx holds only the new tokens and the cache supplies everything before them.
+        KVCache (section 9), idx holds only the new tokens and the cache supplies the keys and
+        values before them; the generation loop, not the model, makes room in it and advances it.
         """
         B, T = idx.size()
-        c = self.config
         start = cache.pos if cache is not None else 0  # absolute position of idx[:, 0]
-        if c.pos == "learned" and start + T > c.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than block_size={c.block_size}: "
-                "learned position embeddings exist only for positions < block_size"
-            )
-        S = T
-        if cache is not None:
-            cache.make_room(T)
-            S = cache.len + T  # keys each query can see: the cached ones plus these
+        S = cache.len + T if cache is not None else T  # keys each query can see: the cached ones plus these
+        pos_emb, rope, bias = self.transformer.wpe(start, T, S, idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
-        if c.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+        if pos_emb is not None:
+            x = x + pos_emb  # (T, C) broadcast over the batch
         x = self.transformer.drop(x)
-        rope = self._rope(start, T) if c.pos == "rope" else None
-        bias = self._attention_bias(start, T, S, x.device)
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layer(i) if cache is not None else None
             if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, use_reentrant=False)
             else:
                 x = block(x, rope, bias, layer_cache)
-        if cache is not None:
-            cache.advance(T)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
@@ -373,40 +434,13 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _rope(self, start, T):
-        """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
-        if self.rope_cos.size(0) < start + T:
-            n = 2 * (start + T)
-            with torch.inference_mode(False):  # plain tensors even when generate() grows them, so training can use them
-                cos, sin = rope_cos_sin(self.config.head_dim, n, self.config.rope_theta, self.rope_cos.device)
-            self.rope_cos, self.rope_sin = cos, sin
-        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-
-    def _attention_bias(self, start, T, S, device):
-        """None when attention is plain causal over a square (T == S) window, SDPA's fastest
-        (flash) path, or when a single new token looks at the whole cache (T == 1). Otherwise an
-        additive float mask (nh or 1, T, S): 0 where query i may look at key j, -inf where j is
-        in its future, plus ALiBi's -slope * distance."""
-        if self.config.pos != "alibi" and (T == S or T == 1):
-            return None
-        q_pos = torch.arange(start, start + T, device=device)
-        k_pos = torch.arange(start + T - S, start + T, device=device)
-        distance = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S), >= 0 for keys in the past
-        bias = torch.zeros(T, S, device=device)
-        if self.config.pos == "alibi":
-            bias = -self.alibi.view(-1, 1, 1) * distance  # (nh, T, S)
-        return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
-
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
-        """idx (B, T) -> (B, T + max_new_tokens). See section 9."""
-        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
-        return torch.cat([idx, *new], dim=1)
-
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
-        """An iterator over the new tokens, each (B, 1). A bad prompt raises here, before any token. See section 9."""
+    def generate(self, idx, max_new_tokens, *, stream=False, **options):
+        """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
+        each (B, 1). options: temperature, top_k, top_p, use_cache, generator, vocab_size (see
+        generate_tokens, section 9). A bad prompt raises here, before any token."""
         check_prompt(idx, self.config.block_size)
-        return generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, vocab_size)
+        tokens = generate_tokens(self, idx, max_new_tokens, **options)
+        return tokens if stream else torch.cat([idx, *tokens], dim=1)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
@@ -425,7 +459,8 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no memory and no random init: every weight comes from the checkpoint
             model = cls(config)
         model.to_empty(device="cpu")  # real storage, left uninitialised; this unties weights, so tie them again
-        model._tie_and_make_buffers()
+        model.tie_weights()
+        model.transformer.wpe.make_tables()
         ours = weights_from_hf(read_hf_weights(path), config)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(ours))
@@ -828,13 +863,15 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves
-    either the previous checkpoint or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open path + '.tmp' for writing; when the block ends well it is flushed to disk and renamed to path,
+    and when it fails it is removed. A crash at any moment leaves the old file or the complete new one,
+    never half of one. Checkpoints, downloads and prepare_data.py's shards are all written this way."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -847,6 +884,30 @@ def save_checkpoint(path, state):
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def download(url, path, hint, sha256=None):
+    """Fetch url into path (atomically). Offline, a bad status or a wrong checksum is a ValueError
+    that ends with hint, the way around it (a local copy)."""
+    import hashlib
+    import http.client
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
+        raise ValueError(f"could not download {url} ({e}); {hint}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"the download from {url} has the wrong sha256; {hint}")
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def save_checkpoint(path, state):
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path):
@@ -1213,11 +1274,13 @@ def wrap_model(model, args, dist, device, dtype):
 
 
 def prepare_default_data(data_dir):
-    """The main job's data: tiny Shakespeare at byte (= character) level, prepared on first use."""
+    """The main job's data: tiny Shakespeare at byte (= character) level, prepared on first use by
+    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        import prepare_data
-
-        prepare_data.main(["--tokenizer", "byte", "--out", data_dir, "--overwrite"])  # downloads input.txt if missing
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
 
 
 def train(args):
@@ -1416,7 +1479,7 @@ def model_config(args, vocab_size):
     logits down, and sampling and evaluation only look at the tokenizer's ids."""
     overrides = {k: getattr(args, k) for k in ("pos", "norm", "mlp", "n_kv_head") if getattr(args, k) is not None}
     return GPTConfig.preset(
-        "gpt2", args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.seq_len,
+        args.size, args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
         vocab_size=64 * math.ceil(vocab_size / 64), dropout=args.dropout, **overrides,
     )
 
@@ -1492,8 +1555,9 @@ def plot_metrics(path, target=None, target_label="target"):
 # Generation feeds the model its own output one token at a time. Without a cache every
 # step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
 # and each step computes only the new token's keys and values, attending to the stored
-# ones. Past block_size the cache slides: the oldest position drops out, and RoPE and
-# ALiBi, which only see distances, carry on. Learned positions end at block_size, so
+# ones. The model only reads the cache (GPT.forward); this loop makes room in it and
+# advances it. Past block_size the cache slides: the oldest position drops out, and RoPE
+# and ALiBi, which only see distances, carry on. Learned positions end at block_size, so
 # from there every step re-encodes the last block_size tokens, as the uncached path does.
 
 
@@ -1569,18 +1633,23 @@ def check_prompt(idx, block_size):
 
 
 @torch.inference_mode()
-def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T). Only ids < vocab_size are drawn, for a
-    tokenizer smaller than the model's vocabulary (HF weights fine-tuned on byte data, say)."""
+def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                    generator=None, vocab_size=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. Only ids <
+    vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights fine-tuned
+    on byte data, say)."""
     block_size = model.config.block_size
     cache = KVCache(model.config, idx.size(0)) if use_cache else None
     for _ in range(max_new_tokens):
-        if cache is not None and model.config.pos == "learned" and cache.pos >= block_size:
+        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
             cache = None  # no position embedding beyond block_size: re-encode the window from here on
         if cache is None:
             logits, _ = model(idx[:, -block_size:])  # (B, T, vocab)
         else:
-            logits, _ = model(idx[:, cache.pos :], cache=cache)  # only the tokens not yet in the cache
+            new = idx[:, cache.pos :]  # (B, T): the prompt at first, then the one token sampled last
+            cache.make_room(new.size(1))
+            logits, _ = model(new, cache=cache)  # (B, T, vocab)
+            cache.advance(new.size(1))
         next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat((idx, next_token), dim=1)
         yield next_token
@@ -1623,25 +1692,12 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 
 def cached_download(url):
     """The local copy of url in ~/.cache/transformer.py/ (or $XDG_CACHE_HOME/transformer.py/), downloaded
-    on first use. The file appears under its final name only once it is complete (prepare_data.atomic_open)."""
-    import http.client
-    import urllib.request
-
-    import prepare_data
-
+    on first use."""
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transformer.py")
     path = os.path.join(folder, url.rsplit("/", 1)[-1])
-    if os.path.exists(path):
-        return path
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
-        raise ValueError(f"could not download {url} ({e}); pass a local copy: --hellaswag FILE") from None
-    os.makedirs(folder, exist_ok=True)
-    with prepare_data.atomic_open(path) as f:
-        f.write(data)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        download(url, path, hint="pass a local copy: --hellaswag FILE")
     return path
 
 
@@ -1749,6 +1805,8 @@ def load_for_inference(args, device):
     else:  # parse_args made sure there is one of the two
         model = GPT.from_pretrained(args.init_from)
         tokenizer_name = model.tokenizer
+    if args.block_size:
+        model.set_block_size(args.block_size)
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, more than the model's {model.config.vocab_size}")
@@ -1768,9 +1826,12 @@ def sample(args):
     for _ in range(args.num_samples):
         new, shown = [], ""
         with autocast(device, dtype):
-            stream = model.stream(torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens,
-                                  args.temperature, args.top_k, args.top_p, not args.no_cache, generator, tokenizer.vocab_size)
-            print(prompt, end="", flush=True)  # after stream() accepted the prompt: an error comes before any output
+            stream = model.generate(
+                torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+                generator=generator, vocab_size=tokenizer.vocab_size,
+            )
+            print(prompt, end="", flush=True)  # after generate() accepted the prompt: an error comes before any output
             for token in stream:
                 if token.item() == tokenizer.eot and not args.no_stop:
                     break
@@ -1800,7 +1861,8 @@ def evaluate(args):
     if len(tokens) < 2:
         raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
     loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
-    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted")
+    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted "
+          f"in windows of {model.config.block_size}")
 
 
 def load_hellaswag(path, dist):
@@ -2192,10 +2254,13 @@ def parse_args(argv=None):
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
-    g.add_argument("--n-layer", type=at_least(1), default=4)
-    g.add_argument("--n-head", type=at_least(1), default=4)
-    g.add_argument("--n-embd", type=at_least(1), default=128)
-    g.add_argument("--seq-len", type=at_least(1), default=64, help="T, also the model's block_size")
+    g.add_argument("--size", default="mini", choices=list(SIZES), help="size preset (SIZES): depth, width, context")
+    g.add_argument("--n-layer", type=at_least(1), help="override the size's depth")
+    g.add_argument("--n-head", type=at_least(1), help="override the size's heads")
+    g.add_argument("--n-embd", type=at_least(1), help="override the size's width")
+    g.add_argument("--block-size", type=at_least(1), help="the model's context; default --seq-len, else the size's. "
+                   "--sample/--eval: a longer context than trained, for RoPE and ALiBi, which see only distances")
+    g.add_argument("--seq-len", type=at_least(1), help="T, the tokens of one training sequence; default --block-size")
     g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=0.0, help="in [0, 1)")
     g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint directory")
     g = p.add_argument_group("training")
@@ -2289,6 +2354,14 @@ def check_args(p, args):
         p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    # One source of defaults: what the flags leave open comes from the --size preset, as GPTConfig.preset has it.
+    size = {**dataclasses.asdict(GPTConfig()), **SIZES[args.size]}
+    for k in ("n_layer", "n_head", "n_embd"):
+        setattr(args, k, getattr(args, k) or size[k])
+    args.block_size = args.block_size or args.seq_len or size["block_size"]
+    args.seq_len = args.seq_len or args.block_size
+    if args.seq_len > args.block_size:
+        p.error(f"--seq-len {args.seq_len} is longer than the model's context, --block-size {args.block_size}")
     if args.init_from is None:
         n_kv_head = args.n_kv_head or args.n_head
         if args.n_embd % args.n_head:
