@@ -419,8 +419,9 @@ def gpu_check(quick, device):
     peak, source = transformer.peak_flops(device)
     mfu = transformer.mfu(tok_s, GPT(config).flops_per_token(T), 1, peak)
     memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
+    mfu_text = f"{mfu:.1%}" if mfu else "n/a"
     print(f"gpu-check: {config.n_layer}L {config.n_embd}w GPT-2, {B} x {T} tokens, bf16 autocast, fused AdamW"
-          f"{', compiled' if cuda else ''}: {tok_s:,.0f} tok/s, MFU {f'{mfu:.1%}' if mfu else 'n/a'} ({source}){memory}")
+          f"{', compiled' if cuda else ''}: {tok_s:,.0f} tok/s, MFU {mfu_text} ({source}){memory}")
     # 3. bf16 tracks fp32
     fp32, _ = run(torch.float32, compile_it=False)
     worst = max(abs(a - b) for a, b in zip(bf16, fp32))

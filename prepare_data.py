@@ -56,15 +56,22 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 from transformer import (
-    SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ArgumentParser, at_least, atomic_open, download, get_tokenizer,
-    in_range, load_shard,
+    SHARD_HEADER_INTS,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    ArgumentParser,
+    at_least,
+    atomic_open,
+    download,
+    get_tokenizer,
+    in_range,
+    load_shard,
 )
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -197,7 +204,8 @@ def default_input():
     """input.txt, downloading tiny Shakespeare to it first (checksum verified) if it is missing."""
     if not os.path.exists(DEFAULT_INPUT):
         try:
-            download(SHAKESPEARE_URL, DEFAULT_INPUT, "pass --input FILE to use a text file you have", SHAKESPEARE_SHA256)
+            hint = "pass --input FILE to use a text file you have"
+            download(SHAKESPEARE_URL, DEFAULT_INPUT, hint, SHAKESPEARE_SHA256)
         except ValueError as e:
             fail(e)
     return DEFAULT_INPUT

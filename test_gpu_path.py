@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import transformer
-from test_training import ENV, SCRIPT, TINY, losses, metrics, train
 from conftest import write_dataset
+from test_training import ENV, SCRIPT, TINY, losses, metrics, train
 from transformer import GPT, GPTConfig
 
 
@@ -121,7 +121,7 @@ def test_a_training_step_waits_for_the_device_once(data, monkeypatch):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (reads.append(_name),
                                                                                            _real(self, *a))[1])
-    for step in range(3):
+    for _ in range(3):
         transformer.train_step(model, loader, optimizer, scaler, 1.0, 2, 1.0, torch.device("cpu"), torch.float32,
                                transformer.Distributed(), False)
     assert reads == ["tolist"] * 3

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tiktoken
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-
 import prepare_data
 from conftest import english_text, needs_tiny_shakespeare
 from transformer import load_shard
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 EOT = 50256
 

@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-
 import prepare_data
 import transformer
 from transformer import GPT, GPTConfig, KVCache
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = os.path.join(REPO, "transformer.py")
 BLOCK = 24
@@ -455,7 +455,9 @@ def test_evaluate_tokens_matches_the_direct_computation_for_any_length(trained):
         assert loss == pytest.approx(direct_mean_loss(model, tokens), abs=1e-5)
 
 
-def test_cli_eval_without_text_or_data_and_with_a_one_token_text_are_one_line_errors(trained, tmp_path, capsys, one_line_error):
+def test_cli_eval_without_text_or_data_and_with_a_one_token_text_are_one_line_errors(
+    trained, tmp_path, capsys, one_line_error
+):
     ckpt, _ = trained
     assert "--eval needs --data DIR" in one_line_error(["--eval", "--ckpt", ckpt, "--device", "cpu"])
     (tmp_path / "one.txt").write_text("x")

@@ -27,12 +27,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-
 import prepare_data
 import transformer
 from conftest import english_text, write_dataset
-from transformer import DataLoaderLite, GPT, GPTConfig
+from transformer import GPT, DataLoaderLite, GPTConfig
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = os.path.join(REPO, "transformer.py")
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -251,7 +251,8 @@ def test_metrics_log_every_step_with_val_loss_at_eval_steps(data, tmp_path, caps
     assert [r["step"] for r in rows if "val_loss" in r] == [1, 3, 4]
     assert all(math.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
     defaults = transformer.parse_args([])
-    assert [r["lr"] for r in rows] == pytest.approx([transformer.lr_at(s, defaults.lr, defaults.min_lr, 2, 5) for s in range(5)])
+    expected = [transformer.lr_at(s, defaults.lr, defaults.min_lr, 2, 5) for s in range(5)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
     out = capsys.readouterr().out
     assert "step     4 | loss" in out and "--- sample ---" in out
     ckpt = transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -641,7 +642,9 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(data, tmp_path, capsys,
     assert "no such checkpoint" in line
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch, one_line_error):
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+    data, tmp_path, capsys, monkeypatch, one_line_error
+):
     train(data, tmp_path, "--max-steps", "4")
     good = read_bytes(tmp_path / "ckpt.pt")
     inject_into_training_forward(monkeypatch, at_call=1, change=lambda loss: loss * float("nan"))

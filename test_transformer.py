@@ -9,8 +9,8 @@ save_pretrained to a temporary folder and loaded back with GPT.from_pretrained.
 import dataclasses
 import json
 import math
-import re
 import os
+import re
 import shutil
 import time
 
@@ -90,7 +90,9 @@ def save_hf(model, path):
 
 GPT2_SHAPES = {
     "vocab1000": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=48),
-    "n_inner-eps": dict(n_layer=3, n_head=2, n_embd=32, vocab_size=300, n_positions=20, n_inner=80, layer_norm_epsilon=1e-6),
+    "n_inner-eps": dict(
+        n_layer=3, n_head=2, n_embd=32, vocab_size=300, n_positions=20, n_inner=80, layer_norm_epsilon=1e-6
+    ),
     "untied": dict(n_layer=2, n_head=4, n_embd=32, vocab_size=500, n_positions=32, tie_word_embeddings=False),
 }
 
@@ -106,15 +108,29 @@ def gpt2_checkpoint(request, tmp_path_factory):
 
 
 LLAMA_SHAPES = {
-    "gqa-tied-theta5e5": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0),
+    "gqa-tied-theta5e5": dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0
+    ),
     "gqa-untied-head_dim8": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
-    "mqa-untied-theta5e5": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0),
+    "mqa-untied-theta5e5": dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0
+    ),
 }
 
 
 def llama_config(**kw):
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
     return transformers.LlamaConfig(**{**base, **kw})
 
 
@@ -130,7 +146,9 @@ def llama_checkpoint(request, tmp_path_factory):
 def gpt2_dir(tmp_path_factory):
     """A small valid GPT-2 checkpoint folder to break in various ways (copy it first)."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     path = tmp_path_factory.mktemp("gpt2-valid")
     save_hf(transformers.GPT2LMHeadModel(config), path)
     return path
@@ -172,7 +190,9 @@ def test_config_defaults_fill_kv_heads_head_dim_and_mlp_width():
     assert GPTConfig(n_head=4, n_embd=64, mlp="swiglu").mlp_hidden == 192  # ~8/3 * n_embd, a multiple of 64
 
 
-@pytest.mark.parametrize("field, value", [("pos", "sinusoidal"), ("norm", "batchnorm"), ("mlp", "relu"), ("attn_impl", "flash")])
+@pytest.mark.parametrize(
+    "field, value", [("pos", "sinusoidal"), ("norm", "batchnorm"), ("mlp", "relu"), ("attn_impl", "flash")]
+)
 def test_config_rejects_unknown_choice(field, value):
     with pytest.raises(ValueError, match=field):
         GPTConfig(**{field: value})
@@ -361,7 +381,9 @@ def test_rope_score_depends_only_on_distance():
     q, k = torch.randn(1, 1, 1, hd, generator=g), torch.randn(1, 1, 1, hd, generator=g)
 
     def score(m, n):  # q at position m, k at position n
-        return (apply_rope(q, cos[m : m + 1], sin[m : m + 1]) * apply_rope(k, cos[n : n + 1], sin[n : n + 1])).sum().item()
+        return (
+            (apply_rope(q, cos[m : m + 1], sin[m : m + 1]) * apply_rope(k, cos[n : n + 1], sin[n : n + 1])).sum().item()
+        )
 
     for d in (0, 3, 17):
         scores = [score(n + d, n) for n in (0, 5, 40)]
@@ -465,7 +487,13 @@ def test_tiny_model_overfits_one_batch(arch, overrides):
 def test_gpt2_checkpoint_config_is_read(gpt2_checkpoint):
     path, hf, kw = gpt2_checkpoint
     c = GPT.from_pretrained(str(path)).config
-    assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size) == (kw["n_layer"], kw["n_head"], kw["n_embd"], kw["vocab_size"], kw["n_positions"])
+    assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size) == (
+        kw["n_layer"],
+        kw["n_head"],
+        kw["n_embd"],
+        kw["vocab_size"],
+        kw["n_positions"],
+    )
     assert c.mlp_hidden == (kw.get("n_inner") or 4 * kw["n_embd"])
     assert c.norm_eps == kw.get("layer_norm_epsilon", 1e-5)
     assert c.tie_embeddings == kw.get("tie_word_embeddings", True)
@@ -503,7 +531,11 @@ def test_llama_checkpoint_config_is_read(llama_checkpoint):
     path, hf, kw = llama_checkpoint
     c = GPT.from_pretrained(str(path)).config
     assert (c.pos, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
-    assert (c.n_head, c.n_kv_head, c.head_dim) == (hf.config.num_attention_heads, hf.config.num_key_value_heads, hf.config.head_dim)
+    assert (c.n_head, c.n_kv_head, c.head_dim) == (
+        hf.config.num_attention_heads,
+        hf.config.num_key_value_heads,
+        hf.config.head_dim,
+    )
     assert c.rope_theta == kw.get("rope_theta", 10000.0)
     assert c.tie_embeddings == kw["tie_word_embeddings"]
     assert (c.mlp_hidden, c.norm_eps) == (96, 1e-6)
@@ -551,10 +583,20 @@ def test_llama_rope_theta_at_the_top_level_of_config_json_is_used(tmp_path, rope
     assert max_diff(our_logits(ours, idx), hf_logits(hf, idx)) <= ATOL_HF
 
 
-@pytest.mark.parametrize("scaling", [
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-], ids=["llama3", "yarn"])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    ],
+    ids=["llama3", "yarn"],
+)
 def test_llama_rope_scaling_is_refused(tmp_path, scaling):
     torch.manual_seed(0)
     save_hf(transformers.LlamaForCausalLM(llama_config(rope_theta=500000.0, rope_scaling=scaling)), tmp_path)
@@ -579,7 +621,9 @@ def test_from_pretrained_of_a_missing_path_raises_value_error_offline(tmp_path, 
 
 
 def test_from_pretrained_refuses_an_unsupported_model_type(tmp_path):
-    transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(str(tmp_path))
+    transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="'bert' is not supported"):
         GPT.from_pretrained(str(tmp_path))
 
@@ -591,13 +635,17 @@ def test_from_pretrained_refuses_a_missing_tensor(gpt2_dir, tmp_path):
 
 
 def test_from_pretrained_refuses_an_unexpected_tensor(gpt2_dir, tmp_path):
-    path = edit_weights(gpt2_dir, tmp_path / "ckpt", lambda sd: sd.update({"transformer.h.0.attn.q_norm.weight": torch.ones(16)}))
+    path = edit_weights(
+        gpt2_dir, tmp_path / "ckpt", lambda sd: sd.update({"transformer.h.0.attn.q_norm.weight": torch.ones(16)})
+    )
     with pytest.raises(ValueError, match=r"unexpected tensors \['transformer.h.0.attn.q_norm.weight'\]"):
         GPT.from_pretrained(path)
 
 
 def test_from_pretrained_refuses_a_tensor_of_the_wrong_shape(gpt2_dir, tmp_path):
-    path = edit_weights(gpt2_dir, tmp_path / "ckpt", lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(17, 16)}))
+    path = edit_weights(
+        gpt2_dir, tmp_path / "ckpt", lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(17, 16)})
+    )
     with pytest.raises(ValueError, match=r"transformer.wpe.weight has shape \(17, 16\), expected \(16, 16\)"):
         GPT.from_pretrained(path)
 
@@ -627,7 +675,9 @@ def test_pytorch_model_bin_checkpoint_loads(gpt2_dir, tmp_path):
     torch.save(safetensors.torch.load_file(path / "model.safetensors"), path / "pytorch_model.bin")
     os.remove(path / "model.safetensors")
     idx = tokens(64, T=16)
-    assert torch.equal(our_logits(GPT.from_pretrained(str(path)), idx), our_logits(GPT.from_pretrained(str(gpt2_dir)), idx))
+    assert torch.equal(
+        our_logits(GPT.from_pretrained(str(path)), idx), our_logits(GPT.from_pretrained(str(gpt2_dir)), idx)
+    )
 
 
 def test_sharded_safetensors_checkpoint_loads(tmp_path):
@@ -639,22 +689,31 @@ def test_sharded_safetensors_checkpoint_loads(tmp_path):
     assert max_diff(our_logits(GPT.from_pretrained(str(tmp_path)), idx), hf_logits(hf, idx)) <= ATOL_HF
 
 
-@pytest.mark.parametrize("variant", [
-    dict(activation_function="relu"),
-    dict(scale_attn_weights=False),  # scores not divided by sqrt(head_dim)
-    dict(scale_attn_by_inverse_layer_idx=True),
-    dict(reorder_and_upcast_attn=True),
-], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(activation_function="relu"),
+        dict(scale_attn_weights=False),  # scores not divided by sqrt(head_dim)
+        dict(scale_attn_by_inverse_layer_idx=True),
+        dict(reorder_and_upcast_attn=True),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
 def test_gpt2_variant_that_would_not_match_is_refused(tmp_path, variant):
     """A GPT-2 checkpoint either loads with HF's logits or is refused: never loaded as something else."""
-    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0, **variant)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0, **variant
+    )
     save_hf(transformers.GPT2LMHeadModel(config), tmp_path)
     with pytest.raises(ValueError, match="not supported"):
         GPT.from_pretrained(str(tmp_path))
 
 
-@pytest.mark.parametrize("variant", [dict(hidden_act="gelu"), dict(attention_bias=True), dict(mlp_bias=True)],
-                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize(
+    "variant",
+    [dict(hidden_act="gelu"), dict(attention_bias=True), dict(mlp_bias=True)],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
 def test_llama_variant_that_would_not_match_is_refused(tmp_path, variant):
     torch.manual_seed(0)
     save_hf(transformers.LlamaForCausalLM(llama_config(num_hidden_layers=1, **variant)), tmp_path)
@@ -663,14 +722,20 @@ def test_llama_variant_that_would_not_match_is_refused(tmp_path, variant):
 
 
 def test_readme_architecture_table_names_exist_in_transformer_py():
-    """README's architecture table points into transformer.py by name (`GPT._rope`, `make_norm`, ...):
+    """README's architecture table points into transformer.py by name (`Positions`, `make_norm`, ...):
     every name it gives must be defined there, so the reading guide cannot drift from the code."""
     repo = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(repo, "README.md")) as f:
-        rows = [line for line in f if line.startswith("| `--") or line.startswith("| biases") or line.startswith("| lm_head")]
+        rows = [
+            line
+            for line in f
+            if line.startswith("| `--") or line.startswith("| biases") or line.startswith("| lm_head")
+        ]
     with open(os.path.join(repo, "transformer.py")) as f:
         source = f.read()
     names = [name for row in rows for name in re.findall(r"`([A-Za-z_][\w.]*)`", row.rsplit("|", 2)[-2])]
     assert len(names) >= 10
     for name in names:
-        assert re.search(rf"\b(def|class) {name.split('.')[-1]}\b|\b{re.escape(name.split('.')[-1])}\s*[=(]", source), name
+        assert re.search(rf"\b(def|class) {name.split('.')[-1]}\b|\b{re.escape(name.split('.')[-1])}\s*[=(]", source), (
+            name
+        )

@@ -35,7 +35,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -55,9 +54,9 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_kv_head: Optional[int] = None  # < n_head: grouped-query attention (1: multi-query); None: n_head
-    head_dim: Optional[int] = None  # None: n_embd // n_head
-    mlp_hidden: Optional[int] = None  # None: 4 * n_embd for gelu, ~8/3 * n_embd for swiglu (same params)
+    n_kv_head: int | None = None  # < n_head: grouped-query attention (1: multi-query); None: n_head
+    head_dim: int | None = None  # None: n_embd // n_head
+    mlp_hidden: int | None = None  # None: 4 * n_embd for gelu, ~8/3 * n_embd for swiglu (same params)
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorm
     pos: str = "learned"  # 'learned' | 'rope' | 'alibi'
@@ -221,7 +220,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
         # q, k and v for all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -452,7 +452,8 @@ class GPT(nn.Module):
         path = name_or_path if os.path.isdir(name_or_path) else download_hf(name_or_path)
         hf = AutoConfig.from_pretrained(path)
         if hf.model_type not in HF_LOADERS:
-            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported (supported: {', '.join(HF_LOADERS)})")
+            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
+                             f"(supported: {', '.join(HF_LOADERS)})")
         config_from_hf, weights_from_hf = HF_LOADERS[hf.model_type]
         config = config_from_hf(hf)
         config.dropout = dropout
@@ -503,7 +504,9 @@ def read_hf_weights(path):
 def gpt2_config_from_hf(hf):
     if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported (only tanh GELU)")
-    for flag, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+    plain_values = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("reorder_and_upcast_attn", False))
+    for flag, plain in plain_values:
         if getattr(hf, flag, plain) != plain:
             raise ValueError(f"GPT-2 checkpoints with {flag}={not plain} are not supported")
     return GPTConfig.preset(
@@ -571,7 +574,10 @@ def llama_weights_from_hf(sd, config):
     return {k: v for k, v in out.items() if v is not None}
 
 
-HF_LOADERS = {"gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf), "llama": (llama_config_from_hf, llama_weights_from_hf)}
+HF_LOADERS = {
+    "gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf),
+    "llama": (llama_config_from_hf, llama_weights_from_hf),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -999,7 +1005,8 @@ def check_same_architecture(saved, config, path):
     ours = config.architecture()
     diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
     if diff:
-        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; use the same model flags to resume")
+        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
+                         "use the same model flags to resume")
 
 
 # MFU (model FLOPs utilisation) = the FLOPs a step needs / the time it took / the device's peak.
@@ -1204,7 +1211,8 @@ def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip
         norm = norm.full_tensor()
     loss, stop, norm = torch.cat([stats, norm.view(1).float()]).tolist()  # the step's one host sync
     loss /= dist.world
-    updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16's GradScaler skips inf steps itself
+    # fp16's GradScaler skips a step with inf gradients itself
+    updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())
     if updated:
         scaler.step(optimizer)
         scaler.update()
@@ -1360,7 +1368,8 @@ def run_training(args, dist, device, dtype):
     hellaswag = load_hellaswag(args.hellaswag or HELLASWAG_URL, dist) if args.hellaswag_every else None
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
-    vocab = f"vocab {meta['vocab_size']}" + (f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else "")
+    vocab = f"vocab {meta['vocab_size']}"
+    vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
     say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
         f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
     say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = {total:,} tokens/step | "
@@ -1675,7 +1684,8 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
 
     total = 0.0
     for first in tqdm(range(0, n_full, batch_size), desc="eval", unit="batch", disable=not progress, file=sys.stderr):
-        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in range(first, min(first + batch_size, n_full))]))
+        windows = range(first, min(first + batch_size, n_full))
+        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in windows]))  # (b, T + 1)
     if len(tokens) - 1 > n_full * T:  # the shorter last window
         total += loss_sum(tokens[n_full * T :][None])
     return total / (len(tokens) - 1), len(tokens) - 1
@@ -1798,7 +1808,8 @@ def hellaswag_scores(model, examples, tokenizer, device, dtype, rank=0, world=1,
 
 
 def load_for_inference(args, device):
-    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the weights."""
+    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the
+    weights."""
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         model, tokenizer_name = model_from_checkpoint(ckpt), ckpt["tokenizer"]
@@ -1809,7 +1820,8 @@ def load_for_inference(args, device):
         model.set_block_size(args.block_size)
     tokenizer = get_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, more than the model's {model.config.vocab_size}")
+        raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, "
+                         f"more than the model's {model.config.vocab_size}")
     return model.to(device).eval(), tokenizer
 
 
@@ -2247,7 +2259,8 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help=f"directory of shards from prepare_data.py or llm.c (default: tiny Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
+    g.add_argument("--data", help="directory of shards from prepare_data.py or llm.c (default: tiny "
+                   f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
@@ -2262,10 +2275,11 @@ def parse_args(argv=None):
                    "--sample/--eval: a longer context than trained, for RoPE and ALiBi, which see only distances")
     g.add_argument("--seq-len", type=at_least(1), help="T, the tokens of one training sequence; default --block-size")
     g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=0.0, help="in [0, 1)")
-    g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint directory")
+    g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint folder")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=at_least(1), default=12, help="B, sequences per process per micro-step")
-    g.add_argument("--total-batch-tokens", type=at_least(1), help="tokens per optimizer step; default B x T x processes (no accumulation)")
+    g.add_argument("--total-batch-tokens", type=at_least(1),
+                   help="tokens per optimizer step; default B x T x processes (no accumulation)")
     g.add_argument("--max-steps", type=at_least(1), default=850)
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon for the blocks' matrices (--muon-lr), AdamW for the rest (--lr); torch >= 2.9")
@@ -2280,18 +2294,23 @@ def parse_args(argv=None):
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
     g.add_argument("--log-every", type=at_least(1), default=100)
-    g.add_argument("--eval-every", type=at_least(1), default=100, help="val loss every N steps and at the end (the main job: 9 points for loss.png, about 6%% of its time)")
+    g.add_argument("--eval-every", type=at_least(1), default=100, help="val loss every N steps and at the end "
+                   "(the main job: 9 points for loss.png, about 6%% of its time)")
     g.add_argument("--eval-iters", type=at_least(1), default=20)
     g.add_argument("--ckpt-every", type=at_least(1), default=1000)
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
                    help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
                         "from --hellaswag FILE, else the official val set")
-    g.add_argument("--wandb", metavar="PROJECT", help="also log every step's metrics to Weights & Biases (pip install wandb)")
+    g.add_argument("--wandb", metavar="PROJECT",
+                   help="also log every step's metrics to Weights & Biases (pip install wandb)")
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", type=device_name, help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA only)")
+    g.add_argument("--device", default="auto", type=device_name,
+                   help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on for CUDA only)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
                    "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints keep the one format")
@@ -2299,14 +2318,16 @@ def parse_args(argv=None):
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
     mode.add_argument("--eval", action="store_true",
-                      help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, or --hellaswag")
+                      help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, "
+                      "or --hellaswag")
     g.add_argument("--ckpt", help="a checkpoint written by training")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
     g.add_argument("--num-samples", type=at_least(1), default=1)
     g.add_argument("--max-new-tokens", type=at_least(1), default=500)
     g.add_argument("--temperature", type=in_range(0), default=0.8, help="0 is greedy")
     g.add_argument("--top-k", type=at_least(1), default=200, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=in_range(0, 1, low_open=True), default=None, help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
+    g.add_argument("--top-p", type=in_range(0, 1, low_open=True),
+                   help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--text", help="--eval on this text file instead of --data")
@@ -2369,10 +2390,12 @@ def check_args(p, args):
         if args.n_head % n_kv_head:
             p.error(f"--n-head {args.n_head} is not a multiple of --n-kv-head {n_kv_head}")
         if (args.pos or ARCHS[args.arch]["pos"]) == "rope" and (args.n_embd // args.n_head) % 2:
-            p.error(f"RoPE needs an even head dim; --n-embd {args.n_embd} / --n-head {args.n_head} = {args.n_embd // args.n_head}")
+            p.error(f"RoPE needs an even head dim; --n-embd {args.n_embd} / --n-head {args.n_head} "
+                    f"= {args.n_embd // args.n_head}")
     micro = args.batch_size * args.seq_len * int(os.environ.get("WORLD_SIZE", 1))
     if args.total_batch_tokens is not None and args.total_batch_tokens % micro:
-        p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of batch x seq-len x processes = {micro}")
+        p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of "
+                f"batch x seq-len x processes = {micro}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
