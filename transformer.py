@@ -8,17 +8,19 @@ transformer.py: a GPT you can read top to bottom, train on one GPU or many, and 
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config      GPTConfig: sizes (gpt2 ... gpt2-xl, tiny) and architectures (gpt2, llama, olmo)
-    2. Positions   RoPE and ALiBi, the two alternatives to learned position embeddings
+    1. Config      GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo)
+    2. Positions   learned, RoPE or ALiBi, decided in one place (Positions)
     3. Attention   causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
     4. MLP         GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
-    6. Model       GPT: embeddings, blocks, tied head; init; forward; from_pretrained (HF GPT-2 / Llama)
+    6. Model       GPT: embeddings, blocks, tied head; init; forward; generate; from_pretrained
     7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
-    8. Training    AdamW (or Muon), the lr schedule, atomic checkpoints, the loop (one process, torchrun DDP or FSDP)
+    8. Training    AdamW (or Muon), the lr schedule, the step, the loop (one process, torchrun DDP or FSDP)
     9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
-   10. Export      to an HF transformers folder and to GGUF (llama.cpp, ollama)
-   11. CLI         argparse and main()
+   10. HF          import from and export to HF transformers; export to GGUF (llama.cpp, ollama)
+   11. Plumbing    device and dtype, processes, RNG, signals, atomic files and checkpoints, peak FLOPs, metrics
+   12. Commands    train, sample, eval, export
+   13. CLI         argparse and main()
 """
 
 import argparse
@@ -94,6 +96,8 @@ class GPTConfig:
 
 
 POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm"), ("gelu", "swiglu")
+
+
 SIZES = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),  # for tests
     "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # the main job: Shakespeare's characters on a CPU
@@ -102,11 +106,15 @@ SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+
+
 ARCHS = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
     "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    # OLMo as the course this project follows defines it; NOTE: AI2's released OLMo models use RoPE, not ALiBi
     "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
 }
+
 
 # -----------------------------------------------------------------------------
 # 2. Positions
@@ -347,9 +355,10 @@ class Block(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 6. Model
-# Token embedding (+ learned position embedding for GPT-2), n_layer blocks, a final
-# norm, and the language-model head: a Linear back to vocabulary logits, by default
-# sharing its weight with the token embedding (weight tying, as in GPT-2).
+# Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
+# back to vocabulary logits, by default sharing its weight with the token embedding
+# (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
+# from_pretrained reads HF checkpoints with the converters of section 10.
 
 
 class GPT(nn.Module):
@@ -478,108 +487,6 @@ class GPT(nn.Module):
         return model
 
 
-def download_hf(name):
-    """Fetch config and weights of a hub model (users who are online) and return the local folder."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
-    except Exception as e:  # an unknown name or no network: one line that says which
-        raise ValueError(f"{name!r} is neither a local directory nor a model that could be downloaded: {e}") from None
-
-
-def read_hf_weights(path):
-    """All tensors of an HF checkpoint folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if files:
-        from safetensors.torch import load_file
-
-        return {k: v for f in files for k, v in load_file(f).items()}
-    binary = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def gpt2_config_from_hf(hf):
-    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported (only tanh GELU)")
-    plain_values = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("reorder_and_upcast_attn", False))
-    for flag, plain in plain_values:
-        if getattr(hf, flag, plain) != plain:
-            raise ValueError(f"GPT-2 checkpoints with {flag}={not plain} are not supported")
-    return GPTConfig.preset(
-        "gpt2", "gpt2", n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
-        vocab_size=hf.vocab_size, mlp_hidden=hf.n_inner or 4 * hf.n_embd, norm_eps=hf.layer_norm_epsilon,
-        tie_embeddings=getattr(hf, "tie_word_embeddings", True),
-    )
-
-
-GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
-
-
-def gpt2_weights_from_hf(sd, config):
-    """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old checkpoints store the causal mask as a buffer
-        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
-        if k.endswith(GPT2_CONV1D):
-            v = v.t()
-        out[k] = v
-    if config.tie_embeddings:
-        out["lm_head.weight"] = out.get("transformer.wte.weight")
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def llama_config_from_hf(hf):
-    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope scaling {rope_type!r} is not implemented: only plain RoPE ('default')")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"Llama activation {hf.hidden_act!r} is not supported (only silu)")
-    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
-        raise ValueError("Llama checkpoints with attention_bias / mlp_bias are not supported")
-    return GPTConfig.preset(
-        "gpt2", "llama", n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
-        n_kv_head=hf.num_key_value_heads, head_dim=getattr(hf, "head_dim", None), vocab_size=hf.vocab_size,
-        block_size=hf.max_position_embeddings, mlp_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
-        rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)),
-        tie_embeddings=hf.tie_word_embeddings,
-    )
-
-
-def llama_weights_from_hf(sd, config):
-    """Llama keeps q/k/v and gate/up as separate matrices; we fuse each group into one Linear."""
-    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    out = {"transformer.wte.weight": sd.pop("embed_tokens.weight"), "transformer.ln_f.weight": sd.pop("norm.weight")}
-    out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_embeddings else sd.pop("lm_head.weight", None)
-    for i in range(config.n_layer):
-        p, q = f"layers.{i}.", f"transformer.h.{i}."
-        attn = [sd.pop(p + f"self_attn.{n}_proj.weight", None) for n in "qkv"]
-        mlp = [sd.pop(p + f"mlp.{n}_proj.weight", None) for n in ("gate", "up")]
-        out.update({
-            q + "ln_1.weight": sd.pop(p + "input_layernorm.weight", None),
-            q + "attn.c_attn.weight": torch.cat(attn) if None not in attn else None,
-            q + "attn.c_proj.weight": sd.pop(p + "self_attn.o_proj.weight", None),
-            q + "ln_2.weight": sd.pop(p + "post_attention_layernorm.weight", None),
-            q + "mlp.c_fc.weight": torch.cat(mlp) if None not in mlp else None,
-            q + "mlp.c_proj.weight": sd.pop(p + "mlp.down_proj.weight", None),
-        })
-    sd.pop("lm_head.weight", None)  # a tied checkpoint may still carry the copy
-    out.update(sd)  # whatever is left is unexpected: from_pretrained reports it
-    return {k: v for k, v in out.items() if v is not None}
-
-
-HF_LOADERS = {
-    "gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf),
-    "llama": (llama_config_from_hf, llama_weights_from_hf),
-}
-
-
 # -----------------------------------------------------------------------------
 # 7. Data
 # Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
@@ -590,8 +497,13 @@ HF_LOADERS = {
 # number: (magic, version, token count, zeros), GPT-2 tokens implied, no meta.json. A
 # folder of them is read as it is; shard_header tells the two formats apart.
 
+
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 1, 256
+
+
 LLMC_MAGIC, LLMC_VERSION = 20240520, 1  # llm.c's version 1: GPT-2 tokens as uint16 (its Llama 3 shards differ)
+
+
 LLMC_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what an llm.c folder's missing meta.json would say
 
 
@@ -792,16 +704,12 @@ class DataLoaderLite:
 
 # -----------------------------------------------------------------------------
 # 8. Training
-# AdamW with weight decay on matrices only, linear warmup then cosine decay, gradient
-# accumulation to reach a large batch in small steps, gradient clipping, bf16 autocast
-# on GPUs. Under torchrun every process runs this same code on its slice of each
-# batch, and DistributedDataParallel averages the gradients; with --fsdp each process
-# keeps only a 1/N shard of the weights, gradients and AdamW state instead (FSDP2).
-# Checkpoints hold all the state (weights, optimizer, data position, RNGs), so a resumed
-# run continues exactly, even after a kill -9: the file on disk is always a complete
-# checkpoint, in one format whatever ran the training.
-
-CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
+# AdamW with weight decay on matrices only (or Muon for the blocks' matrices), linear
+# warmup then cosine decay, gradient accumulation to reach a large batch in small
+# steps, gradient clipping, bf16 autocast on GPUs. Under torchrun every process runs
+# this same code on its slice of each batch (section 11 wraps the model for DDP or
+# FSDP). Checkpoints hold all the state (weights, optimizer, data position, RNGs), so a
+# resumed run continues exactly, even after a kill -9.
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
@@ -869,319 +777,6 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-@contextlib.contextmanager
-def atomic_open(path):
-    """Open path + '.tmp' for writing; when the block ends well it is flushed to disk and renamed to path,
-    and when it fails it is removed. A crash at any moment leaves the old file or the complete new one,
-    never half of one. Checkpoints, downloads and prepare_data.py's shards are all written this way."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def download(url, path, hint, sha256=None):
-    """Fetch url into path (atomically). Offline, a bad status or a wrong checksum is a ValueError
-    that ends with hint, the way around it (a local copy)."""
-    import hashlib
-    import http.client
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
-        raise ValueError(f"could not download {url} ({e}); {hint}") from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"the download from {url} has the wrong sha256; {hint}")
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def save_checkpoint(path, state):
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path):
-    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
-    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
-    machine do not each copy the whole checkpoint into host RAM first."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
-        reason = str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
-    return ckpt
-
-
-def is_sharded(model):
-    """Whether --fsdp's fully_shard split this model (or the one torch.compile wraps) across processes."""
-    if "torch.distributed.fsdp" not in sys.modules:  # only --fsdp imports it: then nothing is sharded, and
-        return False  # single-process and DDP runs skip the import (about a second)
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
-
-
-def training_state(model, optimizer):
-    """(model state, optimizer state) for ckpt.pt: model.state_dict() and optimizer.state_dict(), plain tensors.
-
-    Under FSDP every process must call this: each weight and each AdamW moment is gathered from its shards
-    into whole CPU tensors on rank 0 (the other processes get ({}, {})), and laid out as one process's
-    state_dict()s would be. So a checkpoint is the same file whether one process, DDP or FSDP wrote it, and
-    any of them can read it (load_training_state).
-
-    NOTE: the gathered layout costs rank 0 the host RAM of the whole model and optimizer state at every save
-    (~12 bytes a parameter: fp32 weights and AdamW's two moments); torch.distributed.checkpoint would let
-    each process write its own shard instead (README: "Many GPUs: DDP or FSDP")."""
-    if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
-    model_state = get_model_state_dict(model, options=full)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by parameter name
-    if not model_state:
-        return {}, {}
-    first = {}  # a tied weight comes back as two copies: make it one tensor under both names, as in state_dict()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        model_state[name] = model_state[first.setdefault(id(p), name)]
-    ids = optimizer.state_dict()  # torch.optim's layout (ids 0, 1, ... and the groups' settings), local shards
-    ids["state"] = {i: optim_state["state"][name] for i, name in enumerate(optimizer_param_names(model, optimizer))
-                    if name in optim_state["state"]}
-    return model_state, ids
-
-
-def load_training_state(model, optimizer, ckpt):
-    """Put ckpt's model and optimizer state into model and optimizer, whatever wrote it (one process, DDP or FSDP).
-    Under FSDP every process reads the whole tensors (mapped from the file, see load_checkpoint) and keeps its
-    own shard of each."""
-    if not is_sharded(model):
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ckpt["model"], options=full)
-    names = optimizer_param_names(model, optimizer)  # torch.optim's ids -> the names FSDP's loader expects
-    saved = ckpt["optimizer"]
-    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=full)
-
-
-def optimizer_param_names(model, optimizer):
-    """The name of each parameter the optimizer updates, in the order of its state_dict() ids 0, 1, 2, ..."""
-    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def check_same_architecture(saved, config, path):
-    ours = config.architecture()
-    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
-                         "use the same model flags to resume")
-
-
-# MFU (model FLOPs utilisation) = the FLOPs a step needs / the time it took / the device's peak.
-# On a GPU the peak is the datasheet's dense bf16 tensor-core figure (no 2:4 sparsity), matched in
-# order against torch.cuda.get_device_name(): the more specific names come first, since
-# "NVIDIA H100 PCIe" also contains "H100" and "NVIDIA A100-SXM4-80GB" also contains "A10".
-# A GPU not in the table gets no MFU at all rather than a made-up one.
-GPU_PEAK_FLOPS = [
-    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
-    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
-    ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-]
-
-
-def gpu_peak_flops(name):
-    """Datasheet dense bf16 FLOP/s for a torch.cuda.get_device_name(), or None when the GPU is unknown."""
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
-
-
-def matmul_peak_flops(device, dtype=torch.float32, n=512, repeats=5):
-    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there.
-    The matrices are constant, not random: nothing here may draw from the global RNG, whose state a
-    resumed run has restored (dropout masks would shift)."""
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first one warms up
-        t0 = time.perf_counter()
-        a @ a
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def peak_flops(device):
-    """(FLOP/s or None, where the figure comes from) for one device: a GPU's datasheet bf16 peak, or a CPU's
-    measured fp32 matmul."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        flops = gpu_peak_flops(name)
-        return flops, f"{name}: " + ("bf16 datasheet peak" if flops else "not in GPU_PEAK_FLOPS, so MFU is unknown")
-    return matmul_peak_flops(device), f"fp32 matmul measured at start-up on {device.type}"
-
-
-def mfu(tokens_per_s, flops_per_token, world, peak):
-    """MFU of one device: its share of the tokens (all processes' tokens/s / world) x FLOPs per token / its peak."""
-    return None if peak is None else tokens_per_s / world * flops_per_token / peak
-
-
-def pick_device(name, local_rank=0):
-    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
-    becomes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-
-
-def pick_dtype(name, device):
-    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def autocast(device, dtype):
-    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def synchronize(device):
-    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Distributed:
-    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
-
-    def __init__(self):
-        self.enabled = "RANK" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.master = self.rank == 0
-
-    def start(self, device):
-        if self.enabled:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-            torch.distributed.init_process_group(backend=backend, device_id=device_id)
-
-    def sum(self, t):
-        """Sum a tensor over processes, in place."""
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def gather(self, obj):
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def stop(self):
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def seed_rng(ckpt, seed, dist, device):
-    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
-    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
-
-    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
-    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
-    if ckpt is not None and len(ckpt["rng"]) == dist.world:
-        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
-        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
-        return
-    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
-    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-@torch.no_grad()
-def estimate_val_loss(model, loader, iters, device, dtype, dist):
-    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
-    step read like a training step, so every split of the same total batch sees the same windows."""
-    model.eval()
-    loader.reset()
-    total = torch.zeros((), device=device)
-    for _ in range(iters * loader.grad_accum):
-        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
-        with autocast(device, dtype):
-            _, loss = model(buf[:, :-1], buf[:, 1:])
-        total += loss.float()
-    model.train()
-    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
-
-
-class StopSignal:
-    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
-    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
 def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip, device, dtype, dist, stop_requested):
     """One optimizer step over grad_accum micro-batches, each group's lr at lr_scale x its peak
     -> (mean loss, gradient norm, updated, stop).
@@ -1241,244 +836,20 @@ def gradient_sync(model, sync):
         yield
 
 
-def wrap_model(model, args, dist, device, dtype):
-    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place; compiled.
-
-    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
-    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
-    from the config, identical on every process, and need no broadcast each step.
-
-    NOTE: FSDP (fully_shard, FSDP2) shards each Block, then the root (embeddings, final norm, head), so a
-    forward gathers one block's weights at a time and frees them after; the weights become DTensors, each
-    process holding a 1/N slice, and the optimizer built over them keeps 1/N of AdamW's state. A tied
-    weight stays one parameter (wte and lm_head both live in the root's group). With bf16, FSDP's
-    mixed-precision policy gathers bf16 copies of the fp32 master weights (half the traffic and memory of
-    a gathered block) and reduces gradients in fp32. autocast stays on around the forward as on every other
-    path, so the ops it keeps in fp32 (layer_norm, pow, rsqrt, exp, ...) run in fp32 here too; what differs
-    from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE tables) to bf16, as
-    torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard."""
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if dtype == torch.float16:
-            raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is not shard-aware "
-                             "here): pass --dtype bfloat16 or --dtype float32")
-        policy = MixedPrecisionPolicy()  # fp32: nothing cast
-        if dtype == torch.bfloat16:
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.transformer.h:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
-    if args.compile:
-        model = torch.compile(model)
-    if dist.enabled and not args.fsdp:
-        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
-            )
-    return model
-
-
-def prepare_default_data(data_dir):
-    """The main job's data: tiny Shakespeare at byte (= character) level, prepared on first use by
-    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
-        if done.returncode != 0:
-            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
-
-
-def train(args):
-    dist = Distributed()
-    device = pick_device(args.device, dist.local_rank)
-    dtype = pick_dtype(args.dtype, device)
-    if args.compile is None:
-        args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
-    dist.start(device)
-    try:
-        run_training(args, dist, device, dtype)
-        # NOTE: every rank leaves together. Without this barrier rank 1 tore down its process group
-        # while rank 0 was still saving and sampling, and gloo now and then aborted it (SIGABRT), so a
-        # finished torchrun run exited non-zero.
-        dist.barrier()
-    finally:
-        dist.stop()
-
-
-def run_training(args, dist, device, dtype):
-    say = print if dist.master else (lambda *a, **k: None)
-    # --- data ---------------------------------------------------------------------------------
-    if args.data is None:
-        args.data = DEFAULT_DATA
-        if dist.master:
-            prepare_default_data(args.data)
-        dist.barrier()
-    meta = read_meta(args.data)
-    B, T = args.batch_size, args.seq_len
-    total = args.total_batch_tokens or B * T * dist.world  # parse_args checked it is a multiple
-    grad_accum = total // (B * T * dist.world)
-    pin = device.type == "cuda"
-    train_loader = DataLoaderLite(args.data, "train", B, T, dist.rank, dist.world, grad_accum, args.seed, pin)
-    val_loader = DataLoaderLite(args.data, "val", B, T, dist.rank, dist.world, grad_accum, args.seed, pin)
-
-    # --- model --------------------------------------------------------------------------------
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    if args.init_from:
-        raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-        if meta["vocab_size"] > raw_model.config.vocab_size or T > raw_model.config.block_size:
-            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit {args.init_from} "
-                             f"(vocab {raw_model.config.vocab_size}, block_size {raw_model.config.block_size})")
-    else:
-        raw_model = GPT(model_config(args, meta["vocab_size"]))
-    config = raw_model.config
-    raw_model.grad_checkpointing = args.grad_checkpointing
-    raw_model.to(device)
-    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
-    # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
-    model = wrap_model(raw_model, args, dist, device, dtype)
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type,
-                                    muon_lr=args.muon_lr if args.optimizer == "muon" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    step, ckpt = 0, None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_same_architecture(ckpt["config"], config, ckpt_path)
-        if ckpt["args"].get("optimizer", "adamw") != args.optimizer:
-            raise ValueError(f"{ckpt_path} was trained with --optimizer {ckpt['args'].get('optimizer', 'adamw')}: "
-                             "resume with the same optimizer")
-        load_training_state(raw_model, optimizer, ckpt)
-        scaler.load_state_dict(ckpt["scaler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        step = ckpt["step"]
-        say(f"resumed {ckpt_path} at step {step}")
-    elif os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-
-    # --- bookkeeping --------------------------------------------------------------------------
-    log = MetricsLog(metrics_path, step, args, dist.master)
-    tokenizer = get_tokenizer(meta["tokenizer"])
-    hellaswag = load_hellaswag(args.hellaswag or HELLASWAG_URL, dist) if args.hellaswag_every else None
-    peak, peak_source = peak_flops(device)
-    flops_per_token = raw_model.flops_per_token(T)
-    vocab = f"vocab {meta['vocab_size']}"
-    vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
-    say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
-        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
-    say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = {total:,} tokens/step | "
-        f"device {device}, {str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
-    if args.fsdp:
-        local = sum(p.to_local().numel() for p in raw_model.parameters())
-        say(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
-            f"rank 0 holds {local:,} of {raw_model.num_params():,} parameters")
-    say("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
-    decay_steps = args.lr_decay_steps or args.max_steps
-    val_loss = None
-
-    def checkpoint():
-        rngs = dist.gather(rng_state(device))  # every process's RNG, so dropout continues exactly
-        model_state, optimizer_state = training_state(raw_model, optimizer)  # under FSDP: gathered on rank 0
-        if dist.master:
-            save_checkpoint(ckpt_path, {
-                "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
-                "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args), "step": step,
-                "loader": train_loader.state_dict(), "rng": rngs, "tokenizer": meta["tokenizer"], "val_loss": val_loss,
-            })
-
-    # --- the loop -----------------------------------------------------------------------------
-    seed_rng(ckpt, args.seed, dist, device)
-    model.train()
-    t_log, step_log = time.perf_counter(), step  # tokens/s is measured between logged steps
-    with StopSignal() as stop:
-        while step < args.max_steps:
-            lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            loss, norm, updated, stopping = train_step(model, train_loader, optimizer, scaler, lr / args.lr, grad_accum,
-                                                       args.grad_clip, device, dtype, dist, stop.requested)
-            if not updated:
-                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-                raise ValueError(f"{what} is {value} at step {step}: stopping before the update; "
-                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
-            step += 1
-            record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": norm}
-            last = step == args.max_steps
-            evaluating = step % args.eval_every == 0 or last
-            scoring = args.hellaswag_every is not None and (step % args.hellaswag_every == 0 or last)
-            if step % args.log_every == 0 or step == 1 or evaluating or scoring:
-                synchronize(device)  # only here: the time since the last log is then the time of those steps
-                record["tokens_per_s"] = (step - step_log) * total / (time.perf_counter() - t_log)
-                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, dist.world, peak)
-                if evaluating:
-                    val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device,
-                                                                      dtype, dist)
-                if scoring:
-                    _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(raw_model, hellaswag, tokenizer, device,
-                                                                            dtype, dist, args.batch_size)
-                say(log_line(record))
-                t_log, step_log = time.perf_counter(), step  # evaluations are not counted as training time
-            log.write(record)
-            if step % args.ckpt_every == 0 or step == args.max_steps or stopping:
-                checkpoint()
-            if stopping:
-                log.close()
-                say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-                return
-    log.close()
-    if dist.master:
-        say(f"saved {ckpt_path}")
-        default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
-        plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
-    # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
-    # together (rank 0 prints). Otherwise rank 0 samples alone.
-    if dist.master or args.fsdp:
-        prompt = torch.tensor([tokenizer.encode("\n")], device=device)
-        say("--- sample ---")
-        raw_model.eval()
+@torch.no_grad()
+def estimate_val_loss(model, loader, iters, device, dtype, dist):
+    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
+    step read like a training step, so every split of the same total batch sees the same windows."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(iters * loader.grad_accum):
+        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
         with autocast(device, dtype):
-            out = raw_model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
-        say(tokenizer.decode(out[0].tolist()))
-
-
-def log_line(r):
-    val = f" | val {r['val_loss']:.4f}" if "val_loss" in r else ""
-    val += f" | hellaswag {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""
-    mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text}")
-
-
-class MetricsLog:
-    """Every step's record, as one line of metrics.jsonl and, with --wandb PROJECT, in Weights & Biases.
-    Rank 0 writes; a resumed run first drops the lines of the steps it is about to redo."""
-
-    def __init__(self, path, step, args, master):
-        self.path, self.master, self.wandb = path, master, None
-        if not master:
-            return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        keep_metrics_before(path, step)
-        if args.wandb:
-            import wandb  # only --wandb needs it
-
-            self.wandb = wandb.init(project=args.wandb, config=vars(args), dir=os.path.dirname(path) or ".")
-
-    def write(self, record):
-        if self.master:
-            record = {k: v for k, v in record.items() if v is not None}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.wandb:
-                self.wandb.log(record, step=record["step"])
-
-    def close(self):
-        if self.wandb:
-            self.wandb.finish()
+            _, loss = model(buf[:, :-1], buf[:, 1:])
+        total += loss.float()
+    model.train()
+    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
 
 
 def model_config(args, vocab_size):
@@ -1493,70 +864,224 @@ def model_config(args, vocab_size):
     )
 
 
-def keep_metrics_before(path, step):
-    """Drop metrics.jsonl lines of steps >= step (all of them for a fresh run), atomically. A line cut
-    short by a kill -9 is dropped too."""
-    lines = []
-    if step > 0 and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    if line.endswith("\n") and json.loads(line)["step"] < step:
-                        lines.append(line)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+# The loop, in the order it runs. run_training sets the run up (start_run: data, model, optimizer;
+# restore_run: a checkpoint's state when resuming; open_logs: metrics, the MFU peak, what is being
+# trained), restores the random generators last, then train_loop steps, logs, evaluates and saves
+# (save_run, restore_run's other half) until --max-steps, and finish_run plots the losses and samples.
 
 
-def plot_metrics(path, target=None, target_label="target"):
-    """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
+@dataclass
+class Run:
+    """Everything one training run holds, shared by the functions below."""
 
-    One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
-    moving average centred on each step, which shows the trend without lagging behind it; val loss,
-    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
-    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
-    run; the right one zooms in on its second half, where the curves are close together and the
-    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
-    except ImportError:
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    if not rows:  # nothing logged yet
-        return None
-    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
-    n, h = len(loss), max(1, len(loss) // 80)
-    total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
-    lo, hi = np.maximum(np.arange(n) - h, 0), np.minimum(np.arange(n) + h + 1, n)
-    smooth = (total[hi] - total[lo]) / (hi - lo)  # (n,)
+    args: argparse.Namespace
+    dist: "Distributed"
+    device: torch.device
+    dtype: torch.dtype
+    meta: dict  # the dataset's meta.json: tokenizer, vocab_size, splits
+    train_loader: DataLoaderLite
+    val_loader: DataLoaderLite
+    grad_accum: int  # micro-steps per optimizer step
+    tokens_per_step: int  # B x T x processes x grad_accum
+    raw_model: GPT  # the model itself: its weights, generate(), flops_per_token()
+    model: nn.Module  # what the step calls: raw_model, compiled and/or wrapped by DDP or FSDP
+    optimizer: object  # torch AdamW, or Optimizers(Muon, AdamW)
+    scaler: torch.amp.GradScaler  # fp16 only: scales the loss so small gradients do not flush to zero
+    ckpt_path: str
+    step: int = 0  # optimizer steps taken
+    val_loss: float | None = None  # the last one measured, saved with the checkpoint
+    log: "MetricsLog" = None  # set by open_logs, with what the loop reports against:
+    peak: float | None = None  # the device's peak FLOP/s, the MFU denominator
+    tokenizer: object = None  # for HellaSwag and the closing sample
+    hellaswag: list | None = None  # the examples, with --hellaswag-every
 
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    whole, tail = fig.subplots(1, 2)
-    for ax in (whole, tail):
-        ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
-        if val:
-            ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
-                    label=f"val loss (last {val[-1][1]:.4f})")
-        if target is not None:
-            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-    margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole
-    whole.set(ylabel="loss (cross-entropy per token)", title="whole run", xlim=(steps[0], steps[-1] + margin))
-    # The zoom: the second half's steps, and a y range that holds its average, val points and the target.
-    first = steps[n // 2]
-    near = [*smooth[n // 2 :], *(v for s, v in val if s >= first), *([target] if target is not None else [])]
-    pad = 0.15 * (max(near) - min(near)) + 1e-3
-    tail.set(title="second half, zoomed in", xlim=(first, steps[-1] + margin), ylim=(min(near) - pad, max(near) + pad))
-    whole.legend(loc="upper right")
-    fig.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {n} steps")
-    out = os.path.join(os.path.dirname(path), "loss.png")
-    fig.savefig(out, dpi=110)
-    return out
+    def say(self, *lines):
+        if self.dist.master:  # every process runs the loop; one speaks
+            print(*lines, flush=True)
+
+
+def run_training(args, dist, device, dtype):
+    run = start_run(args, dist, device, dtype)
+    ckpt = restore_run(run) if args.resume else None
+    open_logs(run)
+    # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
+    # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
+    seed_rng(ckpt, args.seed, dist, device)
+    if train_loop(run):
+        finish_run(run)
+
+
+def start_run(args, dist, device, dtype):
+    """Data loaders, the model (wrapped for compile, DDP or FSDP) and its optimizer."""
+    if args.data is None:  # the main job: tiny Shakespeare, prepared by rank 0 while the others wait
+        args.data = DEFAULT_DATA
+        if dist.master:
+            prepare_default_data(args.data)
+        dist.barrier()
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if not args.resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+    meta = read_meta(args.data)
+    # An optimizer step sees B x T tokens per process per micro-step, over all processes and grad_accum
+    # micro-steps: --total-batch-tokens sets the total (parse_args checked that it divides evenly).
+    B, T = args.batch_size, args.seq_len
+    tokens_per_step = args.total_batch_tokens or B * T * dist.world
+    grad_accum = tokens_per_step // (B * T * dist.world)
+    pin = device.type == "cuda"  # page-locked host memory: the copy to the GPU runs beside the compute
+    train_loader, val_loader = (DataLoaderLite(args.data, split, B, T, dist.rank, dist.world, grad_accum,
+                                               args.seed, pin) for split in ("train", "val"))
+    raw_model = build_model(args, meta, device)
+    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
+    # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
+    model = wrap_model(raw_model, args, dist, device, dtype)
+    muon_lr = args.muon_lr if args.optimizer == "muon" else None
+    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    return Run(args, dist, device, dtype, meta, train_loader, val_loader, grad_accum, tokens_per_step, raw_model,
+               model, optimizer, scaler, ckpt_path)
+
+
+def build_model(args, meta, device):
+    """A new GPT from the model flags, or HF weights (--init-from), on device."""
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    if args.init_from:
+        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        c = model.config
+        if meta["vocab_size"] > c.vocab_size or args.seq_len > c.block_size:
+            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {args.seq_len}) does not fit "
+                             f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
+    else:
+        model = GPT(model_config(args, meta["vocab_size"]))
+    model.grad_checkpointing = args.grad_checkpointing
+    return model.to(device)
+
+
+def save_run(run):
+    """Write ckpt.pt with everything restore_run needs to continue exactly. Every process calls it: each
+    one's RNG state is gathered (dropout continues exactly on each), and under FSDP every process gives its
+    shards; rank 0 writes (atomically: a kill -9 mid-write leaves the previous checkpoint)."""
+    rngs = run.dist.gather(rng_state(run.device))
+    model_state, optimizer_state = training_state(run.raw_model, run.optimizer)
+    if run.dist.master:
+        save_checkpoint(run.ckpt_path, {
+            "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
+            "scaler": run.scaler.state_dict(), "config": dataclasses.asdict(run.raw_model.config),
+            "args": vars(run.args), "step": run.step, "loader": run.train_loader.state_dict(), "rng": rngs,
+            "tokenizer": run.meta["tokenizer"], "val_loss": run.val_loss,
+        })
+
+
+def restore_run(run):
+    """save_run's other half: put ckpt.pt's weights, optimizer state, loss scale, data position and step
+    back into run. Returns the checkpoint, whose RNG states seed_rng restores last."""
+    ckpt = load_checkpoint(run.ckpt_path)
+    check_same_architecture(ckpt["config"], run.raw_model.config, run.ckpt_path)
+    saved = ckpt["args"].get("optimizer", "adamw")
+    if saved != run.args.optimizer:
+        raise ValueError(f"{run.ckpt_path} was trained with --optimizer {saved}: resume with the same optimizer")
+    load_training_state(run.raw_model, run.optimizer, ckpt)
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.train_loader.load_state_dict(ckpt["loader"])
+    run.step, run.val_loss = ckpt["step"], ckpt.get("val_loss")
+    run.say(f"resumed {run.ckpt_path} at step {run.step}")
+    return ckpt
+
+
+def open_logs(run):
+    """metrics.jsonl (cut back to the resumed step), what MFU is measured against, HellaSwag's examples,
+    and a few lines on what is being trained."""
+    args, config, meta = run.args, run.raw_model.config, run.meta
+    run.log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.step, args, run.dist.master)
+    run.tokenizer = get_tokenizer(meta["tokenizer"])
+    run.hellaswag = load_hellaswag(args.hellaswag or HELLASWAG_URL, run.dist) if args.hellaswag_every else None
+    run.peak, peak_source = peak_flops(run.device)
+    vocab = f"vocab {meta['vocab_size']}"
+    vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
+    run.say(f"model: {run.raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, "
+            f"{config.mlp}, {config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} "
+            f"({meta['tokenizer']})")
+    run.say(f"batch: {args.batch_size} x {args.seq_len} tokens x {run.dist.world} processes x {run.grad_accum} "
+            f"accumulation steps = {run.tokens_per_step:,} tokens/step | device {run.device}, "
+            f"{str(run.dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
+    if args.fsdp:
+        local = sum(p.to_local().numel() for p in run.raw_model.parameters())
+        run.say(f"FSDP: weights, gradients and AdamW state sharded over {run.dist.world} processes; "
+                f"rank 0 holds {local:,} of {run.raw_model.num_params():,} parameters")
+    run.say("MFU per device, against " + (f"{run.peak / 1e12:.3g} TFLOP/s ({peak_source})" if run.peak
+                                          else peak_source))
+
+
+def train_loop(run):
+    """Step until --max-steps (True), or until SIGINT/SIGTERM asks to stop (False, after a save). Every
+    step is a line of metrics.jsonl; logged steps also measure speed, and some the val loss."""
+    args = run.args
+    decay_steps = args.lr_decay_steps or args.max_steps
+    run.model.train()
+    since = (time.perf_counter(), run.step)  # tokens/s is measured between logged steps
+    with StopSignal() as stop:
+        while run.step < args.max_steps:
+            lr = lr_at(run.step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+            loss, norm, updated, stopping = train_step(run.model, run.train_loader, run.optimizer, run.scaler,
+                                                       lr / args.lr, run.grad_accum, args.grad_clip, run.device,
+                                                       run.dtype, run.dist, stop.requested)
+            if not updated:
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+                raise ValueError(f"{what} is {value} at step {run.step}: stopping before the update; "
+                                 f"{run.ckpt_path} keeps the last good state (try a lower --lr)")
+            run.step += 1
+            record = {"step": run.step - 1, "loss": loss, "lr": lr, "grad_norm": norm}
+            last = run.step == args.max_steps
+            evaluating = run.step % args.eval_every == 0 or last
+            scoring = args.hellaswag_every is not None and (run.step % args.hellaswag_every == 0 or last)
+            if run.step % args.log_every == 0 or run.step == 1 or evaluating or scoring:
+                measure(run, record, since, evaluating, scoring)
+                since = (time.perf_counter(), run.step)  # evaluations are not counted as training time
+            run.log.write(record)
+            if run.step % args.ckpt_every == 0 or last or stopping:
+                save_run(run)
+            if stopping:
+                run.log.close()
+                run.say(f"interrupted: saved {run.ckpt_path} at step {run.step}; continue with --resume")
+                return False
+    run.log.close()
+    return True
+
+
+def measure(run, record, since, evaluating, scoring):
+    """Add a logged step's speed (and val loss, HellaSwag) to its record, and print it."""
+    synchronize(run.device)  # only here: the time since the last log is then the time of those steps
+    t0, step0 = since
+    record["tokens_per_s"] = (run.step - step0) * run.tokens_per_step / (time.perf_counter() - t0)
+    flops_per_token = run.raw_model.flops_per_token(run.args.seq_len)
+    record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, run.dist.world, run.peak)
+    if evaluating:
+        run.val_loss = record["val_loss"] = estimate_val_loss(run.model, run.val_loader, run.args.eval_iters,
+                                                              run.device, run.dtype, run.dist)
+    if scoring:
+        _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(run.raw_model, run.hellaswag, run.tokenizer,
+                                                                run.device, run.dtype, run.dist, run.args.batch_size)
+    run.say(log_line(record))
+
+
+def finish_run(run):
+    """Plot the losses, then print a sample of what the model learned."""
+    if run.dist.master:
+        run.say(f"saved {run.ckpt_path}")
+        default_run = run.args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
+        metrics_path = os.path.join(run.args.out_dir, "metrics.jsonl")
+        plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
+    # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
+    # together (rank 0 prints). Otherwise rank 0 samples alone.
+    if run.dist.master or run.args.fsdp:
+        prompt = torch.tensor([run.tokenizer.encode("\n")], device=run.device)
+        run.say("--- sample ---")
+        run.raw_model.eval()
+        with autocast(run.device, run.dtype):
+            out = run.raw_model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=run.tokenizer.vocab_size)
+        run.say(run.tokenizer.decode(out[0].tolist()))
 
 
 # -----------------------------------------------------------------------------
@@ -1700,17 +1225,6 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def cached_download(url):
-    """The local copy of url in ~/.cache/transformer.py/ (or $XDG_CACHE_HOME/transformer.py/), downloaded
-    on first use."""
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transformer.py")
-    path = os.path.join(folder, url.rsplit("/", 1)[-1])
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        download(url, path, hint="pass a local copy: --hellaswag FILE")
-    return path
-
-
 def read_hellaswag(path):
     """The examples of a HellaSwag jsonl file, the official format: one JSON object a line, with
     ctx (text), endings (4 texts) and label (0-3, the right ending). Other fields are ignored."""
@@ -1807,76 +1321,6 @@ def hellaswag_scores(model, examples, tokenizer, device, dtype, rank=0, world=1,
     return correct, correct_norm, len(mine)
 
 
-def load_for_inference(args, device):
-    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the
-    weights."""
-    if args.ckpt:
-        ckpt = load_checkpoint(args.ckpt)
-        model, tokenizer_name = model_from_checkpoint(ckpt), ckpt["tokenizer"]
-    else:  # parse_args made sure there is one of the two
-        model = GPT.from_pretrained(args.init_from)
-        tokenizer_name = model.tokenizer
-    if args.block_size:
-        model.set_block_size(args.block_size)
-    tokenizer = get_tokenizer(tokenizer_name)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, "
-                         f"more than the model's {model.config.vocab_size}")
-    return model.to(device).eval(), tokenizer
-
-
-def sample(args):
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model, tokenizer = load_for_inference(args, device)
-    prompt = args.prompt
-    if prompt.startswith("FILE:"):
-        with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
-    ids = tokenizer.encode(prompt)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    for _ in range(args.num_samples):
-        new, shown = [], ""
-        with autocast(device, dtype):
-            stream = model.generate(
-                torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
-                generator=generator, vocab_size=tokenizer.vocab_size,
-            )
-            print(prompt, end="", flush=True)  # after generate() accepted the prompt: an error comes before any output
-            for token in stream:
-                if token.item() == tokenizer.eot and not args.no_stop:
-                    break
-                new.append(token.item())
-                text = tokenizer.decode(new)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-        print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
-
-
-def evaluate(args):
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model, tokenizer = load_for_inference(args, device)
-    if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            tokens, source = tokenizer.encode(f.read()), args.text
-    elif args.data:
-        meta = read_meta(args.data)
-        if meta["tokenizer"] != tokenizer.name:
-            raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
-        files = find_shards(args.data, "val")
-        tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
-    else:
-        raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
-    if len(tokens) < 2:
-        raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
-    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
-    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted "
-          f"in windows of {model.config.block_size}")
-
-
 def load_hellaswag(path, dist):
     """The examples of --hellaswag FILE, or of the official validation set (10,042 examples) when path is
     HELLASWAG_URL: downloaded once into the cache, by rank 0 alone under torchrun."""
@@ -1895,27 +1339,11 @@ def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_si
     return correct / n, correct_norm / n, n
 
 
-def evaluate_hellaswag(args):
-    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
-    scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
-    dist = Distributed()
-    device = pick_device(args.device, dist.local_rank)
-    dtype = pick_dtype(args.dtype, device)
-    dist.start(device)
-    try:
-        model, tokenizer = load_for_inference(args, device)
-        examples = load_hellaswag(args.hellaswag, dist)
-        acc, acc_norm, n = hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, args.batch_size,
-                                              progress=dist.master)
-        if dist.master:
-            print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
-    finally:
-        dist.stop()
-
-
 # -----------------------------------------------------------------------------
-# 10. Export: HF transformers and GGUF
-# A model is most useful where people already run models. --export-hf writes a folder that
+# 10. HF import and export: transformers and GGUF
+# Import: GPT.from_pretrained reads an HF GPT2LMHeadModel or LlamaForCausalLM checkpoint
+# (config.json and safetensors) and renames its tensors to ours; the converters are below.
+# Export: a model is most useful where people already run models. --export-hf writes a folder that
 # transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval), and
 # --export-gguf one file for llama.cpp and ollama. Only two HF classes compute what our blocks
 # compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU) and LlamaForCausalLM (RoPE,
@@ -1938,7 +1366,112 @@ def evaluate_hellaswag(args):
 # tokens. tiktoken keeps only each token's rank, so the merges are recovered from the ranks; the
 # byte tokenizer is 256 one-byte tokens and no merges. An HF tokenizer is copied as it is.
 
+
+def download_hf(name):
+    """Fetch config and weights of a hub model (users who are online) and return the local folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    except Exception as e:  # an unknown name or no network: one line that says which
+        raise ValueError(f"{name!r} is neither a local directory nor a model that could be downloaded: {e}") from None
+
+
+def read_hf_weights(path):
+    """All tensors of an HF checkpoint folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+
+        return {k: v for f in files for k, v in load_file(f).items()}
+    binary = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def gpt2_config_from_hf(hf):
+    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported (only tanh GELU)")
+    plain_values = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("reorder_and_upcast_attn", False))
+    for flag, plain in plain_values:
+        if getattr(hf, flag, plain) != plain:
+            raise ValueError(f"GPT-2 checkpoints with {flag}={not plain} are not supported")
+    return GPTConfig.preset(
+        "gpt2", "gpt2", n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
+        vocab_size=hf.vocab_size, mlp_hidden=hf.n_inner or 4 * hf.n_embd, norm_eps=hf.layer_norm_epsilon,
+        tie_embeddings=getattr(hf, "tie_word_embeddings", True),
+    )
+
+
+GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
+
+
+def gpt2_weights_from_hf(sd, config):
+    """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old checkpoints store the causal mask as a buffer
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+        if k.endswith(GPT2_CONV1D):
+            v = v.t()
+        out[k] = v
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out.get("transformer.wte.weight")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def llama_config_from_hf(hf):
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope scaling {rope_type!r} is not implemented: only plain RoPE ('default')")
+    if hf.hidden_act != "silu":
+        raise ValueError(f"Llama activation {hf.hidden_act!r} is not supported (only silu)")
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise ValueError("Llama checkpoints with attention_bias / mlp_bias are not supported")
+    return GPTConfig.preset(
+        "gpt2", "llama", n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
+        n_kv_head=hf.num_key_value_heads, head_dim=getattr(hf, "head_dim", None), vocab_size=hf.vocab_size,
+        block_size=hf.max_position_embeddings, mlp_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
+        rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)),
+        tie_embeddings=hf.tie_word_embeddings,
+    )
+
+
+def llama_weights_from_hf(sd, config):
+    """Llama keeps q/k/v and gate/up as separate matrices; we fuse each group into one Linear."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    out = {"transformer.wte.weight": sd.pop("embed_tokens.weight"), "transformer.ln_f.weight": sd.pop("norm.weight")}
+    out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_embeddings else sd.pop("lm_head.weight", None)
+    for i in range(config.n_layer):
+        p, q = f"layers.{i}.", f"transformer.h.{i}."
+        attn = [sd.pop(p + f"self_attn.{n}_proj.weight", None) for n in "qkv"]
+        mlp = [sd.pop(p + f"mlp.{n}_proj.weight", None) for n in ("gate", "up")]
+        out.update({
+            q + "ln_1.weight": sd.pop(p + "input_layernorm.weight", None),
+            q + "attn.c_attn.weight": torch.cat(attn) if None not in attn else None,
+            q + "attn.c_proj.weight": sd.pop(p + "self_attn.o_proj.weight", None),
+            q + "ln_2.weight": sd.pop(p + "post_attention_layernorm.weight", None),
+            q + "mlp.c_fc.weight": torch.cat(mlp) if None not in mlp else None,
+            q + "mlp.c_proj.weight": sd.pop(p + "mlp.down_proj.weight", None),
+        })
+    sd.pop("lm_head.weight", None)  # a tied checkpoint may still carry the copy
+    out.update(sd)  # whatever is left is unexpected: from_pretrained reports it
+    return {k: v for k, v in out.items() if v is not None}
+
+
+HF_LOADERS = {
+    "gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf),
+    "llama": (llama_config_from_hf, llama_weights_from_hf),
+}
+
+
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                       "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
@@ -2088,28 +1621,6 @@ def save_hf_tokenizer(tokenizer, out, block_size):
                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, **special})
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-@contextlib.contextmanager
-def staged(path):
-    """Yield a temporary path beside `path` to write to; it becomes `path` when the block ends well and is removed
-    when it fails, so an export is whole or absent, never half-written."""
-    import shutil
-    import tempfile
-
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        yield os.path.join(tmp_dir, "out")
-        os.replace(os.path.join(tmp_dir, "out"), path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
 def export_hf(model, tokenizer, out):
     """out/: config.json, generation_config.json, model.safetensors and the tokenizer files."""
     from safetensors.torch import save_file
@@ -2213,6 +1724,619 @@ def export_gguf(model, tokenizer, path, dtype="f16"):
         w.close()
 
 
+# -----------------------------------------------------------------------------
+# 11. Plumbing
+# What a run needs around the model, none of it specific to GPTs: the device and dtype;
+# the processes torchrun starts (DDP or FSDP wrapping, gradient sync); the random
+# generators, seeded in one place; stop signals; files written atomically (checkpoints,
+# downloads, exports) and checkpoints read without running code; the peak FLOP/s that MFU
+# divides by; and the metrics log with its plot.
+
+
+def pick_device(name, local_rank=0):
+    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
+    becomes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def pick_dtype(name, device):
+    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device, dtype):
+    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Distributed:
+    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
+
+    def __init__(self):
+        self.enabled = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+
+    def start(self, device):
+        if self.enabled:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+            torch.distributed.init_process_group(backend=backend, device_id=device_id)
+
+    def sum(self, t):
+        """Sum a tensor over processes, in place."""
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def stop(self):
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def wrap_model(model, args, dist, device, dtype):
+    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place; compiled.
+
+    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
+    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
+    from the config, identical on every process, and need no broadcast each step.
+
+    NOTE: FSDP (fully_shard, FSDP2) shards each Block, then the root (embeddings, final norm, head), so a
+    forward gathers one block's weights at a time and frees them after; the weights become DTensors, each
+    process holding a 1/N slice, and the optimizer built over them keeps 1/N of AdamW's state. A tied
+    weight stays one parameter (wte and lm_head both live in the root's group). With bf16, FSDP's
+    mixed-precision policy gathers bf16 copies of the fp32 master weights (half the traffic and memory of
+    a gathered block) and reduces gradients in fp32. autocast stays on around the forward as on every other
+    path, so the ops it keeps in fp32 (layer_norm, pow, rsqrt, exp, ...) run in fp32 here too; what differs
+    from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE tables) to bf16, as
+    torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard."""
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if dtype == torch.float16:
+            raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is not shard-aware "
+                             "here): pass --dtype bfloat16 or --dtype float32")
+        policy = MixedPrecisionPolicy()  # fp32: nothing cast
+        if dtype == torch.bfloat16:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
+    if args.compile:
+        model = torch.compile(model)
+    if dist.enabled and not args.fsdp:
+        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True, broadcast_buffers=False,
+            )
+    return model
+
+
+def is_sharded(model):
+    """Whether --fsdp's fully_shard split this model (or the one torch.compile wraps) across processes."""
+    if "torch.distributed.fsdp" not in sys.modules:  # only --fsdp imports it: then nothing is sharded, and
+        return False  # single-process and DDP runs skip the import (about a second)
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def seed_rng(ckpt, seed, dist, device):
+    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
+    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
+
+    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
+    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
+    if ckpt is not None and len(ckpt["rng"]) == dist.world:
+        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
+        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
+        return
+    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
+    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+class StopSignal:
+    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
+    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open path + '.tmp' for writing; when the block ends well it is flushed to disk and renamed to path,
+    and when it fails it is removed. A crash at any moment leaves the old file or the complete new one,
+    never half of one. Checkpoints, downloads and prepare_data.py's shards are all written this way."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def download(url, path, hint, sha256=None):
+    """Fetch url into path (atomically). Offline, a bad status or a wrong checksum is a ValueError
+    that ends with hint, the way around it (a local copy)."""
+    import hashlib
+    import http.client
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
+        raise ValueError(f"could not download {url} ({e}); {hint}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"the download from {url} has the wrong sha256; {hint}")
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def cached_download(url):
+    """The local copy of url in ~/.cache/transformer.py/ (or $XDG_CACHE_HOME/transformer.py/), downloaded
+    on first use."""
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transformer.py")
+    path = os.path.join(folder, url.rsplit("/", 1)[-1])
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        download(url, path, hint="pass a local copy: --hellaswag FILE")
+    return path
+
+
+@contextlib.contextmanager
+def staged(path):
+    """Yield a temporary path beside `path` to write to; it becomes `path` when the block ends well and is removed
+    when it fails, so an export is whole or absent, never half-written."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield os.path.join(tmp_dir, "out")
+        os.replace(os.path.join(tmp_dir, "out"), path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
+
+
+def save_checkpoint(path, state):
+    with atomic_open(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path):
+    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
+    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
+    machine do not each copy the whole checkpoint into host RAM first."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
+    return ckpt
+
+
+def training_state(model, optimizer):
+    """(model state, optimizer state) for ckpt.pt: model.state_dict() and optimizer.state_dict(), plain tensors.
+
+    Under FSDP every process must call this: each weight and each AdamW moment is gathered from its shards
+    into whole CPU tensors on rank 0 (the other processes get ({}, {})), and laid out as one process's
+    state_dict()s would be. So a checkpoint is the same file whether one process, DDP or FSDP wrote it, and
+    any of them can read it (load_training_state).
+
+    NOTE: the gathered layout costs rank 0 the host RAM of the whole model and optimizer state at every save
+    (~12 bytes a parameter: fp32 weights and AdamW's two moments); torch.distributed.checkpoint would let
+    each process write its own shard instead (README: "Many GPUs: DDP or FSDP")."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
+    model_state = get_model_state_dict(model, options=full)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by parameter name
+    if not model_state:
+        return {}, {}
+    first = {}  # a tied weight comes back as two copies: make it one tensor under both names, as in state_dict()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        model_state[name] = model_state[first.setdefault(id(p), name)]
+    ids = optimizer.state_dict()  # torch.optim's layout (ids 0, 1, ... and the groups' settings), local shards
+    ids["state"] = {i: optim_state["state"][name] for i, name in enumerate(optimizer_param_names(model, optimizer))
+                    if name in optim_state["state"]}
+    return model_state, ids
+
+
+def load_training_state(model, optimizer, ckpt):
+    """Put ckpt's model and optimizer state into model and optimizer, whatever wrote it (one process, DDP or FSDP).
+    Under FSDP every process reads the whole tensors (mapped from the file, see load_checkpoint) and keeps its
+    own shard of each."""
+    if not is_sharded(model):
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ckpt["model"], options=full)
+    names = optimizer_param_names(model, optimizer)  # torch.optim's ids -> the names FSDP's loader expects
+    saved = ckpt["optimizer"]
+    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=full)
+
+
+def optimizer_param_names(model, optimizer):
+    """The name of each parameter the optimizer updates, in the order of its state_dict() ids 0, 1, 2, ..."""
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def check_same_architecture(saved, config, path):
+    ours = config.architecture()
+    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
+                         "use the same model flags to resume")
+
+
+# MFU (model FLOPs utilisation) = the FLOPs a step needs / the time it took / the device's peak.
+# On a GPU the peak is the datasheet's dense bf16 tensor-core figure (no 2:4 sparsity), matched in
+# order against torch.cuda.get_device_name(): the more specific names come first, since
+# "NVIDIA H100 PCIe" also contains "H100" and "NVIDIA A100-SXM4-80GB" also contains "A10".
+# A GPU not in the table gets no MFU at all rather than a made-up one.
+GPU_PEAK_FLOPS = [
+    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
+    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+    ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def gpu_peak_flops(name):
+    """Datasheet dense bf16 FLOP/s for a torch.cuda.get_device_name(), or None when the GPU is unknown."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
+def matmul_peak_flops(device, dtype=torch.float32, n=512, repeats=5):
+    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there.
+    The matrices are constant, not random: nothing here may draw from the global RNG, whose state a
+    resumed run has restored (dropout masks would shift)."""
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        a @ a
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device):
+    """(FLOP/s or None, where the figure comes from) for one device: a GPU's datasheet bf16 peak, or a CPU's
+    measured fp32 matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        flops = gpu_peak_flops(name)
+        return flops, f"{name}: " + ("bf16 datasheet peak" if flops else "not in GPU_PEAK_FLOPS, so MFU is unknown")
+    return matmul_peak_flops(device), f"fp32 matmul measured at start-up on {device.type}"
+
+
+def mfu(tokens_per_s, flops_per_token, world, peak):
+    """MFU of one device: its share of the tokens (all processes' tokens/s / world) x FLOPs per token / its peak."""
+    return None if peak is None else tokens_per_s / world * flops_per_token / peak
+
+
+class MetricsLog:
+    """Every step's record, as one line of metrics.jsonl and, with --wandb PROJECT, in Weights & Biases.
+    Rank 0 writes; a resumed run first drops the lines of the steps it is about to redo."""
+
+    def __init__(self, path, step, args, master):
+        self.path, self.master, self.wandb = path, master, None
+        if not master:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        keep_metrics_before(path, step)
+        if args.wandb:
+            import wandb  # only --wandb needs it
+
+            self.wandb = wandb.init(project=args.wandb, config=vars(args), dir=os.path.dirname(path) or ".")
+
+    def write(self, record):
+        if self.master:
+            record = {k: v for k, v in record.items() if v is not None}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb:
+                self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def log_line(r):
+    val = f" | val {r['val_loss']:.4f}" if "val_loss" in r else ""
+    val += f" | hellaswag {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""
+    mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text}")
+
+
+def keep_metrics_before(path, step):
+    """Drop metrics.jsonl lines of steps >= step (all of them for a fresh run), atomically. A line cut
+    short by a kill -9 is dropped too."""
+    lines = []
+    if step > 0 and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if line.endswith("\n") and json.loads(line)["step"] < step:
+                        lines.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def plot_metrics(path, target=None, target_label="target"):
+    """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
+
+    One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
+    moving average centred on each step, which shows the trend without lagging behind it; val loss,
+    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
+    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
+    run; the right one zooms in on its second half, where the curves are close together and the
+    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
+    except ImportError:
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    if not rows:  # nothing logged yet
+        return None
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
+    n, h = len(loss), max(1, len(loss) // 80)
+    total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
+    lo, hi = np.maximum(np.arange(n) - h, 0), np.minimum(np.arange(n) + h + 1, n)
+    smooth = (total[hi] - total[lo]) / (hi - lo)  # (n,)
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    whole, tail = fig.subplots(1, 2)
+    for ax in (whole, tail):
+        ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
+        if val:
+            ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
+                    label=f"val loss (last {val[-1][1]:.4f})")
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole
+    whole.set(ylabel="loss (cross-entropy per token)", title="whole run", xlim=(steps[0], steps[-1] + margin))
+    # The zoom: the second half's steps, and a y range that holds its average, val points and the target.
+    first = steps[n // 2]
+    near = [*smooth[n // 2 :], *(v for s, v in val if s >= first), *([target] if target is not None else [])]
+    pad = 0.15 * (max(near) - min(near)) + 1e-3
+    tail.set(title="second half, zoomed in", xlim=(first, steps[-1] + margin), ylim=(min(near) - pad, max(near) + pad))
+    whole.legend(loc="upper right")
+    fig.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {n} steps")
+    out = os.path.join(os.path.dirname(path), "loss.png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 12. Commands
+# What the command line runs: train (the default), --sample, --eval (perplexity or
+# HellaSwag) and --export-hf / --export-gguf. Each picks the device, loads what it needs
+# and hands over to the sections above.
+
+
+def prepare_default_data(data_dir):
+    """The main job's data: tiny Shakespeare at byte (= character) level, prepared on first use by
+    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+
+
+def train(args):
+    """The default command. Run alone or under torchrun: every process executes this same function, and
+    Distributed tells it which one it is (rank) and how many there are (world)."""
+    dist = Distributed()
+    device = pick_device(args.device, dist.local_rank)
+    dtype = pick_dtype(args.dtype, device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
+    dist.start(device)
+    try:
+        run_training(args, dist, device, dtype)
+        # NOTE: every rank leaves together. Without this barrier rank 1 tore down its process group
+        # while rank 0 was still saving and sampling, and gloo now and then aborted it (SIGABRT), so a
+        # finished torchrun run exited non-zero.
+        dist.barrier()
+    finally:
+        dist.stop()
+
+
+def load_for_inference(args, device):
+    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the
+    weights."""
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt)
+        model, tokenizer_name = model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    else:  # parse_args made sure there is one of the two
+        model = GPT.from_pretrained(args.init_from)
+        tokenizer_name = model.tokenizer
+    if args.block_size:
+        model.set_block_size(args.block_size)
+    tokenizer = get_tokenizer(tokenizer_name)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, "
+                         f"more than the model's {model.config.vocab_size}")
+    return model.to(device).eval(), tokenizer
+
+
+def sample(args):
+    """--sample: print --num-samples continuations of --prompt, token by token as they are drawn."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, tokenizer = load_for_inference(args, device)
+    prompt = args.prompt
+    if prompt.startswith("FILE:"):
+        with open(prompt[5:], encoding="utf-8") as f:
+            prompt = f.read()
+    ids = tokenizer.encode(prompt)
+    generator = torch.Generator(device).manual_seed(args.seed)  # --seed: the same samples every time
+    for _ in range(args.num_samples):
+        # A token can be part of a character (GPT-2's BPE splits UTF-8 bytes), so the text printed is what
+        # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
+        new, shown = [], ""
+        with autocast(device, dtype):
+            stream = model.generate(
+                torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+                generator=generator, vocab_size=tokenizer.vocab_size,
+            )
+            print(prompt, end="", flush=True)  # after generate() accepted the prompt: an error comes before any output
+            for token in stream:
+                if token.item() == tokenizer.eot and not args.no_stop:
+                    break
+                new.append(token.item())
+                text = tokenizer.decode(new)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+        print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
+
+
+def evaluate(args):
+    """--eval: the mean next-token loss (and its exp, the perplexity) over a whole text or val split, every
+    token predicted once, in windows of the model's block_size (--block-size to read further)."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, tokenizer = load_for_inference(args, device)
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            tokens, source = tokenizer.encode(f.read()), args.text
+    elif args.data:  # shards must hold the ids of the model's own tokenizer
+        meta = read_meta(args.data)
+        if meta["tokenizer"] != tokenizer.name:
+            raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
+        files = find_shards(args.data, "val")
+        tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
+    else:
+        raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
+    if len(tokens) < 2:
+        raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
+    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
+    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted "
+          f"in windows of {model.config.block_size}")
+
+
+def evaluate_hellaswag(args):
+    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
+    scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
+    dist = Distributed()
+    device = pick_device(args.device, dist.local_rank)
+    dtype = pick_dtype(args.dtype, device)
+    dist.start(device)
+    try:
+        model, tokenizer = load_for_inference(args, device)
+        examples = load_hellaswag(args.hellaswag, dist)
+        acc, acc_norm, n = hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, args.batch_size,
+                                              progress=dist.master)
+        if dist.master:
+            print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
+    finally:
+        dist.stop()
+
+
 def check_new_output(path, folder):
     """Export never overwrites: a file must be new, a folder new or empty."""
     if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
@@ -2223,7 +2347,7 @@ def check_new_output(path, folder):
 def export(args):
     """--export-hf and --export-gguf: check everything first, then write each output whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
-    family = hf_family(model.config)
+    family = hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
     if args.export_gguf:
         import_gguf()
         if tokenizer.name.startswith("hf:"):
@@ -2242,45 +2366,75 @@ def export(args):
 
 
 # -----------------------------------------------------------------------------
-# 11. CLI
-# One entry point: train (the default), --sample, --eval, or --export-hf / --export-gguf. The defaults are the main
-# job's recipe: a small LLaMA-style model on tiny Shakespeare characters, sized so a
-# 2-core CPU beats nanoGPT's CPU recipe in about half its time (README: "Results").
+# 13. CLI
+# One entry point, main(). The defaults are the main job's recipe: a small LLaMA-style
+# model (--size mini) on tiny Shakespeare characters, sized so a 2-core CPU beats
+# nanoGPT's CPU recipe in about half its time (README: "Results"). Every value is
+# checked here, before any work: a bad one is one line and exit status 2.
 
-DEFAULT_DATA = os.path.join("data", "shakespeare_byte")
+
+DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the main job prepares its data
 NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
 def parse_args(argv=None):
+    """The command line, checked: argparse types check each value (at_least, in_range, device_name) and
+    check_args the flags that must agree. --help lists the flags by group, with their defaults."""
     p = ArgumentParser(
         prog="transformer.py",
         description="Train a GPT (default), sample from one (--sample), measure its perplexity (--eval) "
         "or export it (--export-hf, --export-gguf).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    for add_flags in (data_and_model_flags, training_flags, logging_flags, system_flags, inference_flags,
+                      export_flags):
+        add_flags(p)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+# The flags by group. The model's numbers default to the --size preset (check_args fills them in), so
+# GPTConfig's presets are the one source of defaults; training's defaults are the main job's recipe.
+
+
+def data_and_model_flags(p):
+    """What to train on and what to train: an --arch preset (the kind of model) and a --size preset (how big),
+    each open to single overrides. --pos, --norm and --mlp are the switches of the architecture table."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="directory of shards from prepare_data.py or llm.c (default: tiny "
                    f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
     g = p.add_argument_group("model")
+    # the kind of model (ARCHS), then single switches on top of it
     g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
+    # how big (SIZES), then single numbers: left None here, check_args fills them in from the preset
     g.add_argument("--size", default="mini", choices=list(SIZES), help="size preset (SIZES): depth, width, context")
     g.add_argument("--n-layer", type=at_least(1), help="override the size's depth")
     g.add_argument("--n-head", type=at_least(1), help="override the size's heads")
     g.add_argument("--n-embd", type=at_least(1), help="override the size's width")
+    # the context the model has vs the windows it trains on: a model may read further than it trains
     g.add_argument("--block-size", type=at_least(1), help="the model's context; default --seq-len, else the size's. "
                    "--sample/--eval: a longer context than trained, for RoPE and ALiBi, which see only distances")
     g.add_argument("--seq-len", type=at_least(1), help="T, the tokens of one training sequence; default --block-size")
     g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=0.0, help="in [0, 1)")
     g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint folder")
+
+
+def training_flags(p):
+    """The optimization. The defaults are the main job's, measured on a 2-core CPU (README: "Results"): AdamW
+    at 2e-3 with a short warmup and a cosine to a tenth of it, 850 steps of 12 x 64 characters. For GPT-2
+    on FineWeb, nanoGPT's numbers are the place to start (README: "Recipes")."""
     g = p.add_argument_group("training")
+    # the batch: B sequences of T tokens on each process; accumulation micro-steps make up the rest
     g.add_argument("--batch-size", type=at_least(1), default=12, help="B, sequences per process per micro-step")
     g.add_argument("--total-batch-tokens", type=at_least(1),
                    help="tokens per optimizer step; default B x T x processes (no accumulation)")
     g.add_argument("--max-steps", type=at_least(1), default=850)
+    # the optimizers and their peak learning rates, all on one schedule: linear warmup, then a cosine
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon for the blocks' matrices (--muon-lr), AdamW for the rest (--lr); torch >= 2.9")
     g.add_argument("--lr", type=in_range(0, low_open=True), default=2e-3, help="AdamW's peak lr")
@@ -2288,9 +2442,16 @@ def parse_args(argv=None):
     g.add_argument("--min-lr", type=in_range(0), default=2e-4, help="the cosine ends here; <= --lr")
     g.add_argument("--warmup-steps", type=at_least(0), default=50)
     g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
+    # regularization and stability
     g.add_argument("--weight-decay", type=in_range(0), default=0.1)
     g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=1.0, help="max global gradient norm")
+    # the initial weights, the data order and dropout all follow from it
     g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=1337)
+
+
+def logging_flags(p):
+    """Where the run writes (ckpt.pt, metrics.jsonl, loss.png) and how often it logs, evaluates and saves.
+    Logged steps cost a host-device sync; evaluation costs --eval-iters forward passes."""
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
     g.add_argument("--log-every", type=at_least(1), default=100)
@@ -2298,12 +2459,19 @@ def parse_args(argv=None):
                    "(the main job: 9 points for loss.png, about 6%% of its time)")
     g.add_argument("--eval-iters", type=at_least(1), default=20)
     g.add_argument("--ckpt-every", type=at_least(1), default=1000)
+    # a resumed run continues exactly where the last save left off, even after a kill -9
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    # extras for metrics.jsonl
     g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
                    help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
                         "from --hellaswag FILE, else the official val set")
     g.add_argument("--wandb", metavar="PROJECT",
                    help="also log every step's metrics to Weights & Biases (pip install wandb)")
+
+
+def system_flags(p):
+    """How the run uses the machine. 'auto' picks what is right for the device found: bf16 autocast and
+    torch.compile on a GPU, fp32 and eager on a CPU (where compiling a small model costs more than it saves)."""
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", type=device_name,
                    help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
@@ -2312,9 +2480,15 @@ def parse_args(argv=None):
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA only)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
                    "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints keep the one format")
+
+
+def inference_flags(p):
+    """--sample and --eval read a checkpoint (--ckpt) or HF weights (--init-from) and never train."""
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
+    # the command, and what to load
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
     mode.add_argument("--eval", action="store_true",
@@ -2322,6 +2496,7 @@ def parse_args(argv=None):
                       "or --hellaswag")
     g.add_argument("--ckpt", help="a checkpoint written by training")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
+    # how to sample: the temperature sharpens or flattens the distribution, top-k and top-p cut its tail
     g.add_argument("--num-samples", type=at_least(1), default=1)
     g.add_argument("--max-new-tokens", type=at_least(1), default=500)
     g.add_argument("--temperature", type=in_range(0), default=0.8, help="0 is greedy")
@@ -2330,10 +2505,15 @@ def parse_args(argv=None):
                    help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
+    # what to evaluate on
     g.add_argument("--text", help="--eval on this text file instead of --data")
     g.add_argument("--hellaswag", nargs="?", const=HELLASWAG_URL, metavar="FILE",
                    help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
                    "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
+
+
+def export_flags(p):
+    """Writing a trained model for other tools (section 10). Both exports can run in one command."""
     g = p.add_argument_group("export (of --ckpt or --init-from)")
     g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
                    "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
@@ -2342,13 +2522,11 @@ def parse_args(argv=None):
                    "`pip install gguf`); FILE must be new")
     g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
                    help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
 
 
 def check_args(p, args):
     """What no single flag can check: flags that must agree with each other. p.error exits with one line."""
+    # FSDP: each process holds a shard of every weight, which only a training run under torchrun can use
     if args.fsdp and (args.sample or args.eval):
         p.error(f"--fsdp is for training; --{'sample' if args.sample else 'eval'} runs the whole model in one process")
     if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
@@ -2359,6 +2537,7 @@ def check_args(p, args):
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
+    # Sampling, evaluation and export need weights to start from, and none of the training flags below
     exporting = args.export_hf or args.export_gguf
     if args.sample or args.eval or exporting:
         if not (args.ckpt or args.init_from):
@@ -2367,6 +2546,7 @@ def check_args(p, args):
         if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
             p.error(f"--prompt {args.prompt}: no such file")
         return
+    # Training: optional packages and the flags that must agree, checked before any data or model is touched
     if args.wandb and importlib.util.find_spec("wandb") is None:
         p.error("--wandb needs the wandb package: pip install wandb")
     if args.hellaswag is not None and args.hellaswag_every is None:
@@ -2376,6 +2556,8 @@ def check_args(p, args):
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     # One source of defaults: what the flags leave open comes from the --size preset, as GPTConfig.preset has it.
+    # The context (--block-size) defaults to the training windows (--seq-len) and the other way round, so
+    # --seq-len 256 alone trains a 256-token model, as it always did.
     size = {**dataclasses.asdict(GPTConfig()), **SIZES[args.size]}
     for k in ("n_layer", "n_head", "n_embd"):
         setattr(args, k, getattr(args, k) or size[k])
@@ -2383,7 +2565,7 @@ def check_args(p, args):
     args.seq_len = args.seq_len or args.block_size
     if args.seq_len > args.block_size:
         p.error(f"--seq-len {args.seq_len} is longer than the model's context, --block-size {args.block_size}")
-    if args.init_from is None:
+    if args.init_from is None:  # a new model: its shape must make sense (HF weights bring their own)
         n_kv_head = args.n_kv_head or args.n_head
         if args.n_embd % args.n_head:
             p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
@@ -2392,6 +2574,7 @@ def check_args(p, args):
         if (args.pos or ARCHS[args.arch]["pos"]) == "rope" and (args.n_embd // args.n_head) % 2:
             p.error(f"RoPE needs an even head dim; --n-embd {args.n_embd} / --n-head {args.n_head} "
                     f"= {args.n_embd // args.n_head}")
+    # An optimizer step adds up whole micro-steps: B x T tokens on each process (torchrun sets WORLD_SIZE)
     micro = args.batch_size * args.seq_len * int(os.environ.get("WORLD_SIZE", 1))
     if args.total_batch_tokens is not None and args.total_batch_tokens % micro:
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of "
@@ -2455,6 +2638,9 @@ def device_name(text):
 
 
 def main(argv=None):
+    """Parse (a bad flag exits 2 with one line), then run one command. The errors a user can cause (a missing
+    file, a wrong checkpoint, no network) are ValueError or OSError: one line and exit status 1, no traceback.
+    Anything else is a bug, and its traceback is what to report."""
     args = parse_args(argv)
     try:
         if args.export_hf or args.export_gguf:
