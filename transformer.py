@@ -663,13 +663,16 @@ class DataLoaderLite:
         self.reset()
 
     def _windows(self, offset):
+        # Window i of a shard is tokens offset + i*T ... offset + i*T + T: T + 1 tokens, overlapping the next
+        # by one, so every token after the offset is a target exactly once. A shard of n tokens holds
+        # (n - offset - 1) // T of them; the few tokens left at its end wait for another epoch's offset.
         return np.array([max(0, (len(s) - offset - 1) // self.T) for s in self.shards])
 
     def reset(self, epoch=0, step=0):
         """Go to optimizer step `step` of epoch `epoch` and draw that epoch's offset and order."""
         self.epoch, self.step, self.micro = epoch, step, 0
-        rng = np.random.default_rng([self.seed, epoch])
-        self.offset = int(rng.integers(self.T))
+        rng = np.random.default_rng([self.seed, epoch])  # every process draws the same: no communication
+        self.offset = int(rng.integers(self.T))  # a new cut each epoch, so windows do not repeat exactly
         counts = self._windows(self.offset)  # windows in each shard
         self.first_window = np.concatenate([[0], np.cumsum(counts)])  # window ids of shard i start here
         self.order = rng.permutation(int(counts.sum()))
@@ -677,13 +680,14 @@ class DataLoaderLite:
 
     def next_batch(self):
         """This process's next micro-batch, (B, T+1)."""
-        if self.micro == 0 and self.step >= self.steps_per_epoch:
+        if self.micro == 0 and self.step >= self.steps_per_epoch:  # only between whole optimizer steps
             self.reset(self.epoch + 1)
+        # this step's block of the order, then micro-step m of rank r: the docstring's arithmetic
         start = self.step * self.step_windows + (self.micro * self.world + self.rank) * self.B
         rows = []
         for w in self.order[start : start + self.B]:
-            shard = int(np.searchsorted(self.first_window, w, side="right")) - 1
-            pos = self.offset + (w - self.first_window[shard]) * self.T
+            shard = int(np.searchsorted(self.first_window, w, side="right")) - 1  # the shard window w is in
+            pos = self.offset + (w - self.first_window[shard]) * self.T  # its first token there
             rows.append(self.shards[shard][pos : pos + self.T + 1])
         self.micro += 1
         if self.micro == self.grad_accum:
@@ -1775,6 +1779,7 @@ class Distributed:
         self.master = self.rank == 0
 
     def start(self, device):
+        # NCCL moves GPU tensors between GPUs directly; gloo runs the same collectives on CPU tensors (tests)
         if self.enabled:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -1788,6 +1793,7 @@ class Distributed:
         return t
 
     def gather(self, obj):
+        # any picklable object from every process, in rank order (the RNG states a checkpoint keeps)
         if not self.enabled:
             return [obj]
         out = [None] * self.world
@@ -1795,6 +1801,7 @@ class Distributed:
         return out
 
     def barrier(self):
+        # wait until every process gets here (rank 0 preparing data, everyone leaving together)
         if self.enabled:
             torch.distributed.barrier()
 
@@ -1831,7 +1838,7 @@ def wrap_model(model, args, dist, device, dtype):
         for block in model.transformer.h:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
-    if args.compile:
+    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
         with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
