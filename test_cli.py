@@ -97,6 +97,8 @@ def test_a_bad_sampling_or_eval_flag_is_one_line_before_loading_anything(tmp_pat
     (["--arch", "llama", "--n-embd", "12", "--n-head", "4"], "RoPE needs an even head dim"),
     (["--seq-len", "128", "--block-size", "64"], "--seq-len 128 is longer than the model's context, --block-size 64"),
     (["--size", "gpt2", "--n-head", "5"], "--n-embd 768 is not divisible by --n-head 5"),
+    (["--init-from", "gpt2", "--block-size", "2048"], "--init-from gpt2 brings its own shape: drop --block-size"),
+    (["--init-from", "gpt2", "--size", "gpt2-xl"], "--init-from gpt2 brings its own shape: drop --size"),
     (["--unknown-flag"], "unrecognized arguments"),
 ])
 def test_flags_that_disagree_are_one_line(tmp_path, capsys, argv, message):

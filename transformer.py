@@ -2419,7 +2419,7 @@ def data_and_model_flags(p):
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
     # how big (SIZES), then single numbers: left None here, check_args fills them in from the preset
-    g.add_argument("--size", default="mini", choices=list(SIZES), help="size preset (SIZES): depth, width, context")
+    g.add_argument("--size", choices=list(SIZES), help="size preset (SIZES): depth, width, context; default mini")
     g.add_argument("--n-layer", type=at_least(1), help="override the size's depth")
     g.add_argument("--n-head", type=at_least(1), help="override the size's heads")
     g.add_argument("--n-embd", type=at_least(1), help="override the size's width")
@@ -2565,6 +2565,10 @@ def check_args(p, args):
     # One source of defaults: what the flags leave open comes from the --size preset, as GPTConfig.preset has it.
     # The context (--block-size) defaults to the training windows (--seq-len) and the other way round, so
     # --seq-len 256 alone trains a 256-token model, as it always did.
+    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
+    if args.init_from and shape:
+        p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
+    args.size = args.size or "mini"
     size = {**dataclasses.asdict(GPTConfig()), **SIZES[args.size]}
     for k in ("n_layer", "n_head", "n_embd"):
         setattr(args, k, getattr(args, k) or size[k])
