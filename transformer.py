@@ -2562,20 +2562,7 @@ def check_args(p, args):
         p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
-    # One source of defaults: what the flags leave open comes from the --size preset, as GPTConfig.preset has it.
-    # The context (--block-size) defaults to the training windows (--seq-len) and the other way round, so
-    # --seq-len 256 alone trains a 256-token model, as it always did.
-    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
-    if args.init_from and shape:
-        p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
-    args.size = args.size or "mini"
-    size = {**dataclasses.asdict(GPTConfig()), **SIZES[args.size]}
-    for k in ("n_layer", "n_head", "n_embd"):
-        setattr(args, k, getattr(args, k) or size[k])
-    args.block_size = args.block_size or args.seq_len or size["block_size"]
-    args.seq_len = args.seq_len or args.block_size
-    if args.seq_len > args.block_size:
-        p.error(f"--seq-len {args.seq_len} is longer than the model's context, --block-size {args.block_size}")
+    fill_in_shape(p, args)
     if args.init_from is None:  # a new model: its shape must make sense (HF weights bring their own)
         n_kv_head = args.n_kv_head or args.n_head
         if args.n_embd % args.n_head:
@@ -2590,6 +2577,23 @@ def check_args(p, args):
     if args.total_batch_tokens is not None and args.total_batch_tokens % micro:
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of "
                 f"batch x seq-len x processes = {micro}")
+
+
+def fill_in_shape(p, args):
+    """One source of defaults: what the model flags leave open comes from the --size preset (default mini), as
+    GPTConfig.preset has it. The context (--block-size) defaults to the training windows (--seq-len) and the
+    other way round, so --seq-len 256 alone trains a 256-token model, as it always did."""
+    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
+    if args.init_from and shape:  # HF weights fix all of these; a flag that cannot act is refused, not ignored
+        p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
+    args.size = args.size or "mini"
+    size = {**dataclasses.asdict(GPTConfig()), **SIZES[args.size]}
+    for k in ("n_layer", "n_head", "n_embd"):
+        setattr(args, k, getattr(args, k) or size[k])
+    args.block_size = args.block_size or args.seq_len or size["block_size"]
+    args.seq_len = args.seq_len or args.block_size
+    if args.seq_len > args.block_size:  # learned positions have no vector past block_size
+        p.error(f"--seq-len {args.seq_len} is longer than the model's context, --block-size {args.block_size}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
