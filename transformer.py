@@ -142,7 +142,7 @@ def apply_rope(x, cos, sin):
     checkpoints load unchanged. Meta's original code pairs neighbours (2i, 2i+1) instead;
     its q/k weights are the same up to a permutation of their rows.
     """
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hd/2) each: the two halves that form pairs
     rotated = torch.cat((-x2, x1), dim=-1)  # rotate each (x1, x2) pair by 90 degrees
     return (x * cos + rotated * sin).to(x.dtype)
 
@@ -238,7 +238,7 @@ class CausalSelfAttention(nn.Module):
         attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
         view of the KVCache during generation."""
         B, T, _ = x.size()
-        q, k, v = self.c_attn(x).split(
+        q, k, v = self.c_attn(x).split(  # (B, T, nh*hd), (B, T, nkv*hd), (B, T, nkv*hd)
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -320,7 +320,7 @@ class MLP(nn.Module):
     def forward(self, x):  # (B, T, C)
         h = self.c_fc(x)  # (B, T, fc_out)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = h.chunk(2, dim=-1)  # (B, T, mlp_hidden) each
             h = F.silu(gate) * up  # (B, T, mlp_hidden)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
@@ -440,6 +440,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
+            # (B*T, vocab) against (B*T,): the mean over every position of every sequence, in fp32
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -1298,7 +1299,7 @@ def hellaswag_losses(model, rendered, device, dtype):
     token_loss = torch.zeros(R, L - 1, device=device)  # (R, L-1), zero outside the endings
     token_loss[scored] = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
     summed = token_loss.sum(dim=1).view(-1, 4)  # (examples, 4)
-    return summed, summed / scored.sum(dim=1).view(-1, 4)
+    return summed, summed / scored.sum(dim=1).view(-1, 4)  # and the mean per ending token, (examples, 4)
 
 
 def hellaswag_scores(model, examples, tokenizer, device, dtype, rank=0, world=1, batch_size=8, progress=False):
