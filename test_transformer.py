@@ -739,3 +739,14 @@ def test_readme_architecture_table_names_exist_in_transformer_py():
         assert re.search(rf"\b(def|class) {name.split('.')[-1]}\b|\b{re.escape(name.split('.')[-1])}\s*[=(]", source), (
             name
         )
+
+
+def test_the_readme_python_example_runs(capsys):
+    """README's 'From Python' block is run as it is written."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(repo, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    assert blocks, "README has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert len(capsys.readouterr().out.splitlines()) >= 6  # the sample, then five streamed tokens
