@@ -348,9 +348,6 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     tokenizer = get_tokenizer(args.tokenizer)
-    if tokenizer.vocab_size > MAX_VOCAB:
-        fail(f"the {tokenizer.name} vocabulary has {tokenizer.vocab_size} tokens; "
-             f"uint16 shards hold at most {MAX_VOCAB}")
     if args.dataset:
         source_name = args.dataset.rstrip("/").split("/")[-1] + (f"_{args.name}" if args.name else "")
     else:

@@ -249,15 +249,12 @@ def test_dataset_without_the_text_field_is_a_clear_error(tmp_path):
 # Refusals and the output folder
 
 
-def test_vocab_over_65536_is_refused_before_writing(tmp_path, monkeypatch):
-    class BigVocab:
-        name, vocab_size, eot = "cl100k", 100_277, 100_257
-
-    monkeypatch.setattr(prepare_data, "get_tokenizer", lambda name: BigVocab())
-    (tmp_path / "in.txt").write_text("hello")
-    with pytest.raises(SystemExit, match="65536"):
-        prepare_data.main(["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
+def test_a_vocab_over_65536_is_refused_before_writing(tmp_path):
+    """uint16 shards hold ids < 65536; --tokenizer offers only vocabularies that fit, and write_shard checks."""
+    path = tmp_path / "train_000000.bin"
+    with pytest.raises(ValueError, match="vocab_size 100277 does not fit uint16 tokens"):
+        prepare_data.write_shard(str(path), [1, 2, 3], vocab_size=100_277)
+    assert os.listdir(tmp_path) == []
 
 
 def test_existing_out_dir_is_refused_without_overwrite(tmp_path, monkeypatch):
