@@ -74,10 +74,10 @@ def losses(out_dir):
     return [r["loss"] for r in metrics(out_dir)]
 
 
-def cli(cwd, *args, timeout=120):
+def cli(cwd, *args, timeout=120, env=ENV):
     """transformer.py as a user runs it."""
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env=env)
 
 
 def read_bytes(path):
@@ -541,7 +541,10 @@ def test_without_data_the_main_job_prepares_input_txt_as_bytes_on_first_use(tmp_
 
 
 def test_without_data_and_offline_the_main_job_stops_with_prepare_datas_one_line(tmp_path):
-    result = cli(tmp_path, "--out-dir", "out", *TINY, "--max-steps", "2")  # no input.txt; tests have no network
+    # No input.txt, and no way out: every https request goes to a closed local port (urllib reads https_proxy),
+    # so the download fails here as it would offline, without the test ever touching the network.
+    offline = {**ENV, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
+    result = cli(tmp_path, "--out-dir", "out", *TINY, "--max-steps", "2", env=offline)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "prepare_data.py: error: could not download" in result.stderr
     assert not (tmp_path / "input.txt").exists() and not (tmp_path / "out").exists()
