@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -109,3 +110,29 @@ def data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data") / "random_byte")
     write_dataset(out, {"train": [9000, 6000], "val": [2000]})
     return out
+
+
+def complete_lines(path):
+    """Lines a writer has finished in path so far (it may be halfway through the next one); 0 before it exists."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def signal_after(proc, path, lines, sig, timeout):
+    """Wait until the run proc has written `lines` complete lines to path (it is training), send it sig, and
+    return its (stdout, stderr) once it exits; it is killed if anything goes wrong on the way."""
+    try:
+        deadline = time.monotonic() + timeout
+        while complete_lines(path) < lines:
+            assert proc.poll() is None, f"the run ended early; stderr:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "training made no progress"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

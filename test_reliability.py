@@ -13,6 +13,7 @@ import time
 import torch
 
 import transformer
+from conftest import complete_lines, signal_after
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(REPO, "transformer.py")
@@ -23,15 +24,6 @@ START_UP_S = 180
 RUN = ["--device", "cpu", "--arch", "llama", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
        "--batch-size", "4", "--dropout", "0.1", "--warmup-steps", "5", "--log-every", "25", "--eval-every", "40",
        "--eval-iters", "2"]
-
-
-def lines_in(path):
-    """Complete lines written so far (the writer may be in the middle of the next)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def metrics(out_dir):
@@ -60,9 +52,10 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical_to_an_uninterru
         if kills < 5:
             # kill -9 once the run has logged a random number of further steps, at a random moment inside a
             # step (sometimes in the middle of writing a checkpoint or a metrics line)
-            target = min(steps - 1, lines_in(out / "metrics.jsonl") + rng.randint(1, 30))
+            log = out / "metrics.jsonl"
+            target = min(steps - 1, complete_lines(log) + rng.randint(1, 30))
             deadline = time.monotonic() + START_UP_S
-            while proc.poll() is None and lines_in(out / "metrics.jsonl") < target and time.monotonic() < deadline:
+            while proc.poll() is None and complete_lines(log) < target and time.monotonic() < deadline:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.02))
             if proc.poll() is None:
@@ -97,18 +90,7 @@ def test_sigterm_to_torchrun_leaves_one_complete_checkpoint_and_every_rank_exits
                  "--max-steps", "100000", "--ckpt-every", "100000"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )
-    try:
-        deadline = time.monotonic() + START_UP_S
-        while lines_in(out / "metrics.jsonl") < 5:
-            assert proc.poll() is None, failure(proc, "torchrun ended before training")
-            assert time.monotonic() < deadline, "training made no progress"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stdout, stderr = signal_after(proc, out / "metrics.jsonl", 5, signal.SIGTERM, START_UP_S)
     assert [(tmp_path / f"status_{r}").read_text().strip() for r in (0, 1)] == ["0", "0"], stderr[-3000:]
     assert "interrupted: saved" in stdout
     ckpt = transformer.load_checkpoint(str(out / "ckpt.pt"))

@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import types
 from importlib.util import find_spec
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 import prepare_data
 import transformer
-from conftest import english_text, write_dataset
+from conftest import english_text, signal_after, write_dataset
 from transformer import GPT, DataLoaderLite, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -435,11 +434,6 @@ def test_a_checkpoint_from_another_tool_is_a_clear_error(data, tmp_path, capsys,
 # Signals
 
 
-def complete_lines(path):
-    """Lines the writer has finished (it may be halfway through the next one)."""
-    return read_bytes(path).count(b"\n") if os.path.exists(path) else 0
-
-
 def test_sigint_saves_a_checkpoint_and_resume_continues_from_it(data, tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -447,18 +441,7 @@ def test_sigint_saves_a_checkpoint_and_resume_continues_from_it(data, tmp_path, 
          "--ckpt-every", "100000"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while complete_lines(out / "metrics.jsonl") < 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training made no progress"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stdout, stderr = signal_after(proc, out / "metrics.jsonl", 3, signal.SIGINT, 120)
     assert proc.returncode == 0, stderr
     said = re.search(r"interrupted: saved (\S+) at step (\d+); continue with --resume", stdout)
     assert said, stdout[-2000:]
