@@ -174,8 +174,7 @@ class Positions(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.pos, self.n_head, self.head_dim = config.pos, config.n_head, config.head_dim
-        self.block_size, self.rope_theta = config.block_size, config.rope_theta
+        self.config = config  # the model's own: GPT.set_block_size changes it for both
         # the furthest position a token may sit at: learned vectors end at block_size; RoPE and ALiBi
         # only see distances, so a sliding window of block_size tokens can run on forever
         self.max_len = config.block_size if config.pos == "learned" else math.inf
@@ -186,30 +185,32 @@ class Positions(nn.Module):
     def make_tables(self):
         """The tables derived from the config alone (checkpoints do not store them), built with the
         model rather than at the first forward, so that a compiled graph never sees them change."""
-        if self.pos == "rope":  # cos/sin for block_size positions, grown if generation runs past them
-            cos, sin = rope_cos_sin(self.head_dim, self.block_size, self.rope_theta)
+        c = self.config
+        if c.pos == "rope":  # cos/sin for block_size positions, grown if generation runs past them
+            cos, sin = rope_cos_sin(c.head_dim, c.block_size, c.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        if self.pos == "alibi":
-            self.register_buffer("alibi", alibi_slopes(self.n_head), persistent=False)  # (nh,)
+        if c.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(c.n_head), persistent=False)  # (nh,)
 
     def forward(self, start, T, S, device):
+        pos = self.config.pos
         if start + T > self.max_len:
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than block_size={self.block_size}: "
+                f"sequence of {start + T} tokens is longer than block_size={self.max_len}: "
                 "learned position embeddings exist only for positions < block_size"
             )
-        pos_emb = self.weight[start : start + T] if self.pos == "learned" else None  # (T, C)
-        rope = self.rope(start, T) if self.pos == "rope" else None
-        bias = attention_bias(T, S, self.alibi if self.pos == "alibi" else None, device)
+        pos_emb = self.weight[start : start + T] if pos == "learned" else None  # (T, C)
+        rope = self.rope(start, T) if pos == "rope" else None
+        bias = attention_bias(T, S, self.alibi if pos == "alibi" else None, device)
         return pos_emb, rope, bias
 
     def rope(self, start, T):
         """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
         if self.rope_cos.size(0) < start + T:
-            n = 2 * (start + T)
+            c, n = self.config, 2 * (start + T)
             with torch.inference_mode(False):  # plain tensors even when generate() grows them, so training can use them
-                self.rope_cos, self.rope_sin = rope_cos_sin(self.head_dim, n, self.rope_theta, self.rope_cos.device)
+                self.rope_cos, self.rope_sin = rope_cos_sin(c.head_dim, n, c.rope_theta, self.rope_cos.device)
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
 
@@ -392,7 +393,7 @@ class GPT(nn.Module):
         if block_size > positions.max_len:
             raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
                              f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
-        self.config.block_size = positions.block_size = block_size
+        self.config.block_size = block_size
         positions.make_tables()
 
     def tie_weights(self):
@@ -897,6 +898,7 @@ class Run:
     val_loss: float | None = None  # the last one measured, saved with the checkpoint
     log: "MetricsLog" = None  # set by open_logs, with what the loop reports against:
     peak: float | None = None  # the device's peak FLOP/s, the MFU denominator
+    flops_per_token: int = 0  # what one trained token costs, the MFU numerator per token
     tokenizer: object = None  # for HellaSwag and the closing sample
     hellaswag: list | None = None  # the examples, with --hellaswag-every
 
@@ -1003,6 +1005,7 @@ def open_logs(run):
     run.tokenizer = get_tokenizer(meta["tokenizer"])
     run.hellaswag = load_hellaswag(args.hellaswag or HELLASWAG_URL, run.dist) if args.hellaswag_every else None
     run.peak, peak_source = peak_flops(run.device)
+    run.flops_per_token = run.raw_model.flops_per_token(args.seq_len)
     vocab = f"vocab {meta['vocab_size']}"
     vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
     run.say(f"model: {run.raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, "
@@ -1060,8 +1063,7 @@ def measure(run, record, since, evaluating, scoring):
     synchronize(run.device)  # only here: the time since the last log is then the time of those steps
     t0, step0 = since
     record["tokens_per_s"] = (run.step - step0) * run.tokens_per_step / (time.perf_counter() - t0)
-    flops_per_token = run.raw_model.flops_per_token(run.args.seq_len)
-    record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, run.dist.world, run.peak)
+    record["mfu"] = mfu(record["tokens_per_s"], run.flops_per_token, run.dist.world, run.peak)
     if evaluating:
         run.val_loss = record["val_loss"] = estimate_val_loss(run.model, run.val_loader, run.args.eval_iters,
                                                               run.device, run.dtype, run.dist)
@@ -1076,8 +1078,7 @@ def finish_run(run):
     if run.dist.master:
         run.say(f"saved {run.ckpt_path}")
         default_run = run.args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
-        metrics_path = os.path.join(run.args.out_dir, "metrics.jsonl")
-        plot_metrics(metrics_path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
+        plot_metrics(run.log.path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
     # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
     # together (rank 0 prints). Otherwise rank 0 samples alone.
     if run.dist.master or run.args.fsdp:
