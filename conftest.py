@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -136,3 +138,40 @@ def signal_after(proc, path, lines, sig, timeout):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# transformer.main under torchrun, then the names of the threads its process still has, in threads<rank>.json.
+# gloo's worker threads ("pt_gloo_runloop", "gloo_tcp_loop") live exactly as long as the process group does.
+LEAVING = """
+import json, os, sys
+import transformer
+transformer.main(sys.argv[1:])
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(f"threads{os.environ['RANK']}.json", "w") as f:
+    json.dump(threads, f)
+"""
+
+
+def torchrun_then_threads(args, cwd, env, timeout):
+    """Run transformer.py's command line `args` with 2 processes under torchrun in cwd. Returns (the finished
+    subprocess, one list per rank of the threads left in the process once main() had returned)."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux's /proc to list a process's threads")
+    driver = os.path.join(cwd, "leaving.py")
+    with open(driver, "w") as f:
+        f.write(LEAVING)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             driver, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**env, "PYTHONPATH": REPO})
+    threads = []
+    for rank in range(2):
+        try:
+            with open(os.path.join(cwd, f"threads{rank}.json")) as f:
+                threads.append(json.load(f))
+        except FileNotFoundError:  # that process did not get to the end of main()
+            threads.append(None)
+    return result, threads
+
+
+def gloo_threads(names):
+    return [n for n in names if "gloo" in n]

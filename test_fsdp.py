@@ -147,28 +147,27 @@ import transformer
 
 data, out = sys.argv[1], sys.argv[2]
 dist, device, dtype = transformer.Distributed(), torch.device("cpu"), torch.bfloat16
-dist.start(device)
-torch.manual_seed(0)
-model = transformer.GPT(transformer.GPTConfig.preset("tiny", "gpt2", block_size=16))
-total = model.num_params()
-wrapped = transformer.wrap_model(model, transformer.parse_args(["--fsdp", "--no-compile"]), dist, device, dtype)
-optimizer = transformer.configure_optimizer(model, 1e-3, 0.1, device.type)
-forward_dtypes = []  # the head's weight as the forward uses it
-model.lm_head.register_forward_pre_hook(lambda module, args: forward_dtypes.append(str(module.weight.dtype)))
-loader = transformer.DataLoaderLite(data, "train", 2, 16, dist.rank, dist.world, grad_accum=2)
-scaler = torch.amp.GradScaler("cpu", enabled=False)
-transformer.train_step(wrapped, loader, optimizer, scaler, 1e-3, 2, 1.0, device, dtype, dist, False)
-report = {
-    "total": total,
-    "params": sum(p.to_local().numel() for p in model.parameters()),
-    "adamw": sum(v.to_local().numel() for s in optimizer.state.values() for k, v in s.items() if k != "step"),
-    "stored_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-    "forward_dtypes": sorted(set(forward_dtypes)),
-    "tied": model.lm_head.weight is model.transformer.wte.weight,
-}
-with open(f"{out}/rank{dist.rank}.json", "w") as f:
-    json.dump(report, f)
-dist.stop()
+with dist.running(device):
+    torch.manual_seed(0)
+    model = transformer.GPT(transformer.GPTConfig.preset("tiny", "gpt2", block_size=16))
+    total = model.num_params()
+    wrapped = transformer.wrap_model(model, transformer.parse_args(["--fsdp", "--no-compile"]), dist, device, dtype)
+    optimizer = transformer.configure_optimizer(model, 1e-3, 0.1, device.type)
+    forward_dtypes = []  # the head's weight as the forward uses it
+    model.lm_head.register_forward_pre_hook(lambda module, args: forward_dtypes.append(str(module.weight.dtype)))
+    loader = transformer.DataLoaderLite(data, "train", 2, 16, dist.rank, dist.world, grad_accum=2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    transformer.train_step(wrapped, loader, optimizer, scaler, 1e-3, 2, 1.0, device, dtype, dist, False)
+    report = {
+        "total": total,
+        "params": sum(p.to_local().numel() for p in model.parameters()),
+        "adamw": sum(v.to_local().numel() for s in optimizer.state.values() for k, v in s.items() if k != "step"),
+        "stored_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "forward_dtypes": sorted(set(forward_dtypes)),
+        "tied": model.lm_head.weight is model.transformer.wte.weight,
+    }
+    with open(f"{out}/rank{dist.rank}.json", "w") as f:
+        json.dump(report, f)
 """
 
 

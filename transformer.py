@@ -1780,13 +1780,33 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.master = self.rank == 0
 
-    def start(self, device):
-        # NCCL moves GPU tensors between GPUs directly; gloo runs the same collectives on CPU tensors (tests)
-        if self.enabled:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-            torch.distributed.init_process_group(backend=backend, device_id=device_id)
+    @contextlib.contextmanager
+    def running(self, device):
+        """The process group for the block inside `with`: NCCL moves GPU tensors between GPUs directly, gloo
+        runs the same collectives on CPU tensors (tests). Alone, there is nothing to set up.
+
+        NOTE: how a finished run leaves matters: a process that dies at exit fails the whole torchrun job.
+        - FSDP (--fsdp uses it; transformers and torch.distributed.checkpoint import it) is imported before
+          the group exists: its ShardedGradScaler takes `group.WORLD` as a default argument, so imported
+          later it would keep the group, and gloo's worker threads, alive after destroy_process_group. A
+          worker still freeing the tensors of a finished all-reduce once Python has begun shutting down
+          aborts the process (SIGABRT, "terminate called without an active exception", 1 run in 20).
+        - On success every process waits for the others before tearing down, so the last collective holds no
+          tensor of ours. That is what keeps --fsdp safe: there torch's DTensor code itself keeps the group
+          alive after destroy_process_group. After an error there is no waiting: a peer may never arrive."""
+        if not self.enabled:
+            yield
+            return
+        import torch.distributed.fsdp  # noqa: F401  (see the NOTE: before init_process_group)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        torch.distributed.init_process_group(backend=backend, device_id=device_id)
+        try:
+            yield
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
 
     def sum(self, t):
         """Sum a tensor over processes, in place."""
@@ -1803,13 +1823,9 @@ class Distributed:
         return out
 
     def barrier(self):
-        # wait until every process gets here (rank 0 preparing data, everyone leaving together)
+        # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
         if self.enabled:
             torch.distributed.barrier()
-
-    def stop(self):
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def wrap_model(model, args, dist, device, dtype):
@@ -2242,15 +2258,8 @@ def train(args):
     dtype = pick_dtype(args.dtype, device)
     if args.compile is None:
         args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
-    dist.start(device)
-    try:
+    with dist.running(device):
         run_training(args, dist, device, dtype)
-        # NOTE: every rank leaves together. Without this barrier rank 1 tore down its process group
-        # while rank 0 was still saving and sampling, and gloo now and then aborted it (SIGABRT), so a
-        # finished torchrun run exited non-zero.
-        dist.barrier()
-    finally:
-        dist.stop()
 
 
 def load_for_inference(args, device):
@@ -2334,16 +2343,13 @@ def evaluate_hellaswag(args):
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     dtype = pick_dtype(args.dtype, device)
-    dist.start(device)
-    try:
+    with dist.running(device):
         model, tokenizer = load_for_inference(args, device)
         examples = load_hellaswag(args.hellaswag, dist)
         acc, acc_norm, n = hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, args.batch_size,
                                               progress=dist.master)
         if dist.master:
             print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
-    finally:
-        dist.stop()
 
 
 def check_new_output(path, folder):
