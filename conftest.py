@@ -140,21 +140,28 @@ def signal_after(proc, path, lines, sig, timeout):
             proc.wait()
 
 
-# transformer.main under torchrun, then the names of the threads its process still has, in threads<rank>.json.
-# gloo's worker threads ("pt_gloo_runloop", "gloo_tcp_loop") live exactly as long as the process group does.
+# transformer.main under torchrun. A finished gloo run ends each process with os._exit(0) right after
+# destroy_process_group (see Distributed.running); here that call first records its status and the names of
+# the threads the process still has in left<rank>.json. gloo's worker threads ("pt_gloo_runloop",
+# "gloo_tcp_loop") live exactly as long as the process group does.
 LEAVING = """
 import json, os, sys
 import transformer
+
+def record_then_exit(status, _exit=os._exit):
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open(f"left{os.environ['RANK']}.json", "w") as f:
+        json.dump({"status": status, "threads": threads}, f)
+    _exit(status)
+
+os._exit = record_then_exit
 transformer.main(sys.argv[1:])
-threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-with open(f"threads{os.environ['RANK']}.json", "w") as f:
-    json.dump(threads, f)
 """
 
 
-def torchrun_then_threads(args, cwd, env, timeout):
+def torchrun_leaving(args, cwd, env, timeout):
     """Run transformer.py's command line `args` with 2 processes under torchrun in cwd. Returns (the finished
-    subprocess, one list per rank of the threads left in the process once main() had returned)."""
+    subprocess, per rank {"status", "threads"} as os._exit found them, or None where it was not called)."""
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("needs Linux's /proc to list a process's threads")
     driver = os.path.join(cwd, "leaving.py")
@@ -163,15 +170,15 @@ def torchrun_then_threads(args, cwd, env, timeout):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              driver, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                             env={**env, "PYTHONPATH": REPO})
-    threads = []
+    left = []
     for rank in range(2):
         try:
-            with open(os.path.join(cwd, f"threads{rank}.json")) as f:
-                threads.append(json.load(f))
-        except FileNotFoundError:  # that process did not get to the end of main()
-            threads.append(None)
-    return result, threads
+            with open(os.path.join(cwd, f"left{rank}.json")) as f:
+                left.append(json.load(f))
+        except FileNotFoundError:  # that process ended some other way
+            left.append(None)
+    return result, left
 
 
-def gloo_threads(names):
-    return [n for n in names if "gloo" in n]
+def gloo_threads(left):
+    return [name for name in left["threads"] if "gloo" in name]
