@@ -1785,17 +1785,18 @@ class Distributed:
         """The process group for the block inside `with`: NCCL moves GPU tensors between GPUs directly, gloo
         runs the same collectives on CPU tensors (tests). Alone, there is nothing to set up.
 
-        NOTE: how a finished run leaves matters: a process that dies at exit fails the whole torchrun job.
+        NOTE: a process that dies at exit fails the whole torchrun job, and gloo can make one die: a worker
+        thread of its freeing the tensors of a finished collective after Python has begun shutting down aborts
+        the process (SIGABRT, "terminate called without an active exception", 1 finished run in 20 to 40 on a
+        busy machine). Hence:
         - FSDP (--fsdp uses it; transformers and torch.distributed.checkpoint import it) is imported before
           the group exists: its ShardedGradScaler takes `group.WORLD` as a default argument, so imported
           later it would keep the group, and its threads, alive after destroy_process_group.
         - On success every process waits for the others before tearing down. After an error there is no
           waiting: a peer may never arrive.
-        - gloo (CPU) only: a finished process ends right after destroy_process_group, with everything written,
-          closed and flushed, skipping Python's shutdown. Under --fsdp torch's DTensor code keeps the group,
-          and gloo's worker threads, alive regardless; a worker freeing the tensors of a finished collective
-          once Python has begun shutting down aborts the process (SIGABRT, "terminate called without an
-          active exception": 1 finished run in 20 to 40 on a busy machine)."""
+        - On gloo (CPU) a finished process ends right after destroy_process_group, everything written, closed
+          and flushed, skipping Python's shutdown: under --fsdp torch's DTensor keeps the group and gloo's
+          threads alive regardless."""
         if not self.enabled:
             yield
             return
@@ -1809,7 +1810,7 @@ class Distributed:
             torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()
-        if backend == "gloo":
+        if backend == "gloo":  # the process ends here, with status 0 (see the NOTE)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
