@@ -22,7 +22,7 @@ Rows
                 13 MB); and prepare_data's peak memory on a corpus ten shards long.
     4 cuda      only on CUDA: bf16 autocast training steps of GPT-2 small, torch.compile'd
                 against eager, with MFU against the GPU's datasheet peak.
-    5 to loss   wall time of the main job (`python transformer.py` in a fresh folder) to its val loss,
+    5 to loss   wall time of the default run (`python transformer.py` in a fresh folder) to its val loss,
                 against nanoGPT's CPU recipe run the same way: nanoGPT's own train.py when
                 NANOGPT_DIR points at a nanoGPT checkout, else that recipe in our trainer.
 
@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+import metrics
 import prepare_data
 import transformer
 from transformer import GPT
@@ -182,7 +183,7 @@ def row_train(sizes, rounds, device):
     x, y = buf[:, :-1], buf[:, 1:]
     ours_opt = transformer.configure_optimizer(ours, LR, WEIGHT_DECAY, device.type, BETAS)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
-    peak = transformer.matmul_peak_flops(device)  # what training's MFU is measured against
+    peak = metrics.matmul_peak_flops(device)  # what training's MFU is measured against
     shape = f"{ours.config.n_layer}L {ours.config.n_embd}w, {B}x{T} fp32"
     names = f"ours GPT ({shape})", f"HF GPT2LMHeadModel ({hf.config._attn_implementation})"
     contenders = {
@@ -350,12 +351,12 @@ def row_cuda(sizes, rounds, device):
         names[1]: train_step(lambda: loss_of(model), optimizer),
     }, rounds)
     tok_s = rates(seconds, {name: B * T for name in names})
-    peak, source = transformer.peak_flops(device)
+    peak, source = metrics.peak_flops(device)
     line("4 cuda", names[0], "tok/s", tok_s[names[0]])
     speedup = median_ratio(tok_s[names[0]], tok_s[names[1]])
     line("", names[1], "tok/s", tok_s[names[1]], f"compiled {speedup:.2f}x eager")
     if peak:
-        mfu = [100 * transformer.mfu(r, model.flops_per_token(T), 1, peak) for r in tok_s[names[0]]]
+        mfu = [100 * metrics.mfu(r, model.flops_per_token(T), 1, peak) for r in tok_s[names[0]]]
         line("", f"compiled MFU vs {peak / 1e12:,.0f} TFLOP/s", "%", mfu)
     line("", f"  (peak: {source})")
 
@@ -416,8 +417,8 @@ def gpu_check(quick, device):
         torch.cuda.reset_peak_memory_stats(device)
     bf16, seconds = run(torch.bfloat16, compile_it=cuda)
     tok_s = B * T / seconds
-    peak, source = transformer.peak_flops(device)
-    mfu = transformer.mfu(tok_s, GPT(config).flops_per_token(T), 1, peak)
+    peak, source = metrics.peak_flops(device)
+    mfu = metrics.mfu(tok_s, GPT(config).flops_per_token(T), 1, peak)
     memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
     mfu_text = f"{mfu:.1%}" if mfu else "n/a"
     print(f"gpu-check: {config.n_layer}L {config.n_embd}w GPT-2, {B} x {T} tokens, bf16 autocast, fused AdamW"
@@ -450,7 +451,7 @@ def row_to_loss(sizes, rounds, device):
     steps = sizes.to_loss_steps
     with tempfile.TemporaryDirectory() as d:
         source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
-        contenders = {"ours: python transformer.py (the main job)": [],
+        contenders = {"ours: python transformer.py (the default run)": [],
                       "nanoGPT's CPU recipe, its own train.py" if os.environ.get("NANOGPT_DIR")
                       else "nanoGPT's CPU recipe in our trainer (no NANOGPT_DIR)": NANOGPT_RECIPE_HERE}
         results = {}

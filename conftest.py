@@ -31,7 +31,7 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 
 
 def tiny_shakespeare():
-    """Tiny Shakespeare's exact bytes from ../shared/data or the input.txt the main job downloaded, else None."""
+    """Tiny Shakespeare's exact bytes from ../shared/data or the input.txt the default run downloaded, else None."""
     for path in (os.path.join(SHARED, "data", "tinyshakespeare.txt"), os.path.join(REPO, "input.txt")):
         if os.path.isfile(path):
             with open(path, "rb") as f:
@@ -140,13 +140,12 @@ def signal_after(proc, path, lines, sig, timeout):
             proc.wait()
 
 
-# transformer.main under torchrun. A finished gloo run ends each process with os._exit(0) right after
-# destroy_process_group (see Distributed.running); here that call first records its status and the names of
-# the threads the process still has in left<rank>.json. gloo's worker threads ("pt_gloo_runloop",
-# "gloo_tcp_loop") live exactly as long as the process group does.
+# transformer.py run as a program under torchrun. A finished gloo run ends each process with os._exit(0) at the
+# end of transformer.py, after destroy_process_group (see Distributed.running); here that call first records its
+# status and the names of the threads the process still has in left<rank>.json. gloo's worker threads
+# ("pt_gloo_runloop", "gloo_tcp_loop") live exactly as long as the process group does.
 LEAVING = """
-import json, os, sys
-import transformer
+import json, os, runpy, sys
 
 def record_then_exit(status, _exit=os._exit):
     threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
@@ -155,7 +154,8 @@ def record_then_exit(status, _exit=os._exit):
     _exit(status)
 
 os._exit = record_then_exit
-transformer.main(sys.argv[1:])
+sys.argv = [sys.argv[0].replace("leaving.py", "transformer.py"), *sys.argv[1:]]
+runpy.run_path(os.path.join(os.environ["PYTHONPATH"], "transformer.py"), run_name="__main__")
 """
 
 

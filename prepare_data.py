@@ -61,14 +61,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from files import atomic_open, download
 from transformer import (
     SHARD_HEADER_INTS,
     SHARD_MAGIC,
     SHARD_VERSION,
     ArgumentParser,
     at_least,
-    atomic_open,
-    download,
     get_tokenizer,
     in_range,
     load_shard,

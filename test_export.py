@@ -10,6 +10,7 @@ import dataclasses
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import convert
 import transformer
 from conftest import write_dataset
 from test_transformer import max_diff, random_model, save_hf, tiny
@@ -142,10 +144,9 @@ def test_rows_beyond_the_tokenizers_vocab_are_not_exported(tmp_path):
 
 
 def test_an_exported_gpt2_byte_model_samples_with_its_own_tokenizer(tmp_path, capsys):
-    """GPT.from_pretrained picks tiktoken's GPT-2 for a gpt2 model; one with fewer than its 50,257 tokens must use
-    the tokenizer in its folder."""
+    """A gpt2 model whose folder ships a tokenizer other than GPT-2's is read with that tokenizer."""
     export(tmp_path, random_model(tiny("gpt2")), "--export-hf", tmp_path / "hf")
-    assert GPT.from_pretrained(str(tmp_path / "hf")).tokenizer == "hf:" + str(tmp_path / "hf")
+    assert convert.hf_tokenizer_name(str(tmp_path / "hf")) == "hf:" + str(tmp_path / "hf")
     transformer.main(["--sample", "--init-from", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "4",
                       "--device", "cpu"])
     assert capsys.readouterr().out.split("\n", 1)[1].startswith("ab")
@@ -165,6 +166,18 @@ def gpt2_hf_export(tmp_path_factory):
     hf = save_hf(transformers.GPT2LMHeadModel(config), tmp / "src")
     transformer.main(["--init-from", str(tmp / "src"), "--export-hf", str(tmp / "hf")])
     return hf, tmp / "hf"
+
+
+def test_a_gpt2_folder_with_its_own_larger_tokenizer_is_not_read_with_gpt2s(gpt2_hf_export, tmp_path):
+    """The vocabulary size says nothing about the tokenizer: a GPT-2-architecture folder of 50,304 ids that ships
+    its own tokenizer is read with it; one that ships GPT-2's own files, or none, with tiktoken's gpt2."""
+    src = gpt2_hf_export[1].parent / "src"  # the random GPT2LMHeadModel, no tokenizer files
+    assert convert.hf_tokenizer_name(str(src)) == "gpt2"
+    assert convert.hf_tokenizer_name(str(gpt2_hf_export[1])) == "gpt2"  # our export wrote GPT-2's own tokenizer
+    own = tmp_path / "own"
+    shutil.copytree(src, own)
+    byte_tokenizer_files(own)
+    assert convert.hf_tokenizer_name(str(own)) == "hf:" + str(own)
 
 
 def byte_tokenizer_files(path):
@@ -257,7 +270,7 @@ def test_byte_tokenizer_export_has_no_end_of_text(exported):
 
 
 def test_byte_spelling_is_gpt2s():
-    assert transformer.byte_spelling() == bytes_to_unicode()
+    assert convert.byte_spelling() == bytes_to_unicode()
 
 
 def test_pipeline_greedy_tokens_equal_ours(exported):
@@ -294,7 +307,7 @@ def test_gguf_row_order_makes_llama_cpps_rope_give_our_attention_scores():
 
     cos, sin = transformer.rope_cos_sin(hd, T, 10000.0)
     expected = transformer.apply_rope(heads(x @ wq.T), cos, sin) @ transformer.apply_rope(heads(x @ wk.T), cos, sin).mT
-    q, k = (heads(x @ transformer.rope_pairs_adjacent(w, n_head).T) for w in (wq, wk))
+    q, k = (heads(x @ convert.rope_pairs_adjacent(w, n_head).T) for w in (wq, wk))
     assert max_diff(interleaved_rope(q) @ interleaved_rope(k).mT, expected) <= 1e-4
 
 

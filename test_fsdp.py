@@ -58,7 +58,7 @@ def runs(data, tmp_path_factory):
 def test_two_fsdp_processes_with_accumulation_and_clipping_equal_one_process(runs):
     root, result, _ = runs
     one, fsdp = metrics(root / "straight")[:4], metrics(root / "fsdp")
-    assert [r["step"] for r in fsdp] == [0, 1, 2, 3]
+    assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 0.3 for r in one)  # clipping acted on every step
     for key in ("loss", "grad_norm"):  # the norm is the whole gradient's, over both processes' shards
         assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], abs=1e-5)
@@ -127,7 +127,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_where_it_left_off(runs, data)
     out.mkdir()
     shutil.copy(root / "fsdp" / "ckpt.pt", out / "ckpt.pt")
     train(data, out, *FLAGS, *ONE, "--max-steps", "6", "--resume")
-    assert [r["step"] for r in metrics(out)] == [4, 5]
+    assert [r["step"] for r in metrics(out)] == [5, 6]
     assert losses(out) == pytest.approx(losses(root / "straight")[4:], abs=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_a_one_process_checkpoint_resumes_under_fsdp_where_it_left_off(runs, dat
     shutil.copy(root / "one" / "ckpt.pt", out / "ckpt.pt")
     result = torchrun([SCRIPT, "--data", data, "--out-dir", out, *FLAGS, *FSDP, "--max-steps", "6", "--resume"], root)
     assert "resumed" in result.stdout
-    assert [r["step"] for r in metrics(out)] == [4, 5]
+    assert [r["step"] for r in metrics(out)] == [5, 6]
     assert losses(out) == pytest.approx(losses(root / "straight")[4:], abs=1e-5)
     straight = transformer.load_checkpoint(str(root / "straight" / "ckpt.pt"))["model"]
     resumed = transformer.load_checkpoint(str(out / "ckpt.pt"))["model"]
@@ -148,12 +148,13 @@ def test_a_one_process_checkpoint_resumes_under_fsdp_where_it_left_off(runs, dat
 
 # -----------------------------------------------------------------------------
 # What each process holds, measured from inside: a small program under torchrun that shards a model with
-# wrap_model, takes one bf16 step with train_step, and writes this process's local sizes to rank<N>.json
+# fsdp.shard, takes one bf16 step, and writes this process's local sizes to rank<N>.json
 # (a file per process: two processes printing to one pipe can interleave their lines).
 
 SHARDS = """
 import json, sys
 import torch
+import fsdp
 import transformer
 
 data, out = sys.argv[1], sys.argv[2]
@@ -162,13 +163,15 @@ with dist.running(device):
     torch.manual_seed(0)
     model = transformer.GPT(transformer.GPTConfig.preset("tiny", "gpt2", block_size=16))
     total = model.num_params()
-    wrapped = transformer.wrap_model(model, transformer.parse_args(["--fsdp", "--no-compile"]), dist, device, dtype)
+    fsdp.shard(model, dtype)
     optimizer = transformer.configure_optimizer(model, 1e-3, 0.1, device.type)
     forward_dtypes = []  # the head's weight as the forward uses it
     model.lm_head.register_forward_pre_hook(lambda module, args: forward_dtypes.append(str(module.weight.dtype)))
-    loader = transformer.DataLoaderLite(data, "train", 2, 16, dist.rank, dist.world, grad_accum=2)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    transformer.train_step(wrapped, loader, optimizer, scaler, 1e-3, 2, 1.0, device, dtype, dist, False)
+    buf = transformer.DataLoaderLite(data, "train", 2, 16, dist.rank, dist.world).next_batch()
+    with transformer.autocast(device, dtype):
+        _, loss = model(buf[:, :-1], buf[:, 1:])
+    loss.backward()
+    optimizer.step()
     report = {
         "total": total,
         "params": sum(p.to_local().numel() for p in model.parameters()),

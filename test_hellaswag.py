@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import convert
+import hellaswag
 import transformer
 from conftest import gloo_threads, torchrun_leaving, write_dataset
 from transformer import GPT, GPTConfig
@@ -171,13 +173,13 @@ def test_a_checkpoint_is_scored_with_its_own_tokenizer(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def ours(hf_dir):
     model = GPT.from_pretrained(hf_dir[0]).eval()
-    return model, transformer.get_tokenizer(model.tokenizer)
+    return model, transformer.get_tokenizer(convert.hf_tokenizer_name(hf_dir[0]))
 
 
 def test_each_endings_loss_equals_hf_transformers_in_one_padded_batch(ours, hf_losses):
     model, tokenizer = ours
-    rendered = [transformer.render_hellaswag(e, tokenizer, BLOCK) for e in EXAMPLES]
-    summed, mean = transformer.hellaswag_losses(model, rendered, torch.device("cpu"), torch.float32)
+    rendered = [hellaswag.render(e, tokenizer, BLOCK) for e in EXAMPLES]
+    summed, mean = hellaswag.losses(model, rendered, torch.device("cpu"))
     assert summed.shape == mean.shape == (len(EXAMPLES), 4)
     torch.testing.assert_close(summed, torch.tensor([s for s, _ in hf_losses]), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(mean, torch.tensor([m for _, m in hf_losses]), atol=1e-4, rtol=1e-5)
@@ -192,18 +194,18 @@ def test_scoring_leaves_the_model_in_its_mode_and_the_rng_untouched(ours):
     model, tokenizer = ours
     model.train()
     rng = torch.get_rng_state()
-    counts = transformer.hellaswag_scores(model, EXAMPLES, tokenizer, torch.device("cpu"), torch.float32)
+    counts = hellaswag.scores(model, EXAMPLES, tokenizer, torch.device("cpu"))
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     model.eval()
-    assert transformer.hellaswag_scores(model, EXAMPLES, tokenizer, torch.device("cpu"), torch.float32) == counts
+    assert hellaswag.scores(model, EXAMPLES, tokenizer, torch.device("cpu")) == counts
     assert not model.training
 
 
 def test_ranks_score_disjoint_shares_whose_counts_add_up_to_one_process(ours):
     model, tokenizer = ours
     cpu = torch.device("cpu")
-    one = transformer.hellaswag_scores(model, EXAMPLES, tokenizer, cpu, torch.float32, batch_size=3)
-    shares = [transformer.hellaswag_scores(model, EXAMPLES, tokenizer, cpu, torch.float32, rank=r, world=4)
+    one = hellaswag.scores(model, EXAMPLES, tokenizer, cpu, batch_size=3)
+    shares = [hellaswag.scores(model, EXAMPLES, tokenizer, cpu, rank=r, world=4)
               for r in range(4)]
     assert [n for *_, n in shares] == [2, 2, 1, 1]  # examples rank, rank + 4, ...
     assert tuple(map(sum, zip(*shares))) == one
@@ -252,7 +254,7 @@ def test_without_file_the_official_val_set_is_downloaded_once_into_the_cache(hf_
 
     monkeypatch.setattr(urllib.request, "urlopen", server)
     first = hellaswag_line(capsys, "--init-from", path)
-    assert asked == [transformer.HELLASWAG_URL] and first[2] == len(EXAMPLES)
+    assert asked == [hellaswag.URL] and first[2] == len(EXAMPLES)
     cached = tmp_path / "cache" / "transformer.py" / "hellaswag_val.jsonl"
     assert cached.read_bytes() == open(served, "rb").read()
     assert os.listdir(cached.parent) == ["hellaswag_val.jsonl"]  # no temporary file left behind
@@ -332,6 +334,6 @@ def test_training_with_hellaswag_every_logs_the_score_eval_prints(tmp_path, caps
                       "--hellaswag", file, "--hellaswag-every", "2", "--eval-iters", "1"])
     with open(tmp_path / "out" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows if "hellaswag_acc_norm" in r] == [1, 3, 4]
+    assert [r["step"] for r in rows if "hellaswag_acc_norm" in r] == [2, 4, 5]
     _, acc_norm, _, _ = hellaswag_line(capsys, file, "--ckpt", tmp_path / "out" / "ckpt.pt")
     assert rows[-1]["hellaswag_acc_norm"] == pytest.approx(acc_norm, abs=1e-4)

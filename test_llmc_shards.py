@@ -76,7 +76,7 @@ def test_training_on_llmc_shards_logs_exactly_the_losses_of_the_same_tokens_in_o
                           "--eval-every", "2"])
     assert "vocab 50257 (padded to 50304) (gpt2)" in capsys.readouterr().out  # the format implies GPT-2's tokenizer
     a, b = metrics(tmp_path / "llmc"), metrics(tmp_path / "ours")
-    assert [r["step"] for r in a] == [0, 1, 2] and [r["step"] for r in a if "val_loss" in r] == [1, 2]
+    assert [r["step"] for r in a] == [1, 2, 3] and [r["step"] for r in a if "val_loss" in r] == [2, 3]
     assert [(r["loss"], r.get("val_loss")) for r in a] == [(r["loss"], r.get("val_loss")) for r in b]  # bit-exact
 
     # --eval --data on the llm.c folder: its whole val split, as in ours

@@ -1,4 +1,4 @@
-"""loss.png (transformer.plot_metrics, section 8): drawn from a synthetic metrics.jsonl with a train loss every step
+"""loss.png (metrics.plot_metrics, section 8): drawn from a synthetic metrics.jsonl with a train loss every step
 and a val loss every 50, with and without a target line; and training still finishes, without a picture, when
 matplotlib is missing. Offline, on CPU.
 """
@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import metrics
 import prepare_data
 import transformer
 
@@ -43,20 +44,20 @@ def target_pixels(png):
 def test_a_png_of_every_steps_loss_with_val_points_and_the_target_line(tmp_path):
     pytest.importorskip("matplotlib")
     path = synthetic_run(tmp_path / "with")
-    png = transformer.plot_metrics(path, target=1.8857, target_label="nanoGPT CPU recipe")
+    png = metrics.plot_metrics(path, target=1.8857, target_label="nanoGPT CPU recipe")
     assert png == str(tmp_path / "with" / "loss.png")
     with open(png, "rb") as f:
         head = f.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     assert (width, height) == (1320, 528)  # two panels, 12 x 4.8 inches at 110 dpi
-    without = transformer.plot_metrics(synthetic_run(tmp_path / "without"))
+    without = metrics.plot_metrics(synthetic_run(tmp_path / "without"))
     assert target_pixels(png) > 1000 and target_pixels(without) == 0  # the dashed red line, in both panels
 
 
 def test_a_run_of_one_step_still_draws(tmp_path):
     pytest.importorskip("matplotlib")
-    assert os.path.exists(transformer.plot_metrics(synthetic_run(tmp_path, steps=1)))
+    assert os.path.exists(metrics.plot_metrics(synthetic_run(tmp_path, steps=1)))
 
 
 @pytest.fixture
@@ -85,6 +86,6 @@ def test_without_matplotlib_training_finishes_without_a_picture(tiny_data, tmp_p
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
-    assert transformer.plot_metrics(synthetic_run(tmp_path / "synthetic")) is None
+    assert metrics.plot_metrics(synthetic_run(tmp_path / "synthetic")) is None
     transformer.main(["--data", tiny_data, "--out-dir", str(tmp_path / "out"), *TINY])
     assert os.path.exists(tmp_path / "out" / "ckpt.pt") and not os.path.exists(tmp_path / "out" / "loss.png")

@@ -68,7 +68,7 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical_to_an_uninterru
         assert proc.returncode == -signal.SIGKILL, f"a restarted run failed with {proc.returncode}:\n{err[-3000:]}"
     assert kills >= 3
     a, b = metrics(tmp_path / "straight"), metrics(out)
-    assert [r["step"] for r in b] == list(range(steps))
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]  # bit for bit
     assert [r.get("val_loss") for r in b] == [r.get("val_loss") for r in a]
     final_a = transformer.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
@@ -96,7 +96,7 @@ def test_sigterm_to_torchrun_leaves_one_complete_checkpoint_and_every_rank_exits
     assert "interrupted: saved" in stdout
     ckpt = transformer.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] >= 5 and len(ckpt["rng"]) == 2
-    assert [r["step"] for r in metrics(out)] == list(range(ckpt["step"]))
+    assert [r["step"] for r in metrics(out)] == list(range(1, ckpt["step"] + 1))
     assert not (out / "ckpt.pt.tmp").exists()
 
 

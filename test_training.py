@@ -248,18 +248,18 @@ def test_a_split_too_small_for_one_batch_is_a_clear_error(tmp_path):
 def test_metrics_log_every_step_with_val_loss_at_eval_steps(data, tmp_path, capsys):
     train(data, tmp_path, "--max-steps", "5", "--eval-every", "2")
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for r in rows:
         assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
     # evaluated after 2 and 4 steps and at the end, each logged on the step just taken
-    assert [r["step"] for r in rows if "val_loss" in r] == [1, 3, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
     assert all(math.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
     defaults = transformer.parse_args([])
     expected = [transformer.lr_at(s, defaults.lr, defaults.min_lr, 2, 5) for s in range(5)]
     assert [r["lr"] for r in rows] == pytest.approx(expected)
     out = capsys.readouterr().out
-    assert "step     4 | loss" in out and "--- sample ---" in out
+    assert "step     5 | loss" in out and "--- sample ---" in out
     ckpt = transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 5 and ckpt["val_loss"] == pytest.approx(rows[-1]["val_loss"])
 
@@ -271,7 +271,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path):
     assert transformer.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["step"] == 4
     train(data, tmp_path / "resumed", *flags, "--max-steps", "8", "--resume")
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == list(range(8))  # one line per step
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # one line per step
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # exactly
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
     assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in straight]
@@ -316,7 +316,7 @@ def test_two_processes_under_torchrun_equal_one_process(data, tmp_path):
     assert "8 x 16 tokens" not in result.stdout and "4 x 16 tokens x 2 processes" in result.stdout
     assert result.stdout.count("--- sample ---") == 1  # only rank 0 speaks
     one, two = metrics(tmp_path / "one"), metrics(out)
-    assert [r["step"] for r in two] == [0, 1, 2, 3]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)
     ckpt = transformer.load_checkpoint(str(out / "ckpt.pt"))
@@ -448,12 +448,12 @@ def test_sigint_saves_a_checkpoint_and_resume_continues_from_it(data, tmp_path, 
     step = int(said[2])
     ckpt = transformer.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == step >= 3
-    assert [r["step"] for r in metrics(out)] == list(range(step))  # every step taken, logged once
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 1))  # every step taken, logged once
     assert "Traceback" not in stderr
 
     train(data, out, "--max-steps", str(step + 3), "--resume")
     assert f"resumed {out / 'ckpt.pt'} at step {step}" in capsys.readouterr().out
-    assert [r["step"] for r in metrics(out)] == list(range(step + 3))
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 4))
     assert transformer.load_checkpoint(str(out / "ckpt.pt"))["step"] == step + 3
 
 
@@ -502,7 +502,7 @@ def test_finetuning_from_a_local_hf_dir_starts_at_the_loss_transformers_computes
     with torch.no_grad():
         logits = hf(x).logits  # HF would shift labels itself; we compare against y directly
     expected = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).item()
-    assert rows[0]["step"] == 0
+    assert rows[0]["step"] == 1
     assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5)
 
 

@@ -1,5 +1,5 @@
 """
-transformer.py: a GPT you can read top to bottom, train on one GPU or many, and sample from.
+transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many, and sample from.
 
     python transformer.py                          # prepare tiny Shakespeare, train, save, print a sample
     python transformer.py --sample --ckpt checkpoints/ckpt.pt --prompt "ROMEO:"
@@ -8,19 +8,25 @@ transformer.py: a GPT you can read top to bottom, train on one GPU or many, and 
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config      GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo)
-    2. Positions   learned, RoPE or ALiBi, decided in one place (Positions)
-    3. Attention   causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
-    4. MLP         GELU (GPT-2) or SwiGLU (LLaMA)
-    5. Block       pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
-    6. Model       GPT: embeddings, blocks, tied head; init; forward; generate; from_pretrained
-    7. Data        tokenizers, the uint16 shard format (and llm.c's), DataLoaderLite
-    8. Training    AdamW (or Muon), the lr schedule, the step, the loop (one process, torchrun DDP or FSDP)
-    9. Sampling    KV cache, top-k / top-p generation; evaluation: perplexity, HellaSwag
-   10. HF          import from and export to HF transformers; export to GGUF (llama.cpp, ollama)
-   11. Plumbing    device and dtype, processes, RNG, signals, atomic files and checkpoints, peak FLOPs, metrics
-   12. Commands    train, sample, eval, export
-   13. CLI         argparse and main()
+    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo)
+    2. Positions    learned, RoPE or ALiBi, decided in one place (Positions), and the attention mask
+    3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
+    4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
+    5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
+    6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
+    7. Data         tokenizers, the token shard format (and llm.c's), DataLoaderLite
+    8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
+    9. Checkpoints  everything a run needs to continue exactly, read back without running code
+   10. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
+   11. Evaluation   perplexity over a whole text; HellaSwag accuracy
+   12. Commands     train, sample, eval, export
+   13. CLI          argparse and main()
+Beside it, companion files hold the tooling the story does not need first; they never import this file:
+    convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
+    fsdp.py         --fsdp: sharding the model, gathering and scattering its state
+    hellaswag.py    the HellaSwag benchmark: read, render, score
+    metrics.py      MFU, metrics.jsonl, loss.png
+    files.py        files that are whole or absent: atomic writes, downloads
 """
 
 import argparse
@@ -31,6 +37,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +49,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import convert
+import hellaswag
+from files import atomic_open
+from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -70,6 +82,11 @@ class GPTConfig:
     attn_impl: str = "sdpa"  # 'sdpa' (fused kernel, flash on GPU) | 'explicit' (the math, spelled out)
 
     def __post_init__(self):
+        """Fill in what follows from the other fields, and refuse a model that cannot exist: the one check of a
+        model's shape (the command line builds a GPTConfig and reports its ValueError)."""
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
+                             "n_embd / n_head dimensions")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.mlp_hidden is None:
@@ -80,7 +97,7 @@ class GPTConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+            raise ValueError(f"RoPE needs an even head dim (it rotates pairs of dimensions), got {self.head_dim}")
 
     @classmethod
     def preset(cls, size="gpt2", arch="gpt2", **overrides):
@@ -100,7 +117,7 @@ POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm"),
 
 SIZES = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),  # for tests
-    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # the main job: Shakespeare's characters on a CPU
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # the default run: Shakespeare's characters, a CPU
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -111,7 +128,8 @@ SIZES = {
 ARCHS = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
     "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
-    # OLMo as the course this project follows defines it; NOTE: AI2's released OLMo models use RoPE, not ALiBi
+    # a teaching variant under OLMo's name: ALiBi positions, LayerNorm, SwiGLU, no biases;
+    # NOTE: AI2's released OLMo models use RoPE, not ALiBi
     "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
 }
 
@@ -122,9 +140,10 @@ ARCHS = {
 # the token embedding. RoPE instead rotates queries and keys by an angle proportional
 # to their position, so q·k depends only on the distance between them. ALiBi adds no
 # vectors at all: each head subtracts slope × distance from its attention scores, and
-# so runs past the length it was trained on. The Positions module at the end of this
-# section is the one place that knows which scheme a model uses: a new one (NoPE, YaRN)
-# is a new GPTConfig.pos value and a branch there.
+# so runs past the length it was trained on; attention_bias builds that penalty into the
+# causal mask. The Positions module at the end of this section is the one place that
+# knows which scheme a model uses: a new one (NoPE, YaRN) is a new GPTConfig.pos value
+# and a branch there.
 
 
 def rope_cos_sin(head_dim, n_pos, theta, device=None):
@@ -162,12 +181,26 @@ def alibi_slopes(n_head):
     return torch.tensor(slopes)
 
 
+def attention_bias(T, S, alibi=None, device=None):
+    """The additive mask for T queries that are the last T of S keys (the first S - T come from a KV
+    cache): 0 where query i may look at key j, -inf where j is in its future, and with ALiBi's slopes
+    (nh,) each head's -slope * distance on top. None when plain causal attention needs no mask:
+    a square window (T == S), which SDPA's is_causal covers with its fastest (flash) kernel, or one
+    new token that sees every key (T == 1). Else (1, nh or 1, T, S), in fp32."""
+    if alibi is None and (T == S or T == 1):
+        return None
+    q_pos = torch.arange(S - T, S, device=device)  # the queries' places among the keys
+    distance = (q_pos[:, None] - torch.arange(S, device=device)[None, :]).float()  # (T, S), >= 0: in the past
+    bias = torch.zeros(T, S, device=device) if alibi is None else -alibi.view(-1, 1, 1) * distance  # (1|nh, T, S)
+    return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
+
+
 class Positions(nn.Module):
     """What the model needs to know about positions, for T queries at positions start .. start+T-1
     that attend to S keys (S > T when a KV cache holds earlier ones):
         pos_emb (T, C)   added to the token embeddings (learned), else None
         rope             (cos, sin), each (T, hd), to rotate q and k by (rope), else None
-        bias             the additive attention mask of section 3: None for plain causal
+        bias             the additive attention mask (attention_bias): None for plain causal
                          attention, else (1, nh or 1, T, S), with ALiBi's distance penalty (alibi)
     GPT keeps it under GPT-2's name for its learned position embedding, transformer.wpe, so that
     GPT-2 checkpoints load unchanged; only the learned scheme has a weight."""
@@ -268,20 +301,6 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def attention_bias(T, S, alibi=None, device=None):
-    """The additive mask for T queries that are the last T of S keys (the first S - T come from a KV
-    cache): 0 where query i may look at key j, -inf where j is in its future, and with ALiBi's slopes
-    (nh,) each head's -slope * distance on top. None when plain causal attention needs no mask:
-    a square window (T == S), which SDPA's is_causal covers with its fastest (flash) kernel, or one
-    new token that sees every key (T == 1). Else (1, nh or 1, T, S), in fp32."""
-    if alibi is None and (T == S or T == 1):
-        return None
-    q_pos = torch.arange(S - T, S, device=device)  # the queries' places among the keys
-    distance = (q_pos[:, None] - torch.arange(S, device=device)[None, :]).float()  # (T, S), >= 0: in the past
-    bias = torch.zeros(T, S, device=device) if alibi is None else -alibi.view(-1, 1, 1) * distance  # (1|nh, T, S)
-    return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
-
-
 def repeat_kv(k, v, groups):
     """Grouped-query attention by copying: each of the nkv key/value heads serves `groups` query heads in a row."""
     if groups == 1:
@@ -359,7 +378,8 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
-# from_pretrained reads HF checkpoints with the converters of section 10.
+# from_pretrained reads HF checkpoints with convert.py's converters. The section ends with
+# generation: the model fed its own output one token at a time, with a KV cache.
 
 
 class GPT(nn.Module):
@@ -420,7 +440,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None).
 
         targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a
-        KVCache (section 9), idx holds only the new tokens and the cache supplies the keys and
+        KVCache (below), idx holds only the new tokens and the cache supplies the keys and
         values before them; the generation loop, not the model, makes room in it and advances it.
         """
         B, T = idx.size()
@@ -448,45 +468,150 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, *, stream=False, **options):
         """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
         each (B, 1). options: temperature, top_k, top_p, use_cache, generator, vocab_size (see
-        generate_tokens, section 9). A bad prompt raises here, before any token."""
+        generate_tokens, below). A bad prompt raises here, before any token."""
         check_prompt(idx, self.config.block_size)
         tokens = generate_tokens(self, idx, max_new_tokens, **options)
         return tokens if stream else torch.cat([idx, *tokens], dim=1)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or Llama-family
-        models from the hub, or any local directory holding an HF GPT2LMHeadModel or
-        LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin)."""
-        from transformers import AutoConfig  # only this function needs transformers
-
-        path = name_or_path if os.path.isdir(name_or_path) else download_hf(name_or_path)
-        hf = AutoConfig.from_pretrained(path)
-        if hf.model_type not in HF_LOADERS:
-            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
-                             f"(supported: {', '.join(HF_LOADERS)})")
-        config_from_hf, weights_from_hf = HF_LOADERS[hf.model_type]
-        config = config_from_hf(hf)
-        config.dropout = dropout
-        with torch.device("meta"):  # no memory and no random init: every weight comes from the checkpoint
+    def from_state_dict(cls, config, state_dict, source):
+        """A model holding exactly state_dict's weights (checked: names and shapes; source names them in errors).
+        Built on the meta device: no memory and no random init for weights that are about to be replaced, and
+        nothing drawn from the global RNG."""
+        with torch.device("meta"):
             model = cls(config)
         model.to_empty(device="cpu")  # real storage, left uninitialised; this unties weights, so tie them again
         model.tie_weights()
         model.transformer.wpe.make_tables()
-        ours = weights_from_hf(read_hf_weights(path), config)
         expected = model.state_dict()
-        missing = sorted(set(expected) - set(ours))
-        extra = sorted(set(ours) - set(expected))
+        missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         if missing or extra:
-            raise ValueError(f"{name_or_path}: missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
-        for k, v in ours.items():
+            raise ValueError(f"{source}: missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
+        for k, v in state_dict.items():
             if v.shape != expected[k].shape:
-                raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        model.load_state_dict(ours)
-        # what sampling decodes with: tiktoken for GPT-2, unless the folder brings a tokenizer GPT-2's would not fit
-        own = os.path.isfile(os.path.join(path, "tokenizer.json")) and config.vocab_size < 50257  # exported bytes
-        model.tokenizer = "gpt2" if hf.model_type == "gpt2" and not own else "hf:" + path
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        model.load_state_dict(state_dict)
         return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or Llama-family
+        models from the hub, or any local directory holding an HF GPT2LMHeadModel or
+        LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
+        tokenizer its ids mean: convert.hf_tokenizer_name."""
+        from transformers import AutoConfig  # only this function needs transformers
+
+        path = convert.hf_folder(name_or_path)
+        hf = AutoConfig.from_pretrained(path)
+        if hf.model_type not in convert.HF_LOADERS:
+            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
+                             f"(supported: {', '.join(convert.HF_LOADERS)})")
+        config_from_hf, weights_from_hf = convert.HF_LOADERS[hf.model_type]
+        config = GPTConfig.preset("gpt2", hf.model_type, dropout=dropout, **config_from_hf(hf))
+        return cls.from_state_dict(config, weights_from_hf(convert.read_hf_weights(path), config), name_or_path)
+
+
+# Generation feeds the model its own output one token at a time. Without a cache every
+# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
+# and each step computes only the new token's keys and values, attending to the stored
+# ones. The model only reads the cache (GPT.forward); this loop makes room in it and
+# advances it. Past block_size the cache slides: the oldest position drops out, and RoPE
+# and ALiBi, which only see distances, carry on. Learned positions end at block_size, so
+# from there every step re-encodes the last block_size tokens, as the uncached path does.
+
+
+class KVCache:
+    """Keys and values of all layers, preallocated to block_size positions:
+    k and v are (n_layer, B, n_kv_head, block_size, head_dim). `len` slots are filled;
+    `pos` counts every token seen (the absolute position of the next one)."""
+
+    def __init__(self, config, batch_size):
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k = self.v = None  # allocated at the first write, in the keys' dtype (fp32, or bf16 under autocast)
+        self.len = self.pos = 0
+
+    def make_room(self, T):
+        """Slide the window left if T more tokens would not fit."""
+        size = self.shape[3]
+        if T > size:
+            raise ValueError(f"{T} tokens at once do not fit the {size}-token cache")
+        drop = self.len + T - size
+        if drop > 0:
+            keep = self.len - drop
+            for buf in (self.k, self.v):
+                buf[..., :keep, :] = buf[..., drop : self.len, :].clone()
+            self.len = keep
+
+    def layer(self, i):
+        return LayerCache(self, i)
+
+    def advance(self, T):
+        self.len += T
+        self.pos += T
+
+
+class LayerCache:
+    """One layer's view of the KVCache, handed to its attention."""
+
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):  # k, v (B, nkv, T, hd) -> (B, nkv, len + T, hd)
+        c, end = self.cache, self.cache.len + k.size(2)
+        if c.k is None:
+            c.k, c.v = k.new_empty(c.shape), v.new_empty(c.shape)  # slots past len are never read
+        c.k[self.i, :, :, c.len : end] = k
+        c.v[self.i, :, :, c.len : end] = v
+        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, vocab) -> (B, 1). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: finite for any temperature
+    if top_k is not None:  # keep the k most likely tokens
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the fewest tokens whose probabilities add up to top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def check_prompt(idx, block_size):
+    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
+    if idx.size(1) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if idx.size(1) > block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
+
+
+@torch.inference_mode()
+def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                    generator=None, vocab_size=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. Only ids <
+    vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights fine-tuned
+    on byte data, say)."""
+    block_size = model.config.block_size
+    cache = KVCache(model.config, idx.size(0)) if use_cache else None
+    for _ in range(max_new_tokens):
+        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
+            cache = None  # no position embedding beyond block_size: re-encode the window from here on
+        if cache is None:
+            logits, _ = model(idx[:, -block_size:])  # (B, T, vocab)
+        else:
+            new = idx[:, cache.pos :]  # (B, T): the prompt at first, then the one token sampled last
+            cache.make_room(new.size(1))
+            logits, _ = model(new, cache=cache)  # (B, T, vocab)
+            cache.advance(new.size(1))
+        next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, next_token), dim=1)
+        yield next_token
 
 
 # -----------------------------------------------------------------------------
@@ -708,14 +833,305 @@ class DataLoaderLite:
         self.reset(state["epoch"], state["step"])
 
 
+DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
+
+
+def prepare_default_data(data_dir):
+    """The default run's data: tiny Shakespeare at byte (= character) level, prepared on first use by
+    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+
+
 # -----------------------------------------------------------------------------
-# 8. Training
+# 8. Processes
+# What a run needs around the model: a device and a dtype; under torchrun, the process
+# group every process joins (one process per GPU), the model wrapped so that backward
+# averages the gradients over the processes (DDP); and stop signals that end a run at a
+# step's end, not in the middle of one.
+
+
+def pick_device(name, local_rank=0):
+    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
+    becomes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def pick_dtype(name, device):
+    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device, dtype):
+    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Distributed:
+    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
+
+    finished_on_gloo = False  # set when a gloo group was torn down after success: see running's NOTE
+
+    def __init__(self):
+        self.enabled = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+
+    @contextlib.contextmanager
+    def running(self, device):
+        """The process group for the block inside `with`: NCCL moves GPU tensors between GPUs directly, gloo
+        runs the same collectives on CPU tensors (tests). Alone, there is nothing to set up.
+
+        NOTE: a process that dies at exit fails the whole torchrun job, and gloo can make one die: a worker
+        thread of its freeing the tensors of a finished collective after Python has begun shutting down aborts
+        the process (SIGABRT, "terminate called without an active exception", 1 finished run in 20 to 40 on a
+        busy machine). Hence:
+        - FSDP (--fsdp uses it; transformers and torch.distributed.checkpoint import it) is imported before
+          the group exists: its ShardedGradScaler takes `group.WORLD` as a default argument, so imported
+          later it would keep the group, and its threads, alive after destroy_process_group.
+        - On success every process waits for the others before tearing down. After an error there is no
+          waiting: a peer may never arrive.
+        - On gloo (CPU) a finished process ends right after destroy_process_group, everything written, closed
+          and flushed, skipping Python's shutdown: under --fsdp torch's DTensor keeps the group and gloo's
+          threads alive regardless. The program's entry (the end of this file) does that, when running has set
+          Distributed.finished_on_gloo: library code never ends its caller's process."""
+        if not self.enabled:
+            yield
+            return
+        import torch.distributed.fsdp  # noqa: F401  (see the NOTE: before init_process_group)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        torch.distributed.init_process_group(backend=backend, device_id=device_id)
+        try:
+            yield
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+        Distributed.finished_on_gloo = backend == "gloo"
+
+    def sum(self, t):
+        """Sum a tensor over processes, in place."""
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def gather(self, obj):
+        # any picklable object from every process, in rank order (the RNG states a checkpoint keeps)
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+class StopSignal:
+    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
+    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def wrap_model(model, args, dist, device, dtype):
+    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py);
+    compiled.
+
+    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
+    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
+    from the config, identical on every process, and need no broadcast each step."""
+    if args.fsdp:
+        import fsdp  # only --fsdp needs it
+
+        fsdp.shard(model, dtype)
+    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
+        model = torch.compile(model)
+    if dist.enabled and not args.fsdp:
+        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True, broadcast_buffers=False,
+            )
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 9. Checkpoints
+# A checkpoint holds all of a run's state: weights, optimizer state, loss scale, the data
+# loader's position, the step, and every process's RNG state, so a resumed run continues
+# exactly, even after a kill -9 (files.atomic_open: the old file or the new one, never half).
+# It is read back with weights_only=True: tensors and plain containers only, never code.
+
+
+CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
+
+
+def save_checkpoint(path, state):
+    with atomic_open(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path):
+    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
+    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
+    machine do not each copy the whole checkpoint into host RAM first."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The model a checkpoint holds, built from its config and weights (GPT.from_state_dict: no random init)."""
+    return GPT.from_state_dict(GPTConfig(**ckpt["config"]), ckpt["model"], path)
+
+
+def check_same_architecture(saved, config, path):
+    ours = config.architecture()
+    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
+                         "use the same model flags to resume")
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def seed_rng(ckpt, seed, dist, device):
+    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
+    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
+
+    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
+    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
+    if ckpt is not None and len(ckpt["rng"]) == dist.world:
+        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
+        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
+        return
+    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
+    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
+
+
+# -----------------------------------------------------------------------------
+# 10. Evaluation
+# How good a model is, measured three ways: the val loss the training loop logs (the same
+# few batches every time, so the points of a run compare), the loss over every token of a
+# whole text (--eval: perplexity), and HellaSwag's multiple choice (hellaswag.py).
+
+
+@torch.no_grad()
+def estimate_val_loss(model, loader, iters, device, dtype, dist):
+    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
+    step read like a training step, so every split of the same total batch sees the same windows."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(iters * loader.grad_accum):
+        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
+        with autocast(device, dtype):
+            _, loss = model(buf[:, :-1], buf[:, 1:])
+        total += loss.float()
+    model.train()
+    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
+    """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
+    that overlap by one, so every token after the first is predicted exactly once.
+    Returns (mean loss, number of tokens predicted)."""
+    from tqdm import tqdm
+
+    T = model.config.block_size
+    tokens = np.asarray(tokens)
+    n_full = (len(tokens) - 1) // T
+
+    def loss_sum(rows):  # rows (b, n + 1) -> summed loss of predicting rows[:, 1:]
+        buf = torch.from_numpy(rows.astype(np.int64)).to(device)
+        with autocast(device, dtype):
+            logits, _ = model(buf[:, :-1])  # (b, n, vocab)
+        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
+        return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
+
+    total = 0.0
+    for first in tqdm(range(0, n_full, batch_size), desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+        windows = range(first, min(first + batch_size, n_full))
+        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in windows]))  # (b, T + 1)
+    if len(tokens) - 1 > n_full * T:  # the shorter last window
+        total += loss_sum(tokens[n_full * T :][None])
+    return total / (len(tokens) - 1), len(tokens) - 1
+
+
+def load_hellaswag(path, dist):
+    """The examples of --hellaswag FILE, or of the official validation set when path is hellaswag.URL:
+    downloaded once into the cache, by rank 0 alone under torchrun."""
+    if dist.master:
+        hellaswag.local_copy(path)
+    dist.barrier()
+    return hellaswag.read_examples(hellaswag.local_copy(path))
+
+
+def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_size, progress=False):
+    """(acc, acc_norm, n) over all examples: each process scores its share, the counts are added up."""
+    with autocast(device, dtype):
+        counts = hellaswag.scores(model, examples, tokenizer, device, dist.rank, dist.world, batch_size, progress)
+    correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
+    return correct / n, correct_norm / n, n
+
+
+# -----------------------------------------------------------------------------
+# 11. Training
 # AdamW with weight decay on matrices only (or Muon for the blocks' matrices), linear
 # warmup then cosine decay, gradient accumulation to reach a large batch in small
 # steps, gradient clipping, bf16 autocast on GPUs. Under torchrun every process runs
-# this same code on its slice of each batch (section 11 wraps the model for DDP or
-# FSDP). Checkpoints hold all the state (weights, optimizer, data position, RNGs), so a
-# resumed run continues exactly, even after a kill -9.
+# this same code on its slice of each batch (section 8 wraps the model for DDP, fsdp.py
+# shards it for FSDP). train() is the whole run in the order it happens: set-up, resume,
+# then the loop, whose every step is forward/backward, update, log, evaluate and save.
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
@@ -783,144 +1199,33 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def train_step(model, loader, optimizer, scaler, lr_scale, grad_accum, grad_clip, device, dtype, dist, stop_requested):
-    """One optimizer step over grad_accum micro-batches, each group's lr at lr_scale x its peak
-    -> (mean loss, gradient norm, updated, stop).
-    A non-finite loss or norm skips the update (updated=False): the weights stay as they were. stop is
-    True on every process when any process was asked to stop.
-
-    NOTE: the step waits for the device once, where the loss, the norm and the stop flag are read
-    together; the update itself is queued behind that and not waited for."""
-    for opt in getattr(optimizer, "optimizers", [optimizer]):  # a resumed run's lr is its flags', not the file's
-        for group in opt.param_groups:
-            group["lr"] = opt.defaults["lr"] * lr_scale  # defaults: what the optimizer was built with
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1), one copy from pinned memory on GPUs
-        x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
-        with gradient_sync(model, micro == grad_accum - 1):  # processes average the gradients once, at the last
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
-    # every process logs the same, global, loss; the flag rides along in the same all-reduce
-    stats = dist.sum(torch.stack([loss_sum, torch.full((), float(stop_requested), device=device)]))
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the norm of the whole gradient
-    if is_sharded(model):  # FSDP: a DTensor, the norm over every process's shards, the same on each
-        norm = norm.full_tensor()
-    loss, stop, norm = torch.cat([stats, norm.view(1).float()]).tolist()  # the step's one host sync
-    loss /= dist.world
-    # fp16's GradScaler skips a step with inf gradients itself
-    updated = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())
-    if updated:
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, norm, updated, stop > 0
-
-
-@contextlib.contextmanager
-def gradient_sync(model, sync):
-    """Around one micro-step's forward and backward. sync=False: each process adds this micro-batch's gradients
-    to its own and talks to no one; sync=True (the last micro-step): the sums are averaged over the processes,
-    one all-reduce (DDP) or reduce-scatter into each process's shard (FSDP) per optimizer step.
-
-    NOTE: under FSDP the skipped syncs cost memory: until the last micro-step every process holds whole,
-    unsharded gradients. Syncing every micro-step would keep only shards, at grad_accum times the traffic."""
-    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    elif not sync and is_sharded(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-@torch.no_grad()
-def estimate_val_loss(model, loader, iters, device, dtype, dist):
-    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
-    step read like a training step, so every split of the same total batch sees the same windows."""
-    model.eval()
-    loader.reset()
-    total = torch.zeros((), device=device)
-    for _ in range(iters * loader.grad_accum):
-        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
-        with autocast(device, dtype):
-            _, loss = model(buf[:, :-1], buf[:, 1:])
-        total += loss.float()
-    model.train()
-    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
-
-
 def model_config(args, vocab_size):
-    """The model the training flags describe: an --arch preset with single switches on top. The embedding
-    and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT does:
-    GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
-    logits down, and sampling and evaluation only look at the tokenizer's ids."""
-    overrides = {k: getattr(args, k) for k in ("pos", "norm", "mlp", "n_kv_head") if getattr(args, k) is not None}
-    return GPTConfig.preset(
-        args.size, args.arch, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-        vocab_size=64 * math.ceil(vocab_size / 64), dropout=args.dropout, **overrides,
-    )
+    """The model the command line describes: an --arch and a --size preset, any single flag on top. The
+    embedding and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT
+    does: GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
+    logits down, and sampling and evaluation only look at the tokenizer's ids. GPTConfig refuses a shape that
+    cannot exist (ValueError)."""
+    flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    return GPTConfig.preset(args.size or "mini", args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
+                            dropout=args.dropout, **overrides)
 
 
-# The loop, in the order it runs. run_training sets the run up (start_run: data, model, optimizer;
-# restore_run: a checkpoint's state when resuming; open_logs: metrics, the MFU peak, what is being
-# trained), restores the random generators last, then train_loop steps, logs, evaluates and saves
-# (save_run, restore_run's other half) until --max-steps, and finish_run plots the losses and samples.
+def train(args, dist, device, dtype):
+    """A training run, top to bottom. Every process under torchrun runs all of it, on its own share of each
+    batch. Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after
+    a save)."""
 
-
-@dataclass
-class Run:
-    """Everything one training run holds, shared by the functions below."""
-
-    args: argparse.Namespace
-    dist: "Distributed"
-    device: torch.device
-    dtype: torch.dtype
-    meta: dict  # the dataset's meta.json: tokenizer, vocab_size, splits
-    train_loader: DataLoaderLite
-    val_loader: DataLoaderLite
-    grad_accum: int  # micro-steps per optimizer step
-    tokens_per_step: int  # B x T x processes x grad_accum
-    raw_model: GPT  # the model itself: its weights, generate(), flops_per_token()
-    model: nn.Module  # what the step calls: raw_model, compiled and/or wrapped by DDP or FSDP
-    optimizer: object  # torch AdamW, or Optimizers(Muon, AdamW)
-    scaler: torch.amp.GradScaler  # fp16 only: scales the loss so small gradients do not flush to zero
-    ckpt_path: str
-    step: int = 0  # optimizer steps taken
-    val_loss: float | None = None  # the last one measured, saved with the checkpoint
-    log: "MetricsLog" = None  # set by open_logs, with what the loop reports against:
-    peak: float | None = None  # the device's peak FLOP/s, the MFU denominator
-    flops_per_token: int = 0  # what one trained token costs, the MFU numerator per token
-    tokenizer: object = None  # for HellaSwag and the closing sample
-    hellaswag: list | None = None  # the examples, with --hellaswag-every
-
-    def say(self, *lines):
-        if self.dist.master:  # every process runs the loop; one speaks
+    def say(*lines):
+        if dist.master:  # every process runs the loop; one speaks
             print(*lines, flush=True)
 
+    if args.fsdp:
+        import fsdp  # only --fsdp needs it
 
-def run_training(args, dist, device, dtype):
-    run = start_run(args, dist, device, dtype)
-    ckpt = restore_run(run) if args.resume else None
-    open_logs(run)
-    # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
-    # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
-    seed_rng(ckpt, args.seed, dist, device)
-    if train_loop(run):
-        finish_run(run)
-
-
-def start_run(args, dist, device, dtype):
-    """Data loaders, the model (wrapped for compile, DDP or FSDP) and its optimizer."""
-    if args.data is None:  # the main job: tiny Shakespeare, prepared by rank 0 while the others wait
+    # The data. An optimizer step sees B x T tokens per process per micro-step, over all processes and
+    # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
+    if args.data is None:  # the default run: tiny Shakespeare, prepared by rank 0 while the others wait
         args.data = DEFAULT_DATA
         if dist.master:
             prepare_default_data(args.data)
@@ -929,1344 +1234,211 @@ def start_run(args, dist, device, dtype):
     if not args.resume and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
     meta = read_meta(args.data)
-    # An optimizer step sees B x T tokens per process per micro-step, over all processes and grad_accum
-    # micro-steps: --total-batch-tokens sets the total (parse_args checked that it divides evenly).
+    tokenizer = get_tokenizer(meta["tokenizer"])
     B, T = args.batch_size, args.seq_len
     tokens_per_step = args.total_batch_tokens or B * T * dist.world
     grad_accum = tokens_per_step // (B * T * dist.world)
     pin = device.type == "cuda"  # page-locked host memory: the copy to the GPU runs beside the compute
     train_loader, val_loader = (DataLoaderLite(args.data, split, B, T, dist.rank, dist.world, grad_accum,
                                                args.seed, pin) for split in ("train", "val"))
-    raw_model = build_model(args, meta, device)
+
+    # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
     # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
     # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        c = raw_model.config
+        if meta["vocab_size"] > c.vocab_size or T > c.block_size:
+            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit "
+                             f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
+    else:
+        raw_model = GPT(model_config(args, meta["vocab_size"]))
+    raw_model.grad_checkpointing = args.grad_checkpointing
+    raw_model.to(device)
     model = wrap_model(raw_model, args, dist, device, dtype)
     muon_lr = args.muon_lr if args.optimizer == "muon" else None
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if device.type == "cuda":
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: small gradients
+    if device.type == "cuda":  # would flush to zero, so the loss is scaled up before backward
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    return Run(args, dist, device, dtype, meta, train_loader, val_loader, grad_accum, tokens_per_step, raw_model,
-               model, optimizer, scaler, ckpt_path)
 
+    # Resuming puts back everything the save at the bottom of the loop wrote, whatever wrote it (one process,
+    # DDP or FSDP: under FSDP every process reads the whole tensors and keeps its shard).
+    step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_architecture(ckpt["config"], raw_model.config, ckpt_path)
+        saved = ckpt["args"].get("optimizer", "adamw")
+        if saved != args.optimizer:
+            raise ValueError(f"{ckpt_path} was trained with --optimizer {saved}: resume with the same optimizer")
+        if args.fsdp:
+            fsdp.load_full_state(raw_model, optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        train_loader.load_state_dict(ckpt["loader"])
+        step, val_loss = ckpt["step"], ckpt.get("val_loss")
+        say(f"resumed {ckpt_path} at step {step}")
 
-def build_model(args, meta, device):
-    """A new GPT from the model flags, or HF weights (--init-from), on device."""
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    if args.init_from:
-        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-        c = model.config
-        if meta["vocab_size"] > c.vocab_size or args.seq_len > c.block_size:
-            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {args.seq_len}) does not fit "
-                             f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
-    else:
-        model = GPT(model_config(args, meta["vocab_size"]))
-    model.grad_checkpointing = args.grad_checkpointing
-    return model.to(device)
-
-
-def save_run(run):
-    """Write ckpt.pt with everything restore_run needs to continue exactly. Every process calls it: each
-    one's RNG state is gathered (dropout continues exactly on each), and under FSDP every process gives its
-    shards; rank 0 writes (atomically: a kill -9 mid-write leaves the previous checkpoint)."""
-    rngs = run.dist.gather(rng_state(run.device))
-    model_state, optimizer_state = training_state(run.raw_model, run.optimizer)
-    if run.dist.master:
-        save_checkpoint(run.ckpt_path, {
-            "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
-            "scaler": run.scaler.state_dict(), "config": dataclasses.asdict(run.raw_model.config),
-            "args": vars(run.args), "step": run.step, "loader": run.train_loader.state_dict(), "rng": rngs,
-            "tokenizer": run.meta["tokenizer"], "val_loss": run.val_loss,
-        })
-
-
-def restore_run(run):
-    """save_run's other half: put ckpt.pt's weights, optimizer state, loss scale, data position and step
-    back into run. Returns the checkpoint, whose RNG states seed_rng restores last."""
-    ckpt = load_checkpoint(run.ckpt_path)
-    check_same_architecture(ckpt["config"], run.raw_model.config, run.ckpt_path)
-    saved = ckpt["args"].get("optimizer", "adamw")
-    if saved != run.args.optimizer:
-        raise ValueError(f"{run.ckpt_path} was trained with --optimizer {saved}: resume with the same optimizer")
-    load_training_state(run.raw_model, run.optimizer, ckpt)
-    run.scaler.load_state_dict(ckpt["scaler"])
-    run.train_loader.load_state_dict(ckpt["loader"])
-    run.step, run.val_loss = ckpt["step"], ckpt.get("val_loss")
-    run.say(f"resumed {run.ckpt_path} at step {run.step}")
-    return ckpt
-
-
-def open_logs(run):
-    """metrics.jsonl (cut back to the resumed step), what MFU is measured against, HellaSwag's examples,
-    and a few lines on what is being trained."""
-    args, config, meta = run.args, run.raw_model.config, run.meta
-    run.log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.step, args, run.dist.master)
-    run.tokenizer = get_tokenizer(meta["tokenizer"])
-    run.hellaswag = load_hellaswag(args.hellaswag or HELLASWAG_URL, run.dist) if args.hellaswag_every else None
-    run.peak, peak_source = peak_flops(run.device)
-    run.flops_per_token = run.raw_model.flops_per_token(args.seq_len)
+    # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
+    # what is being trained.
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), step, dist.master, args.wandb, vars(args))
+    examples = load_hellaswag(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
+    peak, peak_source = peak_flops(device)
+    flops_per_token = raw_model.flops_per_token(T)
+    config = raw_model.config
     vocab = f"vocab {meta['vocab_size']}"
     vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
-    run.say(f"model: {run.raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, "
-            f"{config.mlp}, {config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} "
-            f"({meta['tokenizer']})")
-    run.say(f"batch: {args.batch_size} x {args.seq_len} tokens x {run.dist.world} processes x {run.grad_accum} "
-            f"accumulation steps = {run.tokens_per_step:,} tokens/step | device {run.device}, "
-            f"{str(run.dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}")
+    say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
+        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
+    say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = "
+        f"{tokens_per_step:,} tokens/step | device {device}, {str(dtype).removeprefix('torch.')}"
+        f"{', compiled' if args.compile else ''}")
     if args.fsdp:
-        local = sum(p.to_local().numel() for p in run.raw_model.parameters())
-        run.say(f"FSDP: weights, gradients and AdamW state sharded over {run.dist.world} processes; "
-                f"rank 0 holds {local:,} of {run.raw_model.num_params():,} parameters")
-    run.say("MFU per device, against " + (f"{run.peak / 1e12:.3g} TFLOP/s ({peak_source})" if run.peak
-                                          else peak_source))
+        local = sum(p.to_local().numel() for p in raw_model.parameters())
+        say(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
+            f"rank 0 holds {local:,} of {raw_model.num_params():,} parameters")
+    say("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
+    # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
+    # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
+    seed_rng(ckpt, args.seed, dist, device)
 
-
-def train_loop(run):
-    """Step until --max-steps (True), or until SIGINT/SIGTERM asks to stop (False, after a save). Every
-    step is a line of metrics.jsonl; logged steps also measure speed, and some the val loss."""
-    args = run.args
     decay_steps = args.lr_decay_steps or args.max_steps
-    run.model.train()
-    since = (time.perf_counter(), run.step)  # tokens/s is measured between logged steps
+    model.train()
+    t0, step0 = time.perf_counter(), step  # tokens/s is measured between logged steps
     with StopSignal() as stop:
-        while run.step < args.max_steps:
-            lr = lr_at(run.step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            loss, norm, updated, stopping = train_step(run.model, run.train_loader, run.optimizer, run.scaler,
-                                                       lr / args.lr, run.grad_accum, args.grad_clip, run.device,
-                                                       run.dtype, run.dist, stop.requested)
-            if not updated:
-                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-                raise ValueError(f"{what} is {value} at step {run.step}: stopping before the update; "
-                                 f"{run.ckpt_path} keeps the last good state (try a lower --lr)")
-            run.step += 1
-            record = {"step": run.step - 1, "loss": loss, "lr": lr, "grad_norm": norm}
-            last = run.step == args.max_steps
-            evaluating = run.step % args.eval_every == 0 or last
-            scoring = args.hellaswag_every is not None and (run.step % args.hellaswag_every == 0 or last)
-            if run.step % args.log_every == 0 or run.step == 1 or evaluating or scoring:
-                measure(run, record, since, evaluating, scoring)
-                since = (time.perf_counter(), run.step)  # evaluations are not counted as training time
-            run.log.write(record)
-            if run.step % args.ckpt_every == 0 or last or stopping:
-                save_run(run)
+        while step < args.max_steps:
+            # The lr of this step, each optimizer at the same fraction of its own peak (its defaults["lr"]);
+            # a resumed run's lr is its flags', not the file's.
+            lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+            for opt in getattr(optimizer, "optimizers", [optimizer]):
+                for group in opt.param_groups:
+                    group["lr"] = opt.defaults["lr"] * lr / args.lr
+
+            # Forward and backward over grad_accum micro-batches: their gradients add up.
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                buf = train_loader.next_batch().to(device, non_blocking=True)  # (B, T+1), from pinned memory
+                x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
+                # The processes average their gradients once, in the last micro-step's backward (DDP's
+                # all-reduce, FSDP's reduce-scatter into each one's shard); before it each adds up its own.
+                # NOTE: under FSDP the skipped syncs cost memory: until the last micro-step every process holds
+                # whole, unsharded gradients. Syncing every micro-step would keep only shards, at grad_accum
+                # times the traffic.
+                sync = micro == grad_accum - 1
+                if args.fsdp:
+                    raw_model.set_requires_gradient_sync(sync)
+                elif dist.enabled:
+                    model.require_backward_grad_sync = sync
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+
+            # The update. Every process logs the same, global, loss; the stop flag rides in the same all-reduce.
+            stats = dist.sum(torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)]))
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # of the whole gradient
+            if args.fsdp:  # a DTensor: the norm over every process's shards, the same on each
+                norm = norm.full_tensor()
+            # NOTE: the step's one wait for the device, where the loss, the norm and the stop flag are read
+            # together; the update itself is queued behind it and not waited for.
+            loss, stopping, norm = torch.cat([stats, norm.view(1).float()]).tolist()
+            loss /= dist.world
+            if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16's GradScaler
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)  # skips an inf
+                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; "  # itself
+                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # Log: every step is a line of metrics.jsonl; logged steps also measure speed (waiting for the
+            # device only here), and some the val loss or HellaSwag, which are not counted as training time.
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+            last = step == args.max_steps
+            evaluating = step % args.eval_every == 0 or last
+            scoring = args.hellaswag_every is not None and (step % args.hellaswag_every == 0 or last)
+            if step % args.log_every == 0 or step == 1 or evaluating or scoring:
+                synchronize(device)
+                record["tokens_per_s"] = (step - step0) * tokens_per_step / (time.perf_counter() - t0)
+                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, dist.world, peak)
+                if evaluating:
+                    val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device,
+                                                                      dtype, dist)
+                if scoring:
+                    _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(raw_model, examples, tokenizer, device,
+                                                                            dtype, dist, B)
+                say(log_line(record))
+                t0, step0 = time.perf_counter(), step
+            log.write(record)
+
+            # Save everything resuming needs. Every process takes part: each one's RNG state is gathered
+            # (dropout continues exactly on each), and under FSDP every process gives its shards; rank 0
+            # writes, atomically: a kill -9 mid-write leaves the previous checkpoint.
+            if step % args.ckpt_every == 0 or last or stopping:
+                rngs = dist.gather(rng_state(device))
+                if args.fsdp:
+                    model_state, optimizer_state = fsdp.full_state(raw_model, optimizer)
+                else:
+                    model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+                if dist.master:
+                    save_checkpoint(ckpt_path, {
+                        "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
+                        "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args),
+                        "step": step, "loader": train_loader.state_dict(), "rng": rngs,
+                        "tokenizer": meta["tokenizer"], "val_loss": val_loss,
+                    })
             if stopping:
-                run.log.close()
-                run.say(f"interrupted: saved {run.ckpt_path} at step {run.step}; continue with --resume")
-                return False
-    run.log.close()
-    return True
-
-
-def measure(run, record, since, evaluating, scoring):
-    """Add a logged step's speed (and val loss, HellaSwag) to its record, and print it."""
-    synchronize(run.device)  # only here: the time since the last log is then the time of those steps
-    t0, step0 = since
-    record["tokens_per_s"] = (run.step - step0) * run.tokens_per_step / (time.perf_counter() - t0)
-    record["mfu"] = mfu(record["tokens_per_s"], run.flops_per_token, run.dist.world, run.peak)
-    if evaluating:
-        run.val_loss = record["val_loss"] = estimate_val_loss(run.model, run.val_loader, run.args.eval_iters,
-                                                              run.device, run.dtype, run.dist)
-    if scoring:
-        _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(run.raw_model, run.hellaswag, run.tokenizer,
-                                                                run.device, run.dtype, run.dist, run.args.batch_size)
-    run.say(log_line(record))
-
-
-def finish_run(run):
-    """Plot the losses, then print a sample of what the model learned."""
-    if run.dist.master:
-        run.say(f"saved {run.ckpt_path}")
-        default_run = run.args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
-        plot_metrics(run.log.path, NANOGPT_CPU_VAL_LOSS if default_run else None, "nanoGPT CPU recipe")
-    # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
-    # together (rank 0 prints). Otherwise rank 0 samples alone.
-    if run.dist.master or run.args.fsdp:
-        prompt = torch.tensor([run.tokenizer.encode("\n")], device=run.device)
-        run.say("--- sample ---")
-        run.raw_model.eval()
-        with autocast(run.device, run.dtype):
-            out = run.raw_model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=run.tokenizer.vocab_size)
-        run.say(run.tokenizer.decode(out[0].tolist()))
-
-
-# -----------------------------------------------------------------------------
-# 9. Sampling and evaluation
-# Generation feeds the model its own output one token at a time. Without a cache every
-# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
-# and each step computes only the new token's keys and values, attending to the stored
-# ones. The model only reads the cache (GPT.forward); this loop makes room in it and
-# advances it. Past block_size the cache slides: the oldest position drops out, and RoPE
-# and ALiBi, which only see distances, carry on. Learned positions end at block_size, so
-# from there every step re-encodes the last block_size tokens, as the uncached path does.
-
-
-class KVCache:
-    """Keys and values of all layers, preallocated to block_size positions:
-    k and v are (n_layer, B, n_kv_head, block_size, head_dim). `len` slots are filled;
-    `pos` counts every token seen (the absolute position of the next one)."""
-
-    def __init__(self, config, batch_size):
-        self.shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        self.k = self.v = None  # allocated at the first write, in the keys' dtype (fp32, or bf16 under autocast)
-        self.len = self.pos = 0
-
-    def make_room(self, T):
-        """Slide the window left if T more tokens would not fit."""
-        size = self.shape[3]
-        if T > size:
-            raise ValueError(f"{T} tokens at once do not fit the {size}-token cache")
-        drop = self.len + T - size
-        if drop > 0:
-            keep = self.len - drop
-            for buf in (self.k, self.v):
-                buf[..., :keep, :] = buf[..., drop : self.len, :].clone()
-            self.len = keep
-
-    def layer(self, i):
-        return LayerCache(self, i)
-
-    def advance(self, T):
-        self.len += T
-        self.pos += T
-
-
-class LayerCache:
-    """One layer's view of the KVCache, handed to its attention."""
-
-    def __init__(self, cache, i):
-        self.cache, self.i = cache, i
-
-    def update(self, k, v):  # k, v (B, nkv, T, hd) -> (B, nkv, len + T, hd)
-        c, end = self.cache, self.cache.len + k.size(2)
-        if c.k is None:
-            c.k, c.v = k.new_empty(c.shape), v.new_empty(c.shape)  # slots past len are never read
-        c.k[self.i, :, :, c.len : end] = k
-        c.v[self.i, :, :, c.len : end] = v
-        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits (B, vocab) -> (B, 1). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: finite for any temperature
-    if top_k is not None:  # keep the k most likely tokens
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # keep the fewest tokens whose probabilities add up to top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
-
-def check_prompt(idx, block_size):
-    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
-    if idx.size(1) == 0:
-        raise ValueError("empty prompt: give at least one token")
-    if idx.size(1) > block_size:
-        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
-
-
-@torch.inference_mode()
-def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                    generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. Only ids <
-    vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights fine-tuned
-    on byte data, say)."""
-    block_size = model.config.block_size
-    cache = KVCache(model.config, idx.size(0)) if use_cache else None
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
-            cache = None  # no position embedding beyond block_size: re-encode the window from here on
-        if cache is None:
-            logits, _ = model(idx[:, -block_size:])  # (B, T, vocab)
-        else:
-            new = idx[:, cache.pos :]  # (B, T): the prompt at first, then the one token sampled last
-            cache.make_room(new.size(1))
-            logits, _ = model(new, cache=cache)  # (B, T, vocab)
-            cache.advance(new.size(1))
-        next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, next_token), dim=1)
-        yield next_token
-
-
-@torch.no_grad()
-def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
-    """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
-    that overlap by one, so every token after the first is predicted exactly once.
-    Returns (mean loss, number of tokens predicted)."""
-    from tqdm import tqdm
-
-    T = model.config.block_size
-    tokens = np.asarray(tokens)
-    n_full = (len(tokens) - 1) // T
-
-    def loss_sum(rows):  # rows (b, n + 1) -> summed loss of predicting rows[:, 1:]
-        buf = torch.from_numpy(rows.astype(np.int64)).to(device)
-        with autocast(device, dtype):
-            logits, _ = model(buf[:, :-1])  # (b, n, vocab)
-        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
-        return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
-
-    total = 0.0
-    for first in tqdm(range(0, n_full, batch_size), desc="eval", unit="batch", disable=not progress, file=sys.stderr):
-        windows = range(first, min(first + batch_size, n_full))
-        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in windows]))  # (b, T + 1)
-    if len(tokens) - 1 > n_full * T:  # the shorter last window
-        total += loss_sum(tokens[n_full * T :][None])
-    return total / (len(tokens) - 1), len(tokens) - 1
-
-
-# HellaSwag (Zellers et al. 2019) asks which of four endings continues a short scene: "A man is
-# sitting on a roof. He ..." The model is never shown the choices side by side. As in build-nanogpt
-# ("completion style"), each ending is scored as a continuation of the context: the loss of its own
-# tokens, summed, and the lowest loss is the model's answer (acc). Longer endings pile up more loss,
-# so acc_norm compares the mean loss per ending token instead. Random guessing scores 0.25.
-
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-
-
-def read_hellaswag(path):
-    """The examples of a HellaSwag jsonl file, the official format: one JSON object a line, with
-    ctx (text), endings (4 texts) and label (0-3, the right ending). Other fields are ignored."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a HellaSwag file ({getattr(e, 'strerror', None) or e})") from None
-    examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= set(example):
-            raise ValueError(f"{where}: a HellaSwag example needs the fields ctx, endings and label")
-        ctx, endings, label = example["ctx"], example["endings"], example["label"]
-        if not isinstance(ctx, str) or not ctx:
-            raise ValueError(f"{where}: ctx must be a non-empty text")
-        if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-            raise ValueError(f"{where}: endings must be a list of 4 texts")
-        if type(label) is not int or not 0 <= label < 4:
-            raise ValueError(f"{where}: label must be 0, 1, 2 or 3, not {label!r}")
-        examples.append(example)
-    if not examples:
-        raise ValueError(f"{path}: no HellaSwag examples in this file")
-    return examples
-
-
-def render_hellaswag(example, tokenizer, block_size):
-    """(4 token rows, 4 ending lengths): the context's tokens followed by each ending's.
-
-    Context and ending are tokenized apart and joined, with the space between them at the start of the
-    ending, where GPT-2's BPE puts it (" roof" is one token). NOTE: when context + longest ending exceed
-    block_size, the context loses its oldest tokens, the same ones for all four rows, so the endings
-    still compete on the same context (the official val set fits GPT-2's 1024 tokens: nothing is cut).
-    An ending that leaves no room for even one context token is refused."""
-    ctx = tokenizer.encode(example["ctx"])
-    endings = [tokenizer.encode(" " + ending) for ending in example["endings"]]
-    longest = max(len(e) for e in endings)
-    if longest >= block_size:
-        raise ValueError(f"HellaSwag example {example['ctx'][:30]!r}...: an ending of {longest} tokens does not fit "
-                         f"the model's context of {block_size} tokens after at least one context token")
-    ctx = ctx[max(0, len(ctx) + longest - block_size) :]
-    return [ctx + e for e in endings], [len(e) for e in endings]
-
-
-@torch.no_grad()
-def hellaswag_losses(model, rendered, device, dtype):
-    """The loss of each ending, for examples rendered by render_hellaswag (a list of (rows, ending lengths)),
-    all in one forward -> (summed, mean), each (examples, 4): summed over the ending's tokens, and per token."""
-    rows = [row for r, _ in rendered for row in r]
-    n_ending = [n for _, ns in rendered for n in ns]
-    R, L = len(rows), max(len(r) for r in rows)  # R = 4 x examples
-    tokens = torch.zeros(R, L, dtype=torch.long)  # (R, L), right-padded with token 0
-    in_ending = torch.zeros(R, L, dtype=torch.bool)  # (R, L): True on the ending's tokens
-    for i, (row, n) in enumerate(zip(rows, n_ending)):
-        tokens[i, : len(row)] = torch.tensor(row)
-        in_ending[i, len(row) - n : len(row)] = True
-    tokens, in_ending = tokens.to(device), in_ending.to(device)
-    with autocast(device, dtype):
-        logits, _ = model(tokens)  # (R, L, vocab); causal, so the padding on the right changes nothing before it
-    scored = in_ending[:, 1:]  # (R, L-1): position t predicts token t+1, which must be an ending's
-    token_loss = torch.zeros(R, L - 1, device=device)  # (R, L-1), zero outside the endings
-    token_loss[scored] = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
-    summed = token_loss.sum(dim=1).view(-1, 4)  # (examples, 4)
-    return summed, summed / scored.sum(dim=1).view(-1, 4)  # and the mean per ending token, (examples, 4)
-
-
-def hellaswag_scores(model, examples, tokenizer, device, dtype, rank=0, world=1, batch_size=8, progress=False):
-    """Score examples[rank::world] -> (n_correct, n_correct_norm, n): this process's share, so a caller
-    under torchrun adds the three counts up over processes (Distributed.sum). batch_size examples, 4 rows
-    each, go through the model at once. The model is scored in eval mode and left in the mode it came in;
-    nothing draws random numbers. Pass the plain model, not a DDP or compiled wrapper: each process runs
-    its own shapes, and a compiled model would recompile for each new one."""
-    from tqdm import tqdm
-
-    mine = examples[rank::world]
-    # Tokenize everything first, so a bad example stops the run before any scoring.
-    rendered = [render_hellaswag(e, tokenizer, model.config.block_size) for e in mine]
-    was_training = model.training
-    model.eval()
-    correct = correct_norm = 0
-    for first in tqdm(range(0, len(mine), batch_size), desc="hellaswag", unit="batch", disable=not progress,
-                      file=sys.stderr):
-        summed, mean = hellaswag_losses(model, rendered[first : first + batch_size], device, dtype)  # (b, 4) each
-        labels = torch.tensor([e["label"] for e in mine[first : first + batch_size]], device=device)  # (b,)
-        correct += (summed.argmin(dim=1) == labels).sum().item()
-        correct_norm += (mean.argmin(dim=1) == labels).sum().item()
-    model.train(was_training)
-    return correct, correct_norm, len(mine)
-
-
-def load_hellaswag(path, dist):
-    """The examples of --hellaswag FILE, or of the official validation set (10,042 examples) when path is
-    HELLASWAG_URL: downloaded once into the cache, by rank 0 alone under torchrun."""
-    if path == HELLASWAG_URL:
-        if dist.master:
-            cached_download(path)
-        dist.barrier()
-        path = cached_download(path)
-    return read_hellaswag(path)
-
-
-def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_size, progress=False):
-    """(acc, acc_norm, n) over all examples: each process scores its share, the counts are added up."""
-    counts = hellaswag_scores(model, examples, tokenizer, device, dtype, dist.rank, dist.world, batch_size, progress)
-    correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
-    return correct / n, correct_norm / n, n
-
-
-# -----------------------------------------------------------------------------
-# 10. HF import and export: transformers and GGUF
-# Import: GPT.from_pretrained reads an HF GPT2LMHeadModel or LlamaForCausalLM checkpoint
-# (config.json and safetensors) and renames its tensors to ours; the converters are below.
-# Export: a model is most useful where people already run models. --export-hf writes a folder that
-# transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval), and
-# --export-gguf one file for llama.cpp and ollama. Only two HF classes compute what our blocks
-# compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU) and LlamaForCausalLM (RoPE,
-# RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2 with RoPE, ...) is refused before
-# anything is written. Our weights are already theirs up to layout:
-#   - HF's GPT-2 multiplies with Conv1D, which stores a weight as (in, out): the transpose of
-#     nn.Linear's (out, in). GPT-2 always has biases, so a model trained without gets zeros.
-#   - Llama keeps q, k, v (and the MLP's gate, up) as separate matrices where we fuse each
-#     group into one matmul: the fused rows are cut back apart.
-#   - The GGUF is written from those HF tensors as llama.cpp's convert_hf_to_gguf.py would,
-#     with one twist. RoPE rotates pairs of dimensions of each head: we and HF pair dimension i
-#     with i + hd/2 (section 2), llama.cpp pairs neighbours (2i, 2i+1), as Meta's original code
-#     did. Rotating other pairs computes another function, so the GGUF stores each head's q and
-#     k rows in the order 0, hd/2, 1, hd/2+1, ...: the neighbours llama.cpp rotates together
-#     are then our pairs, and q·k is unchanged. v and the output projection never see RoPE.
-# Only the tokenizer's rows of the embedding and the head are written: a vocabulary padded for
-# speed, or HF weights fine-tuned on bytes, has rows that no token id reaches.
-# Our 'gpt2' and 'byte' tokenizers are written as byte-level BPE, the format of GPT-2's own HF
-# files: every byte is spelled as one printable character, and merges join spelled pieces into
-# tokens. tiktoken keeps only each token's rank, so the merges are recovered from the ranks; the
-# byte tokenizer is 256 one-byte tokens and no merges. An HF tokenizer is copied as it is.
-
-
-def download_hf(name):
-    """Fetch config and weights of a hub model (users who are online) and return the local folder."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
-    except Exception as e:  # an unknown name or no network: one line that says which
-        raise ValueError(f"{name!r} is neither a local directory nor a model that could be downloaded: {e}") from None
-
-
-def read_hf_weights(path):
-    """All tensors of an HF checkpoint folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if files:
-        from safetensors.torch import load_file
-
-        return {k: v for f in files for k, v in load_file(f).items()}
-    binary = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def gpt2_config_from_hf(hf):
-    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported (only tanh GELU)")
-    plain_values = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("reorder_and_upcast_attn", False))
-    for flag, plain in plain_values:
-        if getattr(hf, flag, plain) != plain:
-            raise ValueError(f"GPT-2 checkpoints with {flag}={not plain} are not supported")
-    return GPTConfig.preset(
-        "gpt2", "gpt2", n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
-        vocab_size=hf.vocab_size, mlp_hidden=hf.n_inner or 4 * hf.n_embd, norm_eps=hf.layer_norm_epsilon,
-        tie_embeddings=getattr(hf, "tie_word_embeddings", True),
-    )
-
-
-GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
-
-
-def gpt2_weights_from_hf(sd, config):
-    """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old checkpoints store the causal mask as a buffer
-        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
-        if k.endswith(GPT2_CONV1D):
-            v = v.t()
-        out[k] = v
-    if config.tie_embeddings:
-        out["lm_head.weight"] = out.get("transformer.wte.weight")
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def llama_config_from_hf(hf):
-    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope scaling {rope_type!r} is not implemented: only plain RoPE ('default')")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"Llama activation {hf.hidden_act!r} is not supported (only silu)")
-    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
-        raise ValueError("Llama checkpoints with attention_bias / mlp_bias are not supported")
-    return GPTConfig.preset(
-        "gpt2", "llama", n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
-        n_kv_head=hf.num_key_value_heads, head_dim=getattr(hf, "head_dim", None), vocab_size=hf.vocab_size,
-        block_size=hf.max_position_embeddings, mlp_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
-        rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)),
-        tie_embeddings=hf.tie_word_embeddings,
-    )
-
-
-def llama_weights_from_hf(sd, config):
-    """Llama keeps q/k/v and gate/up as separate matrices; we fuse each group into one Linear."""
-    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    out = {"transformer.wte.weight": sd.pop("embed_tokens.weight"), "transformer.ln_f.weight": sd.pop("norm.weight")}
-    out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_embeddings else sd.pop("lm_head.weight", None)
-    for i in range(config.n_layer):
-        p, q = f"layers.{i}.", f"transformer.h.{i}."
-        attn = [sd.pop(p + f"self_attn.{n}_proj.weight", None) for n in "qkv"]
-        mlp = [sd.pop(p + f"mlp.{n}_proj.weight", None) for n in ("gate", "up")]
-        out.update({
-            q + "ln_1.weight": sd.pop(p + "input_layernorm.weight", None),
-            q + "attn.c_attn.weight": torch.cat(attn) if None not in attn else None,
-            q + "attn.c_proj.weight": sd.pop(p + "self_attn.o_proj.weight", None),
-            q + "ln_2.weight": sd.pop(p + "post_attention_layernorm.weight", None),
-            q + "mlp.c_fc.weight": torch.cat(mlp) if None not in mlp else None,
-            q + "mlp.c_proj.weight": sd.pop(p + "mlp.down_proj.weight", None),
-        })
-    sd.pop("lm_head.weight", None)  # a tied checkpoint may still carry the copy
-    out.update(sd)  # whatever is left is unexpected: from_pretrained reports it
-    return {k: v for k, v in out.items() if v is not None}
-
-
-HF_LOADERS = {
-    "gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf),
-    "llama": (llama_config_from_hf, llama_weights_from_hf),
-}
-
-
-HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
-
-
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
-
-def hf_family(c):
-    """'gpt2' or 'llama': the HF family that computes what config c computes. For any other mix, a ValueError
-    names the settings that the closest family cannot express."""
-    needs = {
-        "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=c.n_head, head_dim=c.n_embd / c.n_head),
-        "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
-    }
-    misfits = {arch: [f"{k}={getattr(c, k)!r}" for k, v in need.items() if getattr(c, k) != v]
-               for arch, need in needs.items()}
-    family = min(misfits, key=lambda arch: len(misfits[arch]))
-    if misfits[family]:
-        raise ValueError(f"no HF transformers class computes this model: the closest, {HF_CLASSES[family]}, "
-                         f"has no {', '.join(misfits[family])}")
-    return family
-
-
-def hf_tensors(model, family, vocab_size):
-    """Our weights under HF's names and layouts, the embedding and head cut to the tokenizer's vocab_size rows."""
-    sd = dict(model.state_dict())
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        sd[k] = sd[k][:vocab_size]  # (V, C)
-    if model.config.tie_embeddings:
-        del sd["lm_head.weight"]  # HF ties it to the embedding again
-    return gpt2_weights_to_hf(sd) if family == "gpt2" else llama_weights_to_hf(sd, model.config)
-
-
-def gpt2_weights_to_hf(sd):
-    """The inverse of gpt2_weights_from_hf: Conv1D matrices as (in, out), and zero biases where we have none."""
-    out = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
-    for k, v in list(out.items()):
-        if k.startswith(("transformer.h.", "transformer.ln_f.")) and k.endswith("weight"):
-            out.setdefault(k.removesuffix("weight") + "bias", torch.zeros(v.shape[-1]))  # (out features,)
-    return out
-
-
-def llama_weights_to_hf(sd, c):
-    """The inverse of llama_weights_from_hf: our fused c_attn and c_fc cut back into q, k, v and gate, up."""
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-           "model.norm.weight": sd["transformer.ln_f.weight"]}
-    if "lm_head.weight" in sd:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    kv = c.n_kv_head * c.head_dim
-    for i in range(c.n_layer):
-        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
-        wq, wk, wv = sd[q + "attn.c_attn.weight"].split([c.n_head * c.head_dim, kv, kv])  # (nh*hd, C), (nkv*hd, C) x2
-        gate, up = sd[q + "mlp.c_fc.weight"].chunk(2)  # (mlp_hidden, C) each
-        out.update({
-            p + "input_layernorm.weight": sd[q + "ln_1.weight"],
-            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
-            p + "self_attn.o_proj.weight": sd[q + "attn.c_proj.weight"],
-            p + "post_attention_layernorm.weight": sd[q + "ln_2.weight"],
-            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": sd[q + "mlp.c_proj.weight"],
-        })
-    return out
-
-
-def hf_config(c, family, vocab_size, bos, eos):
-    """config.json: our config under GPT2Config's or LlamaConfig's names."""
-    common = dict(architectures=[HF_CLASSES[family]], model_type=family, vocab_size=vocab_size, bos_token_id=bos,
-                  eos_token_id=eos, tie_word_embeddings=c.tie_embeddings, torch_dtype="float32")
-    if family == "gpt2":
-        return common | dict(
-            n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.mlp_hidden,
-            layer_norm_epsilon=c.norm_eps, activation_function="gelu_new",  # GELU's tanh approximation
-            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        )
-    return common | dict(
-        hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu", attention_dropout=c.dropout,
-    )
-
-
-def byte_spelling():
-    """GPT-2's printable spelling of the 256 bytes: printable Latin-1 bytes stand for themselves, the others
-    (control bytes, space, ...) take the characters from U+0100 on, in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
-
-
-def last_merge(piece, ranks):
-    """The pair whose merge made the token `piece`: BPE on its bytes, merging the lowest-ranked pair first, ends
-    in the two parts it was made of."""
-    parts = [bytes([b]) for b in piece]
-    while len(parts) > 2:
-        _, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
-
-def byte_level_bpe(name):
-    """(tokens by id, merges [(left, right)], end-of-text id or None) of our 'byte' or tiktoken tokenizer,
-    spelled as byte-level BPE."""
-    spell = byte_spelling()
-    if name == "byte":
-        return [spell[b] for b in range(256)], [], None
-    enc = get_tokenizer(name).enc
-    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]  # each id's bytes
-    specials = {enc.encode_single_token(s): s for s in enc.special_tokens_set}  # <|endoftext|>: 50256
-    ranks = {p: i for i, p in enumerate(pieces) if i not in specials}
-
-    def text(piece):
-        return "".join(spell[b] for b in piece)
-
-    tokens = [specials.get(i) or text(p) for i, p in enumerate(pieces)]
-    merges = [tuple(map(text, last_merge(p, ranks))) for p in ranks if len(p) > 1]  # in rank order
-    return tokens, merges, enc.eot_token
-
-
-def byte_level_tokenizer(tokens, merges, eot):
-    """A tokenizers.Tokenizer for byte-level BPE, set up as HF's GPT-2 tokenizer.json is."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split into words, then spelling
-    tok.decoder = decoders.ByteLevel()  # spelling -> bytes -> UTF-8 text
-    if eot is not None:
-        tok.add_special_tokens([AddedToken(tokens[eot], special=True, normalized=False)])
-    return tok
-
-
-def special_ids(tokenizer):
-    """(bos, eos) token ids, None where the tokenizer has none. GPT-2 uses <|endoftext|> for both."""
-    hf = getattr(tokenizer, "tok", None)  # an HFTokenizer's transformers tokenizer
-    return (hf.bos_token_id, hf.eos_token_id) if hf is not None else (tokenizer.eot, tokenizer.eot)
-
-
-def save_hf_tokenizer(tokenizer, out, block_size):
-    """An HF checkpoint's tokenizer files, copied; ours as tokenizer.json (the tokenizers library's format)."""
-    import shutil
-
-    if tokenizer.name.startswith("hf:"):
-        for f in HF_TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer.name[3:], f)):
-                shutil.copy(os.path.join(tokenizer.name[3:], f), out)
-        return
-    tokens, merges, eot = byte_level_bpe(tokenizer.name)
-    byte_level_tokenizer(tokens, merges, eot).save(os.path.join(out, "tokenizer.json"))
-    special = {"bos_token": tokens[eot], "eos_token": tokens[eot]} if eot is not None else {}
-    write_json(os.path.join(out, "tokenizer_config.json"),
-               {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, **special})
-
-
-def export_hf(model, tokenizer, out):
-    """out/: config.json, generation_config.json, model.safetensors and the tokenizer files."""
-    from safetensors.torch import save_file
-
-    family, vocab_size = hf_family(model.config), tokenizer.vocab_size
-    bos, eos = special_ids(tokenizer)
-    # safetensors stores each tensor whole: copy the views (slices, transposes, q/k/v splits) into their own memory
-    tensors = hf_tensors(model, family, vocab_size)
-    tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    with staged(out) as tmp:
-        os.makedirs(tmp)
-        write_json(os.path.join(tmp, "config.json"), hf_config(model.config, family, vocab_size, bos, eos))
-        generation = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
-        write_json(os.path.join(tmp, "generation_config.json"), generation)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
-
-
-def import_gguf():
-    try:
-        import gguf  # llama.cpp's own reader and writer of the format
-    except ImportError:
-        raise ValueError("--export-gguf needs the gguf package (llama.cpp's gguf-py): pip install gguf") from None
-    return gguf
-
-
-def gguf_vocab(name):
-    """byte_level_bpe, with one change for the byte tokenizer: GGUF cannot store an empty list, and llama.cpp
-    insists on merges. So byte FF, which never occurs in UTF-8, is spelled as the pair C0 C1, which never occurs
-    either, and one merge makes it: it never fires, and any UTF-8 text still encodes to exactly its bytes."""
-    tokens, merges, eot = byte_level_bpe(name)
-    if not merges:
-        tokens = tokens[:0xFF] + [tokens[0xC0] + tokens[0xC1]]
-        merges = [(tokens[0xC0], tokens[0xC1])]
-    return tokens, merges, eot
-
-
-def rope_pairs_adjacent(w, n_head):
-    """Reorder each head's rows of a q or k weight (n_head*hd, C) from HF's halves (0 .. hd/2-1 | hd/2 .. hd-1) to
-    llama.cpp's neighbouring pairs (0, hd/2, 1, hd/2+1, ...)."""
-    rows, C = w.shape
-    w = w.view(n_head, 2, rows // n_head // 2, C)  # (nh, 2, hd/2, C): the halves
-    return w.transpose(1, 2).reshape(rows, C)  # (nh, hd/2, 2, C): dimension i beside i + hd/2, flattened
-
-
-def gguf_hyperparameters(w, c, family, vocab_size):
-    """The numbers llama.cpp builds the model from, under its key names ('<family>.block_count', ...)."""
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.mlp_hidden)
-    w.add_head_count(c.n_head)
-    if family == "gpt2":
-        w.add_layer_norm_eps(c.norm_eps)
-        return
-    w.add_head_count_kv(c.n_kv_head)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_vocab_size(vocab_size)
-
-
-def gguf_tokenizer(w, gguf, tokens, merges, eot):
-    """The tokenizer as llama.cpp's 'gpt2' (byte-level BPE) model: tokens by id, their types, the merges."""
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # GPT-2's split of text into words before BPE
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
-    w.add_token_merges([f"{a} {b}" for a, b in merges])
-    if eot is not None:
-        w.add_bos_token_id(eot)
-        w.add_eos_token_id(eot)
-    w.add_add_bos_token(False)
-
-
-def export_gguf(model, tokenizer, path, dtype="f16"):
-    """path: one GGUF file, the hyperparameters and tokenizer as key-value metadata, then the tensors."""
-    gguf = import_gguf()
-    c, family = model.config, hf_family(model.config)
-    tokens, merges, eot = gguf_vocab(tokenizer.name)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if family == "gpt2" else gguf.MODEL_ARCH.LLAMA, c.n_layer)
-    with staged(path) as tmp:
-        w = gguf.GGUFWriter(tmp, family)
-        gguf_hyperparameters(w, c, family, len(tokens))
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-        gguf_tokenizer(w, gguf, tokens, merges, eot)
-        for k, v in hf_tensors(model, family, len(tokens)).items():
-            if family == "gpt2" and k.endswith(GPT2_CONV1D):
-                v = v.t()  # back to (out, in): ggml keeps nn.Linear's layout
-            if k.endswith(("q_proj.weight", "k_proj.weight")):
-                v = rope_pairs_adjacent(v, c.n_head if k.endswith("q_proj.weight") else c.n_kv_head)
-            name = names.get_name(k, try_suffixes=(".weight", ".bias"))  # blk.0.attn_q.weight, ...
-            # --gguf-dtype is for the matrices: llama.cpp wants norms, biases and position embeddings in f32
-            half = dtype == "f16" and v.dim() == 2 and not name.startswith("position_embd")
-            w.add_tensor(name, v.to(torch.float16 if half else torch.float32).contiguous().numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-
-
-# -----------------------------------------------------------------------------
-# 11. Plumbing
-# What a run needs around the model, none of it specific to GPTs: the device and dtype;
-# the processes torchrun starts (DDP or FSDP wrapping, gradient sync); the random
-# generators, seeded in one place; stop signals; files written atomically (checkpoints,
-# downloads, exports) and checkpoints read without running code; the peak FLOP/s that MFU
-# divides by; and the metrics log with its plot.
-
-
-def pick_device(name, local_rank=0):
-    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
-    becomes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-
-
-def pick_dtype(name, device):
-    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def autocast(device, dtype):
-    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def synchronize(device):
-    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Distributed:
-    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
-
-    def __init__(self):
-        self.enabled = "RANK" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.master = self.rank == 0
-
-    @contextlib.contextmanager
-    def running(self, device):
-        """The process group for the block inside `with`: NCCL moves GPU tensors between GPUs directly, gloo
-        runs the same collectives on CPU tensors (tests). Alone, there is nothing to set up.
-
-        NOTE: a process that dies at exit fails the whole torchrun job, and gloo can make one die: a worker
-        thread of its freeing the tensors of a finished collective after Python has begun shutting down aborts
-        the process (SIGABRT, "terminate called without an active exception", 1 finished run in 20 to 40 on a
-        busy machine). Hence:
-        - FSDP (--fsdp uses it; transformers and torch.distributed.checkpoint import it) is imported before
-          the group exists: its ShardedGradScaler takes `group.WORLD` as a default argument, so imported
-          later it would keep the group, and its threads, alive after destroy_process_group.
-        - On success every process waits for the others before tearing down. After an error there is no
-          waiting: a peer may never arrive.
-        - On gloo (CPU) a finished process ends right after destroy_process_group, everything written, closed
-          and flushed, skipping Python's shutdown: under --fsdp torch's DTensor keeps the group and gloo's
-          threads alive regardless."""
-        if not self.enabled:
-            yield
-            return
-        import torch.distributed.fsdp  # noqa: F401  (see the NOTE: before init_process_group)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        torch.distributed.init_process_group(backend=backend, device_id=device_id)
-        try:
-            yield
-            torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-        if backend == "gloo":  # the process ends here, with status 0 (see the NOTE)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-
-    def sum(self, t):
-        """Sum a tensor over processes, in place."""
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def gather(self, obj):
-        # any picklable object from every process, in rank order (the RNG states a checkpoint keeps)
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self):
-        # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def wrap_model(model, args, dist, device, dtype):
-    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place; compiled.
-
-    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
-    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
-    from the config, identical on every process, and need no broadcast each step.
-
-    NOTE: FSDP (fully_shard, FSDP2) shards each Block, then the root (embeddings, final norm, head), so a
-    forward gathers one block's weights at a time and frees them after; the weights become DTensors, each
-    process holding a 1/N slice, and the optimizer built over them keeps 1/N of AdamW's state. A tied
-    weight stays one parameter (wte and lm_head both live in the root's group). With bf16, FSDP's
-    mixed-precision policy gathers bf16 copies of the fp32 master weights (half the traffic and memory of
-    a gathered block) and reduces gradients in fp32. autocast stays on around the forward as on every other
-    path, so the ops it keeps in fp32 (layer_norm, pow, rsqrt, exp, ...) run in fp32 here too; what differs
-    from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE tables) to bf16, as
-    torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard."""
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if dtype == torch.float16:
-            raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is not shard-aware "
-                             "here): pass --dtype bfloat16 or --dtype float32")
-        policy = MixedPrecisionPolicy()  # fp32: nothing cast
-        if dtype == torch.bfloat16:
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.transformer.h:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
-    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
-        model = torch.compile(model)
-    if dist.enabled and not args.fsdp:
-        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
-            )
-    return model
-
-
-def is_sharded(model):
-    """Whether --fsdp's fully_shard split this model (or the one torch.compile wraps) across processes."""
-    if "torch.distributed.fsdp" not in sys.modules:  # only --fsdp imports it: then nothing is sharded, and
-        return False  # single-process and DDP runs skip the import (about a second)
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
-
-
-def seed_rng(ckpt, seed, dist, device):
-    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
-    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
-
-    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
-    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
-    if ckpt is not None and len(ckpt["rng"]) == dist.world:
-        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
-        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
-        return
-    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
-    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-class StopSignal:
-    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
-    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
-@contextlib.contextmanager
-def atomic_open(path):
-    """Open path + '.tmp' for writing; when the block ends well it is flushed to disk and renamed to path,
-    and when it fails it is removed. A crash at any moment leaves the old file or the complete new one,
-    never half of one. Checkpoints, downloads and prepare_data.py's shards are all written this way."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def download(url, path, hint, sha256=None):
-    """Fetch url into path (atomically). Offline, a bad status or a wrong checksum is a ValueError
-    that ends with hint, the way around it (a local copy)."""
-    import hashlib
-    import http.client
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            print(f"downloading {url} to {path}", file=sys.stderr)  # once connected: offline, the error is one line
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors, a cut connection
-        raise ValueError(f"could not download {url} ({e}); {hint}") from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"the download from {url} has the wrong sha256; {hint}")
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def cached_download(url):
-    """The local copy of url in ~/.cache/transformer.py/ (or $XDG_CACHE_HOME/transformer.py/), downloaded
-    on first use."""
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "transformer.py")
-    path = os.path.join(folder, url.rsplit("/", 1)[-1])
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        download(url, path, hint="pass a local copy: --hellaswag FILE")
-    return path
-
-
-@contextlib.contextmanager
-def staged(path):
-    """Yield a temporary path beside `path` to write to; it becomes `path` when the block ends well and is removed
-    when it fails, so an export is whole or absent, never half-written."""
-    import shutil
-    import tempfile
-
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        yield os.path.join(tmp_dir, "out")
-        os.replace(os.path.join(tmp_dir, "out"), path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
-
-
-def save_checkpoint(path, state):
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path):
-    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
-    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
-    machine do not each copy the whole checkpoint into host RAM first."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
-        reason = str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
-    return ckpt
-
-
-def training_state(model, optimizer):
-    """(model state, optimizer state) for ckpt.pt: model.state_dict() and optimizer.state_dict(), plain tensors.
-
-    Under FSDP every process must call this: each weight and each AdamW moment is gathered from its shards
-    into whole CPU tensors on rank 0 (the other processes get ({}, {})), and laid out as one process's
-    state_dict()s would be. So a checkpoint is the same file whether one process, DDP or FSDP wrote it, and
-    any of them can read it (load_training_state).
-
-    NOTE: the gathered layout costs rank 0 the host RAM of the whole model and optimizer state at every save
-    (~12 bytes a parameter: fp32 weights and AdamW's two moments); torch.distributed.checkpoint would let
-    each process write its own shard instead (README: "Many GPUs: DDP or FSDP")."""
-    if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
-    model_state = get_model_state_dict(model, options=full)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by parameter name
-    if not model_state:
-        return {}, {}
-    first = {}  # a tied weight comes back as two copies: make it one tensor under both names, as in state_dict()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        model_state[name] = model_state[first.setdefault(id(p), name)]
-    ids = optimizer.state_dict()  # torch.optim's layout (ids 0, 1, ... and the groups' settings), local shards
-    ids["state"] = {i: optim_state["state"][name] for i, name in enumerate(optimizer_param_names(model, optimizer))
-                    if name in optim_state["state"]}
-    return model_state, ids
-
-
-def load_training_state(model, optimizer, ckpt):
-    """Put ckpt's model and optimizer state into model and optimizer, whatever wrote it (one process, DDP or FSDP).
-    Under FSDP every process reads the whole tensors (mapped from the file, see load_checkpoint) and keeps its
-    own shard of each."""
-    if not is_sharded(model):
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ckpt["model"], options=full)
-    names = optimizer_param_names(model, optimizer)  # torch.optim's ids -> the names FSDP's loader expects
-    saved = ckpt["optimizer"]
-    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=full)
-
-
-def optimizer_param_names(model, optimizer):
-    """The name of each parameter the optimizer updates, in the order of its state_dict() ids 0, 1, 2, ..."""
-    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def check_same_architecture(saved, config, path):
-    ours = config.architecture()
-    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
-                         "use the same model flags to resume")
-
-
-# MFU (model FLOPs utilisation) = the FLOPs a step needs / the time it took / the device's peak.
-# On a GPU the peak is the datasheet's dense bf16 tensor-core figure (no 2:4 sparsity), matched in
-# order against torch.cuda.get_device_name(): the more specific names come first, since
-# "NVIDIA H100 PCIe" also contains "H100" and "NVIDIA A100-SXM4-80GB" also contains "A10".
-# A GPU not in the table gets no MFU at all rather than a made-up one.
-GPU_PEAK_FLOPS = [
-    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
-    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
-    ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-]
-
-
-def gpu_peak_flops(name):
-    """Datasheet dense bf16 FLOP/s for a torch.cuda.get_device_name(), or None when the GPU is unknown."""
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
-
-
-def matmul_peak_flops(device, dtype=torch.float32, n=512, repeats=5):
-    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there.
-    The matrices are constant, not random: nothing here may draw from the global RNG, whose state a
-    resumed run has restored (dropout masks would shift)."""
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first one warms up
-        t0 = time.perf_counter()
-        a @ a
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def peak_flops(device):
-    """(FLOP/s or None, where the figure comes from) for one device: a GPU's datasheet bf16 peak, or a CPU's
-    measured fp32 matmul."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        flops = gpu_peak_flops(name)
-        return flops, f"{name}: " + ("bf16 datasheet peak" if flops else "not in GPU_PEAK_FLOPS, so MFU is unknown")
-    return matmul_peak_flops(device), f"fp32 matmul measured at start-up on {device.type}"
-
-
-def mfu(tokens_per_s, flops_per_token, world, peak):
-    """MFU of one device: its share of the tokens (all processes' tokens/s / world) x FLOPs per token / its peak."""
-    return None if peak is None else tokens_per_s / world * flops_per_token / peak
-
-
-class MetricsLog:
-    """Every step's record, as one line of metrics.jsonl and, with --wandb PROJECT, in Weights & Biases.
-    Rank 0 writes; a resumed run first drops the lines of the steps it is about to redo."""
-
-    def __init__(self, path, step, args, master):
-        self.path, self.master, self.wandb = path, master, None
-        if not master:
-            return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        keep_metrics_before(path, step)
-        if args.wandb:
-            import wandb  # only --wandb needs it
-
-            self.wandb = wandb.init(project=args.wandb, config=vars(args), dir=os.path.dirname(path) or ".")
-
-    def write(self, record):
-        if self.master:
-            record = {k: v for k, v in record.items() if v is not None}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.wandb:
-                self.wandb.log(record, step=record["step"])
-
-    def close(self):
-        if self.wandb:
-            self.wandb.finish()
-
-
-def log_line(r):
-    val = f" | val {r['val_loss']:.4f}" if "val_loss" in r else ""
-    val += f" | hellaswag {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""
-    mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text}")
-
-
-def keep_metrics_before(path, step):
-    """Drop metrics.jsonl lines of steps >= step (all of them for a fresh run), atomically. A line cut
-    short by a kill -9 is dropped too."""
-    lines = []
-    if step > 0 and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    if line.endswith("\n") and json.loads(line)["step"] < step:
-                        lines.append(line)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
-def plot_metrics(path, target=None, target_label="target"):
-    """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
-
-    One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
-    moving average centred on each step, which shows the trend without lagging behind it; val loss,
-    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
-    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
-    run; the right one zooms in on its second half, where the curves are close together and the
-    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
-    except ImportError:
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    if not rows:  # nothing logged yet
-        return None
-    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
-    n, h = len(loss), max(1, len(loss) // 80)
-    total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
-    lo, hi = np.maximum(np.arange(n) - h, 0), np.minimum(np.arange(n) + h + 1, n)
-    smooth = (total[hi] - total[lo]) / (hi - lo)  # (n,)
-
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    whole, tail = fig.subplots(1, 2)
-    for ax in (whole, tail):
-        ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
-        if val:
-            ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
-                    label=f"val loss (last {val[-1][1]:.4f})")
-        if target is not None:
-            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-    margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole
-    whole.set(ylabel="loss (cross-entropy per token)", title="whole run", xlim=(steps[0], steps[-1] + margin))
-    # The zoom: the second half's steps, and a y range that holds its average, val points and the target.
-    first = steps[n // 2]
-    near = [*smooth[n // 2 :], *(v for s, v in val if s >= first), *([target] if target is not None else [])]
-    pad = 0.15 * (max(near) - min(near)) + 1e-3
-    tail.set(title="second half, zoomed in", xlim=(first, steps[-1] + margin), ylim=(min(near) - pad, max(near) + pad))
-    whole.legend(loc="upper right")
-    fig.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {n} steps")
-    out = os.path.join(os.path.dirname(path), "loss.png")
-    fig.savefig(out, dpi=110)
-    return out
+                log.close()
+                say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+                return None
+    log.close()
+    say(f"saved {ckpt_path}")
+    return raw_model, tokenizer
 
 
 # -----------------------------------------------------------------------------
 # 12. Commands
-# What the command line runs: train (the default), --sample, --eval (perplexity or
+# What the command line runs: training (the default), --sample, --eval (perplexity or
 # HellaSwag) and --export-hf / --export-gguf. Each picks the device, loads what it needs
 # and hands over to the sections above.
 
 
-def prepare_default_data(data_dir):
-    """The main job's data: tiny Shakespeare at byte (= character) level, prepared on first use by
-    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
-        if done.returncode != 0:
-            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
-def train(args):
-    """The default command. Run alone or under torchrun: every process executes this same function, and
-    Distributed tells it which one it is (rank) and how many there are (world)."""
+def train_and_sample(args):
+    """The default command: train (alone or under torchrun: every process runs this same function, and
+    Distributed tells it which one it is), then draw the losses (loss.png) and print a sample."""
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     dtype = pick_dtype(args.dtype, device)
     if args.compile is None:
         args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
     with dist.running(device):
-        run_training(args, dist, device, dtype)
+        trained = train(args, dist, device, dtype)
+        if trained is None:  # stopped by a signal, after a save
+            return
+        model, tokenizer = trained
+        if dist.master:
+            default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
+            plot_metrics(os.path.join(args.out_dir, "metrics.jsonl"), NANOGPT_CPU_VAL_LOSS if default_run else None,
+                         "nanoGPT CPU recipe")
+        # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
+        # together (rank 0 prints). Otherwise rank 0 samples alone.
+        if dist.master or args.fsdp:
+            prompt = torch.tensor([tokenizer.encode("\n")], device=device)
+            model.eval()
+            with autocast(device, dtype):
+                out = model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
+            if dist.master:
+                print("--- sample ---\n" + tokenizer.decode(out[0].tolist()), flush=True)
 
 
 def load_for_inference(args, device):
@@ -2274,10 +1446,10 @@ def load_for_inference(args, device):
     weights."""
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
-        model, tokenizer_name = model_from_checkpoint(ckpt), ckpt["tokenizer"]
+        model, tokenizer_name = model_from_checkpoint(ckpt, args.ckpt), ckpt["tokenizer"]
     else:  # parse_args made sure there is one of the two
         model = GPT.from_pretrained(args.init_from)
-        tokenizer_name = model.tokenizer
+        tokenizer_name = convert.hf_tokenizer_name(convert.hf_folder(args.init_from))
     if args.block_size:
         model.set_block_size(args.block_size)
     tokenizer = get_tokenizer(tokenizer_name)
@@ -2369,34 +1541,30 @@ def check_new_output(path, folder):
 def export(args):
     """--export-hf and --export-gguf: check everything first, then write each output whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
-    family = hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
+    family = convert.hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
     if args.export_gguf:
-        import_gguf()
+        convert.import_gguf()
         if tokenizer.name.startswith("hf:"):
             raise ValueError(f"--export-gguf writes the gpt2 and byte tokenizers, not {tokenizer.name}'s: use "
                              "--export-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
     for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
         if path:
             check_new_output(path, folder)
-    what = f"{HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
+    what = f"{convert.HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
     if args.export_hf:
-        export_hf(model, tokenizer, args.export_hf)
+        convert.export_hf(model, tokenizer, args.export_hf)
         print(f"wrote {args.export_hf}: {what}")
     if args.export_gguf:
-        export_gguf(model, tokenizer, args.export_gguf, args.gguf_dtype)
+        convert.export_gguf(model, tokenizer, args.export_gguf, args.gguf_dtype)
         print(f"wrote {args.export_gguf}: {what}, {args.gguf_dtype}")
 
 
 # -----------------------------------------------------------------------------
 # 13. CLI
-# One entry point, main(). The defaults are the main job's recipe: a small LLaMA-style
+# One entry point, main(). The defaults are the default run's recipe: a small LLaMA-style
 # model (--size mini) on tiny Shakespeare characters, sized so a 2-core CPU beats
 # nanoGPT's CPU recipe in about half its time (README: "Results"). Every value is
 # checked here, before any work: a bad one is one line and exit status 2.
-
-
-DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the main job prepares its data
-NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
 def parse_args(argv=None):
@@ -2416,8 +1584,8 @@ def parse_args(argv=None):
     return args
 
 
-# The flags by group. The model's numbers default to the --size preset (check_args fills them in), so
-# GPTConfig's presets are the one source of defaults; training's defaults are the main job's recipe.
+# The flags by group. The model's numbers default to the --size preset (model_config leaves them to it), so
+# GPTConfig's presets are the one source of defaults; training's defaults are the default run's recipe.
 
 
 def data_and_model_flags(p):
@@ -2447,7 +1615,7 @@ def data_and_model_flags(p):
 
 
 def training_flags(p):
-    """The optimization. The defaults are the main job's, measured on a 2-core CPU (README: "Results"): AdamW
+    """The optimization. The defaults are the default run's, measured on a 2-core CPU (README: "Results"): AdamW
     at 2e-3 with a short warmup and a cosine to a tenth of it, 850 steps of 12 x 64 characters. For GPT-2
     on FineWeb, nanoGPT's numbers are the place to start (README: "Recipes")."""
     g = p.add_argument_group("training")
@@ -2478,7 +1646,7 @@ def logging_flags(p):
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
     g.add_argument("--log-every", type=at_least(1), default=100)
     g.add_argument("--eval-every", type=at_least(1), default=100, help="val loss every N steps and at the end "
-                   "(the main job: 9 points for loss.png, about 6%% of its time)")
+                   "(the default run: 9 points for loss.png, about 6%% of its time)")
     g.add_argument("--eval-iters", type=at_least(1), default=20)
     g.add_argument("--ckpt-every", type=at_least(1), default=1000)
     # a resumed run continues exactly where the last save left off, even after a kill -9
@@ -2529,7 +1697,7 @@ def inference_flags(p):
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     # what to evaluate on
     g.add_argument("--text", help="--eval on this text file instead of --data")
-    g.add_argument("--hellaswag", nargs="?", const=HELLASWAG_URL, metavar="FILE",
+    g.add_argument("--hellaswag", nargs="?", const=hellaswag.URL, metavar="FILE",
                    help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
                    "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
 
@@ -2577,38 +1745,25 @@ def check_args(p, args):
         p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
-    fill_in_shape(p, args)
-    if args.init_from is None:  # a new model: its shape must make sense (HF weights bring their own)
-        n_kv_head = args.n_kv_head or args.n_head
-        if args.n_embd % args.n_head:
-            p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-        if args.n_head % n_kv_head:
-            p.error(f"--n-head {args.n_head} is not a multiple of --n-kv-head {n_kv_head}")
-        if (args.pos or ARCHS[args.arch]["pos"]) == "rope" and (args.n_embd // args.n_head) % 2:
-            p.error(f"RoPE needs an even head dim; --n-embd {args.n_embd} / --n-head {args.n_head} "
-                    f"= {args.n_embd // args.n_head}")
+    # The model: GPTConfig is the one judge of a shape and the presets the one source of defaults, so the flags
+    # build the config here (the data's vocabulary is read later, and cannot make a shape impossible).
+    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
+    if args.init_from and shape:  # HF weights fix all of these; a flag that cannot act is refused, not ignored
+        p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
+    args.block_size = args.block_size or args.seq_len  # --seq-len 256 alone trains a 256-token model
+    try:
+        config = model_config(args, vocab_size=256)
+    except ValueError as e:  # said with the flags' names: "n_embd=65" is --n-embd 65
+        p.error(re.sub(r"\b(n_\w+|block_size)=", lambda m: f"--{m[1].replace('_', '-')} ", str(e)))
+    args.block_size = config.block_size  # the context, and by default the length of the training windows
+    args.seq_len = args.seq_len or args.block_size
+    if args.seq_len > args.block_size:  # learned positions have no vector past block_size
+        p.error(f"--seq-len {args.seq_len} is longer than the model's context, --block-size {args.block_size}")
     # An optimizer step adds up whole micro-steps: B x T tokens on each process (torchrun sets WORLD_SIZE)
     micro = args.batch_size * args.seq_len * int(os.environ.get("WORLD_SIZE", 1))
     if args.total_batch_tokens is not None and args.total_batch_tokens % micro:
         p.error(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of "
                 f"batch x seq-len x processes = {micro}")
-
-
-def fill_in_shape(p, args):
-    """One source of defaults: what the model flags leave open comes from the --size preset (default mini), as
-    GPTConfig.preset has it. The context (--block-size) defaults to the training windows (--seq-len) and the
-    other way round, so --seq-len 256 alone trains a 256-token model, as it always did."""
-    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
-    if args.init_from and shape:  # HF weights fix all of these; a flag that cannot act is refused, not ignored
-        p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
-    args.size = args.size or "mini"
-    size = {**dataclasses.asdict(GPTConfig()), **SIZES[args.size]}
-    for k in ("n_layer", "n_head", "n_embd"):
-        setattr(args, k, getattr(args, k) or size[k])
-    args.block_size = args.block_size or args.seq_len or size["block_size"]
-    args.seq_len = args.seq_len or args.block_size
-    if args.seq_len > args.block_size:  # learned positions have no vector past block_size
-        p.error(f"--seq-len {args.seq_len} is longer than the model's context, --block-size {args.block_size}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2682,7 +1837,7 @@ def main(argv=None):
         elif args.eval:
             evaluate(args)
         else:
-            train(args)
+            train_and_sample(args)
     except (ValueError, OSError) as e:
         print(f"transformer.py: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -2690,3 +1845,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if Distributed.finished_on_gloo:  # Distributed.running's NOTE: skip Python's shutdown, everything written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

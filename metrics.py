@@ -1,0 +1,174 @@
+"""
+metrics.py: what a training run reports. A companion of transformer.py, which imports it; it never imports
+transformer.py.
+  - MFU, model FLOPs utilisation: the FLOPs a step needs / the time it took / the device's peak.
+  - MetricsLog: every step's record as a line of metrics.jsonl (and, with --wandb, in Weights & Biases).
+  - plot_metrics: loss.png, drawn from metrics.jsonl at the end of a run.
+"""
+
+import contextlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+# On a GPU the peak is the datasheet's dense bf16 tensor-core figure (no 2:4 sparsity), matched in
+# order against torch.cuda.get_device_name(): the more specific names come first, since
+# "NVIDIA H100 PCIe" also contains "H100" and "NVIDIA A100-SXM4-80GB" also contains "A10".
+# A GPU not in the table gets no MFU at all rather than a made-up one.
+GPU_PEAK_FLOPS = [
+    ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
+    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+    ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def gpu_peak_flops(name):
+    """Datasheet dense bf16 FLOP/s for a torch.cuda.get_device_name(), or None when the GPU is unknown."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+
+
+def matmul_peak_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
+    """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there.
+    The best of as many matmuls as fit in `seconds` (at least 5, after one to warm up): a core that
+    another process held for a moment slows some of them, not the fastest.
+    The matrices are constant, not random: nothing here may draw from the global RNG, whose state a
+    resumed run has restored (dropout masks would shift)."""
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    best, start, runs = float("inf"), time.perf_counter(), 0
+    while runs < 6 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0) if runs else best  # the first one warms up
+        runs += 1
+    return 2 * n**3 / best
+
+
+def peak_flops(device):
+    """(FLOP/s or None, where the figure comes from) for one device: a GPU's datasheet bf16 peak, or a CPU's
+    measured fp32 matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        flops = gpu_peak_flops(name)
+        return flops, f"{name}: " + ("bf16 datasheet peak" if flops else "not in GPU_PEAK_FLOPS, so MFU is unknown")
+    return matmul_peak_flops(device), f"fp32 matmul measured at start-up on {device.type}"
+
+
+def mfu(tokens_per_s, flops_per_token, world, peak):
+    """MFU of one device: its share of the tokens (all processes' tokens/s / world) x FLOPs per token / its peak.
+    None when it is unknown: no peak, or a figure above 100%. A datasheet peak cannot be beaten, so only a
+    measured one can be (a CPU whose cores were busy while it was timed): the peak is wrong then, not the step,
+    and no MFU is better than an impossible one."""
+    if peak is None:
+        return None
+    utilisation = tokens_per_s / world * flops_per_token / peak
+    return utilisation if utilisation <= 1.0 else None
+
+
+class MetricsLog:
+    """Every step's record, as one line of metrics.jsonl and, with --wandb PROJECT, in Weights & Biases.
+    Rank 0 writes; a resumed run at `step` first drops the lines of the steps it is about to redo."""
+
+    def __init__(self, path, step, master, wandb_project=None, config=None):
+        self.path, self.master, self.wandb = path, master, None
+        if not master:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        keep_metrics_until(path, step)
+        if wandb_project:
+            import wandb  # only --wandb needs it
+
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=os.path.dirname(path) or ".")
+
+    def write(self, record):
+        if self.master:
+            record = {k: v for k, v in record.items() if v is not None}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb:
+                self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def log_line(r):
+    val = f" | val {r['val_loss']:.4f}" if "val_loss" in r else ""
+    val += f" | hellaswag {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""
+    mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text}")
+
+
+def keep_metrics_until(path, step):
+    """Keep the metrics.jsonl lines of the first `step` steps (none for a fresh run) and drop the rest, atomically:
+    a resumed run redoes those. A line cut short by a kill -9 is dropped too. A line's "step" counts the steps
+    completed, as the log does: 1 for the first."""
+    lines = []
+    if step > 0 and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if line.endswith("\n") and json.loads(line)["step"] <= step:
+                        lines.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def plot_metrics(path, target=None, target_label="target"):
+    """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
+
+    One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
+    moving average centred on each step, which shows the trend without lagging behind it; val loss,
+    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
+    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
+    run; the right one zooms in on its second half, where the curves are close together and the
+    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
+    except ImportError:
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    if not rows:  # nothing logged yet
+        return None
+    steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
+    n, h = len(loss), max(1, len(loss) // 80)
+    total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
+    lo, hi = np.maximum(np.arange(n) - h, 0), np.minimum(np.arange(n) + h + 1, n)
+    smooth = (total[hi] - total[lo]) / (hi - lo)  # (n,)
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    whole, tail = fig.subplots(1, 2)
+    for ax in (whole, tail):
+        ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
+        if val:
+            ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
+                    label=f"val loss (last {val[-1][1]:.4f})")
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole
+    whole.set(ylabel="loss (cross-entropy per token)", title="whole run", xlim=(steps[0], steps[-1] + margin))
+    # The zoom: the second half's steps, and a y range that holds its average, val points and the target.
+    first = steps[n // 2]
+    near = [*smooth[n // 2 :], *(v for s, v in val if s >= first), *([target] if target is not None else [])]
+    pad = 0.15 * (max(near) - min(near)) + 1e-3
+    tail.set(title="second half, zoomed in", xlim=(first, steps[-1] + margin), ylim=(min(near) - pad, max(near) + pad))
+    whole.legend(loc="upper right")
+    fig.suptitle(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {n} steps")
+    out = os.path.join(os.path.dirname(path), "loss.png")
+    fig.savefig(out, dpi=110)
+    return out

@@ -1,0 +1,111 @@
+"""transformer.py as a file people read: the story runs top to bottom, the companions stand beside it, and the
+review's mends hold (a folder's own tokenizer, no exit from library code, one validator of a model's shape, steps
+counted as completed, checkpoints loaded without a random init, no in-house jargon)."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import transformer
+from test_training import ENV, TINY, metrics
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+COMPANIONS = ["convert.py", "files.py", "fsdp.py", "hellaswag.py", "metrics.py"]
+
+
+def read(name):
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_every_section_uses_only_what_earlier_sections_define():
+    """A name defined at the top level of section N (a line '# N. Title' opens it) is used by sections >= N only."""
+    src = read("transformer.py")
+    section, current = [], 0
+    for line in src.splitlines():
+        m = re.match(r"#\s*(\d+)\.\s", line)
+        current = int(m.group(1)) if m else current
+        section.append(current)
+    tree = ast.parse(src)
+    defined = {}
+    for node in tree.body:
+        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [n.id for t in getattr(node, "targets", []) for n in ast.walk(t) if isinstance(n, ast.Name)]
+        defined.update({name: section[node.lineno - 1] for name in targets})
+    units = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    forward = sorted({f"{node.name} -> {n.id}" for node in units for n in ast.walk(node)
+                      if isinstance(n, ast.Name) and n.id in defined and n.id != node.name
+                      and defined[n.id] > section[node.lineno - 1]})
+    assert forward == []
+    assert max(section) == 13
+
+
+@pytest.mark.parametrize("companion", COMPANIONS)
+def test_no_companion_imports_transformer(companion):
+    tree = ast.parse(read(companion))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"transformer", "prepare_data", "bench"}
+
+
+def test_main_returns_under_a_gloo_process_group(tmp_path, data):
+    """Library code never ends its caller's process: transformer.main under torchrun's environment (one gloo
+    process) returns to its caller, who prints after it. Only transformer.py run as a program leaves with
+    os._exit (conftest's torchrun_leaving runs that path)."""
+    code = ("import sys, transformer\n"
+            f"transformer.main({['--data', data, '--out-dir', str(tmp_path / 'out'), *TINY, '--max-steps', '2']!r})\n"
+            "print('returned', transformer.Distributed.finished_on_gloo)\n")
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("returned True")
+
+
+def test_gptconfig_is_the_one_judge_of_a_shape(one_line_error):
+    with pytest.raises(ValueError, match="n_embd=65 is not divisible by n_head=4"):
+        transformer.GPTConfig(n_embd=65, n_head=4)
+    assert "--n-embd 65 is not divisible by --n-head 4" in one_line_error(["--n-embd", "65", "--n-head", "4"], status=2)
+    assert "multiple of --n-kv-head 3" in one_line_error(["--n-head", "4", "--n-kv-head", "3"], status=2)
+    assert "RoPE needs an even head dim" in one_line_error(["--n-embd", "12", "--n-head", "4"], status=2)
+
+
+def test_the_command_line_leaves_the_shape_to_the_size_preset():
+    args = transformer.parse_args(["--size", "tiny", "--n-layer", "3"])
+    config = transformer.model_config(args, 256)
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (3, 4, 64, 64)
+    assert args.n_head is None and args.seq_len == 64  # no copy of the preset in the flags
+
+
+def test_steps_are_counted_as_completed_in_the_log_and_metrics(data, tmp_path, capsys):
+    transformer.main(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "4", "--eval-every", "2"])
+    assert [r["step"] for r in metrics(tmp_path) if "val_loss" in r] == [2, 4]
+    out = capsys.readouterr().out
+    assert re.search(r"step +2 \| loss \S+ \| val", out) and re.search(r"step +4 \| loss \S+ \| val", out)
+    assert transformer.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
+
+
+def test_loading_a_checkpoint_draws_no_random_initial_weights(tmp_path, monkeypatch):
+    model = transformer.GPT(transformer.GPTConfig.preset("tiny", "llama"))
+    ckpt = {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
+            "config": transformer.dataclasses.asdict(model.config)}
+    before = torch.get_rng_state()
+    loaded = transformer.model_from_checkpoint(ckpt, "ckpt.pt")
+    assert torch.equal(torch.get_rng_state(), before)  # GPT's init draws from it: it never ran
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight or not model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("name", ["transformer.py", *COMPANIONS, "prepare_data.py", "bench.py", "README.md",
+                                  "pyproject.toml"])
+def test_no_in_house_jargon(name):
+    text = read(name).lower()
+    assert "main" + " job" not in text and "the course this project follows" not in text
+    if name == "pyproject.toml":  # its comment says what .ci/run runs
+        assert "ruff format" not in text or "ruff format" in read(".ci/run")
