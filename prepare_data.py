@@ -62,16 +62,8 @@ import numpy as np
 from tqdm import tqdm
 
 from files import atomic_open, download
-from transformer import (
-    SHARD_HEADER_INTS,
-    SHARD_MAGIC,
-    SHARD_VERSION,
-    ArgumentParser,
-    at_least,
-    get_tokenizer,
-    in_range,
-    load_shard,
-)
+from flagtypes import ArgumentParser, at_least, in_range
+from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, get_tokenizer, load_shard
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

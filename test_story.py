@@ -15,7 +15,7 @@ import transformer
 from test_training import ENV, TINY, metrics
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-COMPANIONS = ["convert.py", "files.py", "fsdp.py", "hellaswag.py", "metrics.py"]
+COMPANIONS = ["convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py", "metrics.py"]
 
 
 def read(name):
@@ -109,3 +109,10 @@ def test_no_in_house_jargon(name):
     assert "main" + " job" not in text and "the course this project follows" not in text
     if name == "pyproject.toml":  # its comment says what .ci/run runs
         assert "ruff format" not in text or "ruff format" in read(".ci/run")
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extras(tmp_path, monkeypatch, one_line_error):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` sees when it is missing
+    (tmp_path / "hf").mkdir()
+    line = one_line_error(["--sample", "--init-from", str(tmp_path / "hf")])
+    assert "needs the transformers package: pip install -r requirements-extras.txt" in line

@@ -27,6 +27,7 @@ Beside it, companion files hold the tooling the story does not need first; they 
     hellaswag.py    the HellaSwag benchmark: read, render, score
     metrics.py      MFU, metrics.jsonl, loss.png
     files.py        files that are whole or absent: atomic writes, downloads
+    flagtypes.py    argparse types that check every value, errors on one line
 """
 
 import argparse
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 import convert
 import hellaswag
 from files import atomic_open
+from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
 
 # -----------------------------------------------------------------------------
@@ -1766,62 +1768,6 @@ def check_args(p, args):
                 f"batch x seq-len x processes = {micro}")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage block): 'transformer.py: error: ...', exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def at_least(low, high=None):
-    """An argparse type: an integer >= low (and <= high, when given)."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be >= {low}{f' and <= {high}' if high else ''}, got {value}")
-        return value
-
-    return parse
-
-
-def in_range(low, high=math.inf, low_open=False, high_open=False):
-    """An argparse type: a finite number between low and high, each end included unless it is open."""
-
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if not math.isfinite(value) or too_low or too_high:
-            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            if high == math.inf:
-                interval = f"{'>' if low_open else '>='} {low:g}"
-            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
-        return value
-
-    return parse
-
-
-def device_name(text):
-    """An argparse type: 'auto' or a device torch knows and this machine has (cpu, cuda, cuda:1, mps)."""
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise argparse.ArgumentTypeError(f"device {text!r} is not available on this machine")
-    return text
-
-
 def main(argv=None):
     """Parse (a bad flag exits 2 with one line), then run one command. The errors a user can cause (a missing
     file, a wrong checkpoint, no network) are ValueError or OSError: one line and exit status 1, no traceback.
@@ -1838,6 +1784,10 @@ def main(argv=None):
             evaluate(args)
         else:
             train_and_sample(args)
+    except ModuleNotFoundError as e:  # a package only some flags need
+        print(f"transformer.py: error: this needs the {e.name} package: pip install -r requirements-extras.txt",
+              file=sys.stderr)
+        sys.exit(1)
     except (ValueError, OSError) as e:
         print(f"transformer.py: error: {e}", file=sys.stderr)
         sys.exit(1)
