@@ -3,6 +3,7 @@ the texts tests read. The suite also passes on a fresh clone with nothing beside
 tiktoken then uses its own cache or downloads its two files, and tests make their own text."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -48,6 +49,20 @@ def needs_tiny_shakespeare():
         pytest.skip("needs tiny Shakespeare's exact bytes: run `python prepare_data.py --tokenizer byte` once "
                     "(it downloads input.txt) or put the file at ../shared/data/tinyshakespeare.txt")
     return data
+
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the version .ci/run installs
+NEEDS_LLAMA_CPP = (f"needs llama-cpp-python (compiles llama.cpp, ~10 min): pip install "
+                   f"llama-cpp-python=={LLAMA_CPP_PYTHON}; .ci/run installs it")
+
+
+def pytest_collection_modifyitems(items):
+    """Where llama-cpp-python is missing, every test that runs a GGUF in llama.cpp (fixture llama_cpp_model)
+    skips with one reason, which `pytest -rs` prints as one line."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        for item in items:
+            if "llama_cpp_model" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.skip(reason=NEEDS_LLAMA_CPP))
 
 
 def english_text(n_bytes, seed=0):

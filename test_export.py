@@ -359,9 +359,10 @@ def test_gguf_byte_tokenizer_reads_back_as_utf8_bytes(gguf_exported):
 
 @pytest.fixture(scope="module")
 def llama_cpp_model(gguf_exported):
-    """(our model, the GGUF in llama.cpp itself, its dtype), where llama-cpp-python is installed: it compiles
-    llama.cpp from source, so CI skips these."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    """(our model, the GGUF in llama.cpp itself, its dtype). Tests that use it skip where llama-cpp-python is
+    missing (conftest.NEEDS_LLAMA_CPP): it compiles llama.cpp from source, so .ci/run installs it, the README's
+    test command does not."""
+    import llama_cpp
     model, folder, name, dtype = gguf_exported
     llm = llama_cpp.Llama(str(folder / name), n_ctx=64, logits_all=True, type_k=0, type_v=0,  # an f32 KV cache
                           n_threads=1, verbose=False)
