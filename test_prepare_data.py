@@ -150,7 +150,8 @@ def test_val_split_over_several_shards_round_trips(tmp_path, tokenizer, cut):
     meta = json.loads((out / "meta.json").read_text())
     for split, tokens in (("train", train), ("val", val)):
         shards = sorted(glob.glob(str(out / f"{split}_*.bin")))
-        assert meta["splits"][split] == {"tokens": len(tokens), "shards": len(shards)}
+        assert meta["splits"][split] == {"tokens": len(tokens), "shards": len(shards),
+                                         "bytes": len(decode(tokens.tolist()))}
         assert shards[-1].endswith(f"{split}_{len(shards) - 1:06d}.bin")  # numbered 0, 1, ... without gaps
         assert all(len(load_shard(p)) == shard for p in shards[:-1])
     assert meta["splits"]["val"]["shards"] >= 4
@@ -247,14 +248,6 @@ def test_dataset_without_the_text_field_is_a_clear_error(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Refusals and the output folder
-
-
-def test_a_vocab_over_65536_is_refused_before_writing(tmp_path):
-    """uint16 shards hold ids < 65536; --tokenizer offers only vocabularies that fit, and write_shard checks."""
-    path = tmp_path / "train_000000.bin"
-    with pytest.raises(ValueError, match="vocab_size 100277 does not fit uint16 tokens"):
-        prepare_data.write_shard(str(path), [1, 2, 3], vocab_size=100_277)
-    assert os.listdir(tmp_path) == []
 
 
 def test_existing_out_dir_is_refused_without_overwrite(tmp_path, monkeypatch):
