@@ -247,9 +247,9 @@ def read_text_file(path):
     rest = b""
     try:
         with open(path, "rb") as f:
-            while block := f.read(PIECE_BYTES):
-                block = rest + block
-                end = piece_end(block)
+            while piece := f.read(PIECE_BYTES):
+                block = rest + piece
+                end = piece_end(block) if len(piece) == PIECE_BYTES else len(block)  # short: the file's end
                 rest = block[end:]
                 yield block[:end].decode("utf-8")
         yield rest.decode("utf-8")
