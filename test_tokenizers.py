@@ -243,3 +243,27 @@ def test_bits_per_byte_equals_total_bits_over_the_val_texts_bytes(tmp_path):
 def test_byte_datasets_count_one_byte_a_token():
     meta_bytes = prepare_data.tokenize(["ab", "c"], transformer.get_tokenizer("byte"), list(b"\n\n"), "test")
     assert [(n, len(t)) for n, t in meta_bytes] == [(7, 7)]  # the separators' bytes count as text
+
+
+# -----------------------------------------------------------------------------
+# hf:<folder>
+
+
+def test_an_hf_tokenizer_folder_prepares_its_tokens_and_a_missing_one_is_one_line(tmp_path, bpe):
+    """A tiny HF tokenizer saved to a folder as transformers saves one (tokenizer.json, tokenizer_config.json)."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(bpe.json, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    text = english_text(8000).decode() + UNSEEN.replace("<|endoftext|>", "")
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", f"hf:{folder}")
+    assert meta["tokenizer"] == f"hf:{folder}" and meta["vocab_size"] == 400 and meta["eot"] == 0
+    assert np.concatenate([tokens_of(out, "train"), tokens_of(out, "val")]).tolist() == bpe.encode(text)
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == len(text.encode("utf-8"))
+
+    result = cli(tmp_path, "--input", "in.txt", "--tokenizer", "hf:no_such_folder", "--out", "out2")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("prepare_data.py: error: cannot load tokenizer hf:no_such_folder: ")
+    assert not (tmp_path / "out2").exists()
