@@ -593,6 +593,7 @@ class BPETokenizer:
         from tokenizers import Tokenizer
 
         self.tok, self.name, self.json = Tokenizer.from_str(tokenizer_json), name, tokenizer_json
+        self.tok.encode_special_tokens = True  # '<|endoftext|>' in a text is text (tiktoken's encode_ordinary)
         self.vocab_size, self.eot = self.tok.get_vocab_size(), self.tok.token_to_id(EOT_TOKEN)
         spelled = byte_level_bytes()
         specials = set(self.tok.get_added_tokens_decoder())
