@@ -14,10 +14,16 @@ Sources
     its --text-field.
 
 Tokenizers (--tokenizer, see transformer.get_tokenizer)
-    gpt2  GPT-2's BPE (tiktoken), vocab 50257. Each dataset document is preceded by
-          <|endoftext|> (50256), as in build-nanogpt.
-    byte  the UTF-8 bytes, vocab 256. It has no end-of-text token, so each dataset
-          document is preceded by two newlines.
+    gpt2     GPT-2's BPE (tiktoken), vocab 50257. Each dataset document is preceded by
+             <|endoftext|> (50256), as in build-nanogpt. Any other tiktoken encoding
+             (cl100k_base, o200k_base, ...) the same way.
+    byte     the UTF-8 bytes, vocab 256. It has no end-of-text token, so each dataset
+             document is preceded by two newlines.
+    hf:NAME  an HF tokenizer (a folder or a hub name), through transformers' AutoTokenizer;
+             documents are preceded by its eos token.
+    bpe:N    a byte-level BPE of N tokens (N >= 257) trained on the first
+             --tokenizer-train-bytes of the text itself (train_bpe), saved as tokenizer.json
+             beside the shards; documents are preceded by its <|endoftext|>.
     A text file gets no separator: its tokens are exactly the tokens of the whole file
     (for byte: the file's bytes).
 
@@ -28,21 +34,26 @@ Splits
     as in build-nanogpt; its size is unknown until it has been read, so --val-fraction
     does not apply.
 
-Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2)
+Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2, data/input_bpe4096)
     train_000000.bin, train_000001.bin, ...  --shard-tokens tokens each (default 100M);
     val_000000.bin, ...                      the last shard of a split may be shorter
-    meta.json                                tokenizer, token and shard counts, source;
-                                             written last: its presence marks a complete dataset
+    tokenizer.json                           bpe:N only: the trained tokenizer
+    meta.json                                tokenizer, vocab_size, each split's tokens, shards
+                                             and bytes (the UTF-8 bytes its tokens spell, for
+                                             bits per byte), source; written last: its
+                                             presence marks a complete dataset
     Each shard is a header of SHARD_HEADER_INTS (256) little-endian int32,
-        [SHARD_MAGIC (20241123), SHARD_VERSION (1), vocab_size, n_tokens, 0, 0, ...]
-    followed by n_tokens little-endian uint16 token ids, so the vocabulary may hold at most
-    65536 tokens. transformer.load_shard reads a shard back. Every file is written under a
+        [SHARD_MAGIC (20241123), SHARD_VERSION (2), vocab_size, n_tokens, bytes per token, 0, ...]
+    followed by n_tokens little-endian token ids: uint16 (2 bytes) while the vocabulary
+    fits in 65,536 ids, uint32 (4) beyond. transformer.load_shard reads a shard back (also
+    version 1's, which were uint16 without the width field). Every file is written under a
     .tmp name and renamed once complete, so an interrupted run never leaves a truncated
     shard that looks whole.
 
 Text is tokenized once, and memory stays flat however large the corpus: a text file is
 read in 1 MiB pieces and a dataset is streamed, both tokenized about 16 MB of text at a
-time on all cores; besides that only the shard being filled (2 bytes a token) is held.
+time on all cores; besides that only the shard being filled (2 or 4 bytes a token) is held,
+and for bpe:N on a dataset the documents it trained on, until they are tokenized.
 A text file's val split starts at a token count known only at the end, so all its tokens
 go to train shards first; then the last ones are read back, one shard at a time, and
 written as val shards, and the train split is cut back: the shard the boundary falls in
