@@ -121,6 +121,43 @@ def write_dataset(out, splits, vocab_size=256, seed=0, tokenizer="byte"):
     return tokens
 
 
+# cl100k_base's split pattern (as tiktoken writes it): what the test encodings below cut text into.
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+
+
+def large_encoding(n_vocab):
+    """tiktoken.Encoding's arguments for n_vocab tokens, the last <|endoftext|>, for vocabularies beyond 65,536 offline
+    (cl100k_base's and o200k_base's files cannot be downloaded here). Its merges are the 729 pairs of lowercase
+    letters and space, ranked last, so English text encodes to ids above 65,535; the ranks between are filler
+    tokens no text forms."""
+    pairs = [bytes([a, b]) for a in b"abcdefghijklmnopqrstuvwxyz " for b in b"abcdefghijklmnopqrstuvwxyz "]
+    filler = n_vocab - 1 - 256 - len(pairs)
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"\x00\x01" + i.to_bytes(3, "big"): 256 + i for i in range(filler)})
+    ranks.update({p: 256 + filler + j for j, p in enumerate(pairs)})
+    return {"name": f"test_{n_vocab}", "pat_str": CL100K_PATTERN, "mergeable_ranks": ranks,
+            "special_tokens": {"<|endoftext|>": n_vocab - 1}}
+
+
+@pytest.fixture
+def register_encoding(monkeypatch):
+    """register_encoding(n_vocab) -> name: makes large_encoding(n_vocab) a tiktoken encoding that
+    tiktoken.get_encoding(name) finds, through the registry its plugins (tiktoken_ext) fill, for this test."""
+    import tiktoken
+    import tiktoken.registry
+
+    tiktoken.list_encoding_names()  # the registry reads its plugins first
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # get_encoding's cache: nothing of this test stays
+
+    def register(n_vocab):
+        encoding = large_encoding(n_vocab)
+        monkeypatch.setitem(tiktoken.registry.ENCODING_CONSTRUCTORS, encoding["name"], lambda: encoding)
+        return encoding["name"]
+
+    return register
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """Random byte tokens: two train shards (15,000 tokens), one val shard (2,000). Read-only for the tests."""

@@ -37,6 +37,7 @@ import shutil
 import torch
 
 from files import staged, write_json
+from tokenizer import byte_spelling
 
 
 def hf_folder(name_or_path):
@@ -227,14 +228,6 @@ def hf_config(c, family, vocab_size, bos, eos):
         num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu", attention_dropout=c.dropout,
     )
-
-
-def byte_spelling():
-    """GPT-2's printable spelling of the 256 bytes: printable Latin-1 bytes stand for themselves, the others
-    (control bytes, space, ...) take the characters from U+0100 on, in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(0x100 + i) for i, b in enumerate(others)}}
 
 
 def last_merge(piece, ranks):

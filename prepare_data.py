@@ -14,10 +14,16 @@ Sources
     its --text-field.
 
 Tokenizers (--tokenizer, see transformer.get_tokenizer)
-    gpt2  GPT-2's BPE (tiktoken), vocab 50257. Each dataset document is preceded by
-          <|endoftext|> (50256), as in build-nanogpt.
-    byte  the UTF-8 bytes, vocab 256. It has no end-of-text token, so each dataset
-          document is preceded by two newlines.
+    gpt2     GPT-2's BPE (tiktoken), vocab 50257. Each dataset document is preceded by
+             <|endoftext|> (50256), as in build-nanogpt. Any other tiktoken encoding
+             (cl100k_base, o200k_base, ...) the same way.
+    byte     the UTF-8 bytes, vocab 256. It has no end-of-text token, so each dataset
+             document is preceded by two newlines.
+    hf:NAME  an HF tokenizer (a folder or a hub name), through transformers' AutoTokenizer;
+             documents are preceded by its eos token.
+    bpe:N    a byte-level BPE of N tokens (N >= 257) trained on the first
+             --tokenizer-train-bytes of the text itself (train_bpe), saved as tokenizer.json
+             beside the shards; documents are preceded by its <|endoftext|>.
     A text file gets no separator: its tokens are exactly the tokens of the whole file
     (for byte: the file's bytes).
 
@@ -28,21 +34,26 @@ Splits
     as in build-nanogpt; its size is unknown until it has been read, so --val-fraction
     does not apply.
 
-Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2)
+Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2, data/input_bpe4096)
     train_000000.bin, train_000001.bin, ...  --shard-tokens tokens each (default 100M);
     val_000000.bin, ...                      the last shard of a split may be shorter
-    meta.json                                tokenizer, token and shard counts, source;
-                                             written last: its presence marks a complete dataset
+    tokenizer.json                           bpe:N only: the trained tokenizer
+    meta.json                                tokenizer, vocab_size, each split's tokens, shards
+                                             and bytes (the UTF-8 bytes its tokens spell, for
+                                             bits per byte), source; written last: its
+                                             presence marks a complete dataset
     Each shard is a header of SHARD_HEADER_INTS (256) little-endian int32,
-        [SHARD_MAGIC (20241123), SHARD_VERSION (1), vocab_size, n_tokens, 0, 0, ...]
-    followed by n_tokens little-endian uint16 token ids, so the vocabulary may hold at most
-    65536 tokens. transformer.load_shard reads a shard back. Every file is written under a
+        [SHARD_MAGIC (20241123), SHARD_VERSION (2), vocab_size, n_tokens, bytes per token, 0, ...]
+    followed by n_tokens little-endian token ids: uint16 (2 bytes) while the vocabulary
+    fits in 65,536 ids, uint32 (4) beyond. transformer.load_shard reads a shard back (also
+    version 1's, which were uint16 without the width field). Every file is written under a
     .tmp name and renamed once complete, so an interrupted run never leaves a truncated
     shard that looks whole.
 
 Text is tokenized once, and memory stays flat however large the corpus: a text file is
 read in 1 MiB pieces and a dataset is streamed, both tokenized about 16 MB of text at a
-time on all cores; besides that only the shard being filled (2 bytes a token) is held.
+time on all cores; besides that only the shard being filled (2 or 4 bytes a token) is held,
+and for bpe:N on a dataset the documents it trained on, until they are tokenized.
 A text file's val split starts at a token count known only at the end, so all its tokens
 go to train shards first; then the last ones are read back, one shard at a time, and
 written as val shards, and the train split is cut back: the shard the boundary falls in
@@ -53,6 +64,7 @@ this needs is the val split's size.
 import argparse
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
@@ -63,16 +75,22 @@ from tqdm import tqdm
 
 from files import atomic_open, download
 from flagtypes import ArgumentParser, at_least, in_range
-from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, get_tokenizer, load_shard
+from tokenizer import EOT_TOKEN, TOKENIZER_JSON, get_tokenizer
+from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, load_shard, token_dtype
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_INPUT = "input.txt"
 DEFAULT_VAL_FRACTION = 0.1
-MAX_VOCAB = 2**16  # tokens are stored as uint16
 PIECE_BYTES = 1 << 20  # a text file is read and tokenized in pieces of about 1 MiB
 BATCH_CHARS = 16 << 20  # characters per tokenizer call, which tiktoken spreads over its threads
 SPLITS = ("train", "val")
+DECODE_TOKENS = 1 << 20  # a split's tokens are decoded (to count its bytes) a million at a time
+TOKENIZER_TRAIN_BYTES = 100_000_000  # a trained BPE learns from the first 100 MB of the text by default
+# GPT-4's split pattern (tiktoken's cl100k_base; Llama 3's tokenizer.json has it too): what a trained BPE cuts
+# text into before merging, so no token spans two words, a letter and a digit, or more than 3 digits.
+BPE_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+             r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def fail(msg):
@@ -81,18 +99,17 @@ def fail(msg):
 
 
 # -----------------------------------------------------------------------------
-# Shards: header + uint16 tokens, written atomically
+# Shards: header + uint16 or uint32 tokens, written atomically
 
 
 def write_shard(path, tokens, vocab_size):
-    """Write tokens (ids < vocab_size <= 65536) as one shard: the int32 header, then uint16 tokens."""
-    if vocab_size > MAX_VOCAB:
-        raise ValueError(f"vocab_size {vocab_size} does not fit uint16 tokens (at most {MAX_VOCAB})")
-    tokens = np.asarray(tokens, dtype="<u2")  # a Python int outside 0..65535 raises OverflowError
+    """Write tokens (ids < vocab_size) as one shard: the int32 header, then the tokens as uint16 while the
+    vocabulary fits in 65,536 ids, else uint32 (transformer.token_dtype)."""
+    tokens = np.asarray(tokens, dtype=token_dtype(vocab_size))  # a Python int out of the dtype's range raises
     if len(tokens) and tokens.max() >= vocab_size:
         raise ValueError(f"token {tokens.max()} is outside the vocabulary of {vocab_size}")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:4] = SHARD_MAGIC, SHARD_VERSION, vocab_size, len(tokens)
+    header[:5] = SHARD_MAGIC, SHARD_VERSION, vocab_size, len(tokens), tokens.itemsize
     with atomic_open(path) as f:
         f.write(header.tobytes())
         f.write(tokens.tobytes())
@@ -114,7 +131,7 @@ class ShardWriter:
     def add(self, tokens):
         while len(tokens):
             if self.buf is None:
-                self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
+                self.buf = np.empty(self.shard_tokens, dtype=token_dtype(self.vocab_size))
             n = min(len(tokens), self.shard_tokens - self.fill)
             self.buf[self.fill : self.fill + n] = tokens[:n]
             self.fill, tokens = self.fill + n, tokens[n:]
@@ -179,7 +196,7 @@ def move_tail_to_val(train, val, n_val):
 
 def remove_dataset(out_dir):
     """Delete what an earlier run wrote (meta.json first, so the folder stops looking complete)."""
-    old = [os.path.join(out_dir, "meta.json")]
+    old = [os.path.join(out_dir, "meta.json"), os.path.join(out_dir, TOKENIZER_JSON)]
     old += [p for split in SPLITS for p in glob.glob(os.path.join(out_dir, f"{split}_*.bin"))]
     old += glob.glob(os.path.join(out_dir, "*.tmp"))
     for path in old:
@@ -203,23 +220,22 @@ def default_input():
 
 
 def piece_end(block):
-    """Where to end a piece of `block` so that its GPT-2 tokens are the ones it has inside the whole text.
+    """Where to end a piece of `block` so that its tokens are the ones it has inside the whole text.
 
-    GPT-2's pre-tokenizer always splits between a visible character and the whitespace after
-    it, and BPE merges only within what it split, so the piece ends at the end of its last
-    line that ends in a visible ASCII character (before that line's trailing whitespace).
-    Without one (rare: no line breaks, or only lines ending in non-ASCII characters) it
-    ends at a character boundary, where the GPT-2 tokens may differ from the whole text's
-    at that one cut; bytes never differ.
+    A BPE merges only within the pieces its split pattern cuts text into. The patterns of GPT-2,
+    cl100k_base, o200k_base and our trained BPE (BPE_SPLIT) all cut a line break that has a visible
+    character on each side away from what follows it, and take it with what precedes it in the same
+    way whether or not the text goes on. So the piece ends just after the last such line break
+    ("speak.\n|All:"). Without one (rare: no line breaks, or only blank lines or non-ASCII around
+    them) it ends at a character boundary, where the tokens may differ from the whole text's at that
+    one cut; bytes never differ.
     """
-    i = block.rfind(b"\n")
+    visible = range(0x21, 0x7F)
+    i = block.rfind(b"\n", 0, len(block) - 1)
     while i > 0:
-        end = i
-        while end > 0 and block[end - 1] in b" \t\r\n":  # back over the line's trailing whitespace
-            end -= 1
-        if end > 0 and 0x21 <= block[end - 1] <= 0x7E:  # a visible ASCII character
-            return end
-        i = block.rfind(b"\n", 0, end)
+        if block[i - 1] in visible and block[i + 1] in visible:
+            return i + 1
+        i = block.rfind(b"\n", 0, i)
     end = len(block) - 1
     while end > 0 and 0x80 <= block[end] < 0xC0:  # not inside a UTF-8 character
         end -= 1
@@ -231,9 +247,9 @@ def read_text_file(path):
     rest = b""
     try:
         with open(path, "rb") as f:
-            while block := f.read(PIECE_BYTES):
-                block = rest + block
-                end = piece_end(block)
+            while piece := f.read(PIECE_BYTES):
+                block = rest + piece
+                end = piece_end(block) if len(piece) == PIECE_BYTES else len(block)  # short: the file's end
                 rest = block[end:]
                 yield block[:end].decode("utf-8")
         yield rest.decode("utf-8")
@@ -282,19 +298,90 @@ def batches_of(texts, max_chars):
 
 
 def tokenize(texts, tokenizer, separator, desc):
-    """Yield (text bytes, uint16 tokens) per batch of texts, each text's tokens preceded by `separator`.
+    """Yield (text bytes, tokens) per batch of texts, each text's tokens preceded by `separator`. The bytes
+    count what the tokens spell: the texts, and the separator's own bytes ('\n\n': 2, <|endoftext|>: 0).
 
-    encode_batch spreads a batch over threads (tiktoken releases the GIL)."""
+    encode_batch spreads a batch over threads (tiktoken and HF tokenizers release the GIL)."""
+    dtype, separator_bytes = token_dtype(tokenizer.vocab_size), len(tokenizer.decode_bytes(separator))
     with tqdm(desc=desc, unit="tok", unit_scale=True) as bar:
         for batch in batches_of(texts, BATCH_CHARS):
             ids = tokenizer.encode_batch(batch)
-            tokens = np.concatenate([np.array(separator + doc, dtype=np.uint16) for doc in ids])
+            tokens = np.concatenate([np.array(separator + doc, dtype=dtype) for doc in ids])
             bar.update(len(tokens))
-            yield sum(len(text.encode("utf-8")) for text in batch), tokens
+            yield sum(len(text.encode("utf-8")) + separator_bytes for text in batch), tokens
+
+
+def split_bytes(writer, tokenizer):
+    """The UTF-8 bytes a written split's tokens spell (what bits per byte divides by), decoded DECODE_TOKENS at
+    a time. Exact for byte-level tokenizers; an hf: tokenizer that is not counts through text (HFTokenizer)."""
+    return sum(len(tokenizer.decode_bytes(tokens[i : i + DECODE_TOKENS].tolist()))
+               for tokens in writer.read_from(0) for i in range(0, len(tokens), DECODE_TOKENS))
+
+
+# -----------------------------------------------------------------------------
+# Training a byte-level BPE on the text itself ('bpe:<N>')
+
+
+def first_bytes(texts, n_bytes):
+    """Read documents from the iterator texts until they hold n_bytes of UTF-8. Returns (those documents,
+    their text cut at n_bytes: what a tokenizer trains on)."""
+    docs, sample = [], []
+    for text in texts:
+        docs.append(text)
+        data = text.encode("utf-8")[:n_bytes]
+        sample.append(data.decode("utf-8", errors="ignore"))  # a character cut in two at the limit is dropped
+        n_bytes -= len(data)
+        if n_bytes <= 0:
+            break
+    return docs, sample
+
+
+def train_bpe(sample, vocab_size):
+    """A byte-level BPE of vocab_size tokens trained on the texts of sample with HF tokenizers' BpeTrainer, as
+    the text of its tokenizer.json (transformer.get_tokenizer builds it back).
+
+    Byte-level: text is cut by BPE_SPLIT, each piece's UTF-8 bytes are spelled as printable characters
+    (GPT-2's spelling), and all 256 bytes are in the vocabulary from the start, so every byte sequence
+    has tokens, whatever the training text held. Then merges of the most frequent neighbouring pair up
+    to vocab_size tokens. NOTE: one special token, <|endoftext|> (id 0), as nanochat keeps a <|bos|>: a
+    dataset's documents are separated by it (one token where bytes need two newlines), the model learns
+    where a document ends, and sampling stops there. A text file's tokens never include it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BPE_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample, trainer)
+    if tok.get_vocab_size() < vocab_size:
+        fail(f"--tokenizer bpe:{vocab_size}: the text has no more pairs to merge at {tok.get_vocab_size()} tokens; "
+             f"use bpe:{tok.get_vocab_size()} or fewer, or more text (--tokenizer-train-bytes)")
+    return tok.to_str()
 
 
 # -----------------------------------------------------------------------------
 # CLI
+
+
+def tokenizer_name(name):
+    """--tokenizer's value, checked before any work; get_tokenizer (or train_bpe) makes the tokenizer later."""
+    import tiktoken
+
+    if name.startswith("bpe:"):
+        if not name[4:].isdigit():
+            raise argparse.ArgumentTypeError(f"{name}: bpe:<N> needs a whole number of tokens, e.g. bpe:4096")
+        if int(name[4:]) < 257:
+            raise argparse.ArgumentTypeError(f"{name}: a BPE needs at least 257 tokens (256 bytes and {EOT_TOKEN})")
+        return f"bpe:{int(name[4:])}"
+    if name != "byte" and not name.startswith("hf:") and name not in tiktoken.list_encoding_names():
+        raise argparse.ArgumentTypeError(f"unknown tokenizer {name!r}: use byte, a tiktoken encoding "
+                                         f"({', '.join(tiktoken.list_encoding_names())}), hf:<folder or hub name> "
+                                         "or bpe:<N>")
+    return name
 
 
 def parse_args(argv):
@@ -314,8 +401,12 @@ def parse_args(argv):
     p.add_argument("--split", default="train", help="which split of the dataset to read (default: train)")
     p.add_argument("--data-files", nargs="+", metavar="FILE", help="local files for --dataset json / text / parquet")
     p.add_argument("--text-field", default="text", help="the field holding a document's text (default: text)")
-    p.add_argument("--tokenizer", choices=("gpt2", "byte"), default="gpt2",
-                   help="gpt2: GPT-2's BPE, vocab 50257 (the default); byte: UTF-8 bytes, vocab 256")
+    p.add_argument("--tokenizer", type=tokenizer_name, default="gpt2",
+                   help="byte (UTF-8 bytes, vocab 256); a tiktoken encoding: gpt2 (the default, vocab 50257), "
+                        "cl100k_base, o200k_base, ...; hf:<folder or hub name> (an HF tokenizer); or bpe:<N>, "
+                        "a byte-level BPE of N tokens trained on the text itself and saved as tokenizer.json")
+    p.add_argument("--tokenizer-train-bytes", type=at_least(1), default=TOKENIZER_TRAIN_BYTES, metavar="N",
+                   help=f"bpe:<N> trains on the text's first N bytes (default: {TOKENIZER_TRAIN_BYTES})")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<source>_<tokenizer>)")
     p.add_argument("--shard-tokens", type=at_least(1), default=100_000_000, metavar="N",
                    help="tokens per shard (default: 100000000)")
@@ -338,12 +429,20 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    tokenizer = get_tokenizer(args.tokenizer)
+    if args.tokenizer.startswith("bpe:"):
+        name, tokenizer = args.tokenizer, None  # trained below, once the text is open
+    else:
+        try:
+            tokenizer = get_tokenizer(args.tokenizer)
+        except ValueError as e:
+            fail(e)
+        name = tokenizer.name
     if args.dataset:
         source_name = args.dataset.rstrip("/").split("/")[-1] + (f"_{args.name}" if args.name else "")
     else:
         source_name = os.path.splitext(os.path.basename(args.input or DEFAULT_INPUT))[0]
-    out = args.out or os.path.join("data", f"{source_name}_{tokenizer.name}")
+    folder_name = name.replace(":", "").replace("/", "_").strip("_")  # bpe:4096 -> bpe4096
+    out = args.out or os.path.join("data", f"{source_name}_{folder_name}")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a folder")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
@@ -351,24 +450,43 @@ def main(argv=None):
         fail(f"{out} already holds {held}; pass --overwrite to replace it")
 
     if args.dataset:
-        # Documents are streamed once; the val split is the first --val-tokens tokens.
         texts = open_dataset(args)
-        separator = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n\n")
-        first, boundary = "val", args.val_tokens or args.shard_tokens
         source = {k: getattr(args, k) for k in ("dataset", "name", "split", "data_files", "text_field")}
     else:
-        # The file is one document; the val split is its last tokens, which move there at the end.
         path = args.input or default_input()
         if not os.path.isfile(path):
             fail(f"--input {path}: no such file")
         if os.path.getsize(path) == 0:
             fail(f"{path} is empty")
-        texts, separator, first, boundary = read_text_file(path), [], "train", math.inf  # all to train for now
-        source = {"input": path}
+        texts, source = read_text_file(path), {"input": path}
+    if tokenizer is None:
+        # NOTE: the BPE learns from the text's start, which holds a dataset's val split (its first tokens), and
+        # for a text file its val split too when the file is shorter than --tokenizer-train-bytes. Merges are
+        # statistics of frequent byte pairs, not the text itself; the val loss still measures unseen text.
+        docs, sample = first_bytes(texts, args.tokenizer_train_bytes)
+        if args.dataset:  # the stream is read once: the documents read so far come first again
+            texts = itertools.chain(docs, texts)
+        else:
+            texts = read_text_file(path)
+        trained = time.perf_counter()
+        tokenizer_json = train_bpe(sample, int(name[4:]))
+        tokenizer = get_tokenizer(name, tokenizer_json)
+        trained = time.perf_counter() - trained
+        print(f"trained {name} on {sum(len(t.encode('utf-8')) for t in sample):,} bytes in {trained:.1f} s")
+    if args.dataset:
+        # Documents are streamed once; the val split is the first --val-tokens tokens.
+        separator = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n\n")
+        first, boundary = "val", args.val_tokens or args.shard_tokens
+    else:
+        # The file is one document; the val split is its last tokens, which move there at the end.
+        separator, first, boundary = [], "train", math.inf  # all to train for now
 
     if args.overwrite:
         remove_dataset(out)
     os.makedirs(out, exist_ok=True)
+    if tokenizer.json is not None:  # a trained BPE travels with its dataset
+        with atomic_open(os.path.join(out, TOKENIZER_JSON)) as f:
+            f.write(tokenizer.json.encode("utf-8"))
     batches = tokenize(texts, tokenizer, separator, "tokenizing")
     writers, text_bytes = write_splits(batches, out, first, boundary, args.shard_tokens, tokenizer.vocab_size)
     total = sum(w.tokens for w in writers.values())
@@ -380,6 +498,8 @@ def main(argv=None):
              "and train on the rest")
     if not args.dataset:  # now that the file's length is known, its last n_val tokens become the val split
         move_tail_to_val(writers["train"], writers["val"], n_val)
+    val_bytes = split_bytes(writers["val"], tokenizer)
+    n_bytes = {"train": text_bytes - val_bytes, "val": val_bytes}
 
     meta = {
         "format_version": SHARD_VERSION,
@@ -388,9 +508,13 @@ def main(argv=None):
         "eot": tokenizer.eot,
         "document_separator": separator,
         "shard_tokens": args.shard_tokens,
-        "splits": {split: {"tokens": w.tokens, "shards": w.shards} for split, w in writers.items()},
+        # bytes: the UTF-8 bytes each split's tokens spell, for bits per byte (transformer.bits_per_byte)
+        "splits": {split: {"tokens": w.tokens, "shards": w.shards, "bytes": n_bytes[split]}
+                   for split, w in writers.items()},
         "source": source,
     }
+    if tokenizer.json is not None:
+        meta["tokenizer_train_bytes"] = args.tokenizer_train_bytes
     with atomic_open(os.path.join(out, "meta.json")) as f:  # last: marks the dataset complete
         f.write(json.dumps(meta, indent=2).encode())
 

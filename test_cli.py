@@ -54,7 +54,7 @@ PREPARE = [
     ("--shard-tokens", ["0", "-1", "x"]),
     ("--val-fraction", ["0", "1", "2", "x"]),
     ("--val-tokens", ["0"]),
-    ("--tokenizer", ["bpe"]),
+    ("--tokenizer", ["bpe", "bpe:256", "bpe:x", "no_such_encoding"]),
 ]
 
 

@@ -59,6 +59,44 @@ def test_load_shard_reads_back_what_write_shard_wrote(tmp_path):
     np.testing.assert_array_equal(load_shard(path), tokens)
 
 
+@pytest.mark.parametrize("vocab_size, width", [(256, 2), (65_536, 2), (65_537, 4), (200_019, 4)])
+def test_the_header_records_two_bytes_a_token_while_the_vocab_fits_uint16_else_four(tmp_path, vocab_size, width):
+    path = str(tmp_path / "train_000000.bin")
+    tokens = np.array([0, 1, 255, vocab_size - 1])
+    prepare_data.write_shard(path, tokens, vocab_size)
+    header = np.fromfile(path, dtype="<i4", count=5)
+    assert header.tolist() == [20241123, 2, vocab_size, 4, width]
+    assert os.path.getsize(path) == 1024 + width * 4
+    np.testing.assert_array_equal(load_shard(path, vocab_size), tokens)
+
+
+def write_version_1_shard(path, tokens, vocab_size, version=1):
+    """The format before version 2: (magic, version, vocab size, token count, zeros), then uint16 tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:4] = 20241123, version, vocab_size, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_version_1_shards_still_read_as_uint16(tmp_path):
+    path = str(tmp_path / "train_000000.bin")
+    write_version_1_shard(path, [0, 50256, 65535, 7], 65536)
+    shard = load_shard(path, 65536)
+    assert shard.dtype == np.dtype("<u2") and shard.tolist() == [0, 50256, 65535, 7]
+
+
+def test_a_shard_of_an_unknown_version_is_refused_in_one_line(tmp_path, data, one_line_error):
+    os.makedirs(tmp_path / "d")
+    for name in os.listdir(data):
+        os.link(os.path.join(data, name), tmp_path / "d" / name)
+    os.remove(tmp_path / "d" / "val_000000.bin")  # a link: the shared dataset's shard stays as it is
+    write_version_1_shard(tmp_path / "d" / "val_000000.bin", np.zeros(2000), 256, version=3)
+    line = one_line_error(["--data", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert line.endswith("val_000000.bin: shard format version 3, this code reads versions 1 and 2: "
+                         "update transformer.py, or prepare the data again")
+    assert not (tmp_path / "out").exists()
+
+
 def test_write_shard_refuses_a_token_outside_the_vocab(tmp_path):
     path = tmp_path / "train_000000.bin"
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -150,7 +188,8 @@ def test_val_split_over_several_shards_round_trips(tmp_path, tokenizer, cut):
     meta = json.loads((out / "meta.json").read_text())
     for split, tokens in (("train", train), ("val", val)):
         shards = sorted(glob.glob(str(out / f"{split}_*.bin")))
-        assert meta["splits"][split] == {"tokens": len(tokens), "shards": len(shards)}
+        assert meta["splits"][split] == {"tokens": len(tokens), "shards": len(shards),
+                                         "bytes": len(decode(tokens.tolist()))}
         assert shards[-1].endswith(f"{split}_{len(shards) - 1:06d}.bin")  # numbered 0, 1, ... without gaps
         assert all(len(load_shard(p)) == shard for p in shards[:-1])
     assert meta["splits"]["val"]["shards"] >= 4
@@ -247,14 +286,6 @@ def test_dataset_without_the_text_field_is_a_clear_error(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Refusals and the output folder
-
-
-def test_a_vocab_over_65536_is_refused_before_writing(tmp_path):
-    """uint16 shards hold ids < 65536; --tokenizer offers only vocabularies that fit, and write_shard checks."""
-    path = tmp_path / "train_000000.bin"
-    with pytest.raises(ValueError, match="vocab_size 100277 does not fit uint16 tokens"):
-        prepare_data.write_shard(str(path), [1, 2, 3], vocab_size=100_277)
-    assert os.listdir(tmp_path) == []
 
 
 def test_existing_out_dir_is_refused_without_overwrite(tmp_path, monkeypatch):

@@ -14,11 +14,11 @@ The file is a story, in this order:
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
-    7. Data         tokenizers, the token shard format (and llm.c's), DataLoaderLite
+    7. Data         token shards of any vocabulary (ours, llm.c's), DataLoaderLite; tokenizers in tokenizer.py
     8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
     9. Checkpoints  everything a run needs to continue exactly, read back without running code
-   10. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
-   11. Evaluation   perplexity over a whole text; HellaSwag accuracy
+   10. Evaluation   the val loss the loop logs, perplexity over a whole text, HellaSwag accuracy
+   11. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
    12. Commands     train, sample, eval, export
    13. CLI          argparse and main()
 Beside it, companion files hold the tooling the story does not need first; they never import this file:
@@ -28,6 +28,7 @@ Beside it, companion files hold the tooling the story does not need first; they 
     metrics.py      MFU, metrics.jsonl, loss.png
     files.py        files that are whole or absent: atomic writes, downloads
     flagtypes.py    argparse types that check every value, errors on one line
+    tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
 """
 
 import argparse
@@ -56,6 +57,7 @@ import hellaswag
 from files import atomic_open
 from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
+from tokenizer import TOKENIZER_JSON, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -619,116 +621,87 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
 # -----------------------------------------------------------------------------
 # 7. Data
 # Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
-# waits for a tokenizer. A shard is a 1 KiB header of 256 little-endian int32
-# (magic, format version, vocab size, token count, then zeros) followed by the tokens
-# as uint16: 2 bytes a token, which is why vocabularies stop at 65,536.
-# llm.c and modded-nanogpt write FineWeb as shards of the same shape under another magic
-# number: (magic, version, token count, zeros), GPT-2 tokens implied, no meta.json. A
-# folder of them is read as it is; shard_header tells the two formats apart.
+# waits for a tokenizer. A tokenizer is named by a string: 'byte', a tiktoken encoding
+# ('gpt2', 'cl100k_base', 'o200k_base'), 'hf:<folder or hub name>', or 'bpe:<N>', a
+# byte-level BPE of N tokens that prepare_data.py trained on the data itself and saved
+# as tokenizer.json beside the shards (read_meta reads it, get_tokenizer builds it).
+# A shard is a 1 KiB header of 256 little-endian int32 (magic, format version, vocab
+# size, token count, bytes per token, then zeros) followed by the tokens: uint16 while
+# the vocabulary fits in 65,536 ids, uint32 beyond (cl100k_base, o200k_base, Llama 3).
+# Version 1 shards had no width field and hold uint16; they still read.
+# llm.c and modded-nanogpt write FineWeb as shards of the same shape under other magic
+# numbers: (magic, version, token count, zeros), no meta.json, the tokenizer implied by
+# the magic: GPT-2 (uint16) or Llama 3 (uint32). A folder of them is read as it is;
+# shard_header tells the formats apart. Every width is memory-mapped as it lies on disk.
 
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 1, 256
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 2, 256
 
 
-LLMC_MAGIC, LLMC_VERSION = 20240520, 1  # llm.c's version 1: GPT-2 tokens as uint16 (its Llama 3 shards differ)
+TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> how the shard stores it
 
 
-LLMC_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what an llm.c folder's missing meta.json would say
+# llm.c's magic numbers (its dev/data/data_common.py): version, token dtype, what a folder's missing meta.json
+# would say. Its Llama 3 shards were tokenized with Meta-Llama-3.1-8B's tokenizer (gated: needs an HF login).
+LLMC_FORMATS = {
+    20240520: (1, TOKEN_DTYPES[2], {"tokenizer": "gpt2", "vocab_size": 50257}),
+    20240801: (7, TOKEN_DTYPES[4], {"tokenizer": "hf:meta-llama/Meta-Llama-3.1-8B", "vocab_size": 128256}),
+}
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256). On ASCII text such as tiny Shakespeare this is character level."""
-
-    name, vocab_size, eot = "byte", 256, None
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def encode_batch(self, texts):
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
+def token_dtype(vocab_size):
+    """How shards store the ids of a vocabulary: uint16 while they fit, else uint32."""
+    return TOKEN_DTYPES[2] if vocab_size <= 2**16 else TOKEN_DTYPES[4]
 
 
-class TiktokenTokenizer:
-    """OpenAI's BPE through tiktoken ('gpt2': 50,257 tokens, <|endoftext|> = 50256 separates documents)."""
+def bits_per_byte(loss, n_tokens, n_bytes):
+    """A mean loss (nats per token) over n_tokens tokens that spell n_bytes UTF-8 bytes, in bits per byte
+    (nanochat's val_bpb): the text's total loss is loss * n_tokens nats, and a nat is 1/ln 2 bits. Models with
+    different tokenizers compare on this scale, not per token.
 
-    def __init__(self, name):
-        import tiktoken
-
-        self.enc, self.name = tiktoken.get_encoding(name), name
-        self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
-
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)
-
-    def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-
-class HFTokenizer:
-    """The tokenizer saved beside an HF checkpoint (for Llama-family models loaded with --init-from)."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-
-        self.tok, self.name = AutoTokenizer.from_pretrained(path), "hf:" + path
-        self.vocab_size, self.eot = len(self.tok), self.tok.eos_token_id
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def encode_batch(self, texts):
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-
-def get_tokenizer(name):
-    """'byte', a tiktoken encoding ('gpt2'), or 'hf:<dir>' for an HF checkpoint's own tokenizer."""
-    if name == "byte":
-        return ByteTokenizer()
-    if name.startswith("hf:"):
-        return HFTokenizer(name[3:])
-    try:
-        return TiktokenTokenizer(name)
-    except ValueError:
-        raise ValueError(f"unknown tokenizer {name!r}: use 'byte', 'gpt2' or 'hf:<dir>'") from None
+    --eval's loss covers the whole val split, so its token and byte counts (meta.json's splits.val.tokens and
+    .bytes) make it exact. NOTE: the training log's val loss is an estimate from --eval-iters random windows,
+    not the whole split; it is converted with the same ratio, tokens per byte of the whole val split."""
+    return loss * n_tokens / (n_bytes * math.log(2))
 
 
 def shard_header(path):
-    """(format, vocab_size, token count) from a shard's header, checked against the file. The magic number
-    decides the format: this project's ('transformer.py') or llm.c's ('llm.c', whose vocab is GPT-2's)."""
+    """(format, vocab_size, token count, token dtype, implied meta) from a shard's header, checked against the
+    file. The magic number decides the format: this project's ('transformer.py', implied meta None) or llm.c's
+    ('llm.c': the vocab and tokenizer its magic implies, LLMC_FORMATS)."""
     try:
         header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     except OSError as e:
         raise ValueError(f"{path}: cannot read shard ({e.strerror})") from None
     magic = header[0] if header.size == SHARD_HEADER_INTS else None
     if magic == SHARD_MAGIC:
-        fmt, version, vocab_size, n = "transformer.py", SHARD_VERSION, int(header[2]), int(header[3])
-    elif magic == LLMC_MAGIC:
-        fmt, version, vocab_size, n = "llm.c", LLMC_VERSION, LLMC_META["vocab_size"], int(header[2])
+        if header[1] not in (1, SHARD_VERSION):
+            raise ValueError(f"{path}: shard format version {header[1]}, this code reads versions 1 and "
+                             f"{SHARD_VERSION}: update transformer.py, or prepare the data again")
+        width = 2 if header[1] == 1 else int(header[4])  # version 1 had no width field: uint16
+        if width not in TOKEN_DTYPES:
+            raise ValueError(f"{path}: header says {width} bytes per token; shards hold 2 or 4")
+        fmt, vocab_size, n, dtype, implied = "transformer.py", int(header[2]), int(header[3]), TOKEN_DTYPES[width], None
+    elif magic in LLMC_FORMATS:
+        version, dtype, implied = LLMC_FORMATS[magic]
+        if header[1] != version:
+            raise ValueError(f"{path}: llm.c shard format version {header[1]}, this code reads version {version}")
+        fmt, vocab_size, n = "llm.c", implied["vocab_size"], int(header[2])
     else:
         raise ValueError(f"{path}: not a token shard (bad magic); make shards with prepare_data.py")
-    if header[1] != version:
-        raise ValueError(f"{path}: {fmt} shard format version {header[1]}, this code reads version {version}")
-    held = (os.path.getsize(path) - 4 * SHARD_HEADER_INTS) / 2
+    held = (os.path.getsize(path) - 4 * SHARD_HEADER_INTS) / dtype.itemsize
     if held != n:
         raise ValueError(f"{path}: header says {n} tokens but the file holds {held:g}: truncated or corrupt")
-    return fmt, vocab_size, n
+    return fmt, vocab_size, n, dtype, implied
 
 
 def load_shard(path, vocab_size=None):
-    """Memory-map a shard's tokens (uint16, shape (n,)) after checking its header against the file."""
-    _, shard_vocab, n = shard_header(path)
+    """Memory-map a shard's tokens (uint16 or uint32 as stored, shape (n,)) after checking its header against
+    the file: zero-copy, whatever the width."""
+    _, shard_vocab, n, dtype, _ = shard_header(path)
     if vocab_size is not None and shard_vocab != vocab_size:
         raise ValueError(f"{path}: shard vocab_size {shard_vocab} does not match the dataset's {vocab_size}")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
 
 
 def find_shards(data_dir, split):
@@ -748,15 +721,25 @@ def find_shards(data_dir, split):
 
 
 def read_meta(data_dir):
-    """meta.json of a prepared dataset: tokenizer, vocab_size, token counts. Written last, so it marks a complete
-    dataset. A folder of llm.c shards has none: its format implies GPT-2's tokenizer (LLMC_META)."""
+    """meta.json of a prepared dataset: tokenizer, vocab_size, each split's token and byte counts. Written last,
+    so it marks a complete dataset. A trained BPE's tokenizer.json comes back in meta['tokenizer_json'], for
+    get_tokenizer. A folder of llm.c shards has no meta.json: its magic implies one (LLMC_FORMATS)."""
     path = os.path.join(data_dir, "meta.json")
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
+        if meta["tokenizer"].startswith("bpe:"):
+            try:
+                with open(os.path.join(data_dir, TOKENIZER_JSON), encoding="utf-8") as f:
+                    meta["tokenizer_json"] = f.read()
+            except FileNotFoundError:
+                raise ValueError(f"{data_dir}: meta.json names tokenizer {meta['tokenizer']}, but its "
+                                 f"{TOKENIZER_JSON} is missing; prepare the dataset again") from None
+        return meta
     shards = sorted(glob.glob(os.path.join(data_dir, "*.bin")))
-    if shards and shard_header(shards[0])[0] == "llm.c":
-        return dict(LLMC_META)
+    implied = shard_header(shards[0])[4] if shards else None
+    if implied is not None:
+        return dict(implied)
     raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
 
 
@@ -1236,7 +1219,7 @@ def train(args, dist, device, dtype):
     if not args.resume and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
     meta = read_meta(args.data)
-    tokenizer = get_tokenizer(meta["tokenizer"])
+    tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
     B, T = args.batch_size, args.seq_len
     tokens_per_step = args.total_batch_tokens or B * T * dist.world
     grad_accum = tokens_per_step // (B * T * dist.world)
@@ -1394,7 +1377,7 @@ def train(args, dist, device, dtype):
                         "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
                         "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args),
                         "step": step, "loader": train_loader.state_dict(), "rng": rngs,
-                        "tokenizer": meta["tokenizer"], "val_loss": val_loss,
+                        "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
                     })
             if stopping:
                 log.close()
@@ -1449,12 +1432,13 @@ def load_for_inference(args, device):
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         model, tokenizer_name = model_from_checkpoint(ckpt, args.ckpt), ckpt["tokenizer"]
+        tokenizer_json = ckpt.get("tokenizer_json")  # a trained BPE travels inside its checkpoint
     else:  # parse_args made sure there is one of the two
         model = GPT.from_pretrained(args.init_from)
-        tokenizer_name = convert.hf_tokenizer_name(convert.hf_folder(args.init_from))
+        tokenizer_name, tokenizer_json = convert.hf_tokenizer_name(convert.hf_folder(args.init_from)), None
     if args.block_size:
         model.set_block_size(args.block_size)
-    tokenizer = get_tokenizer(tokenizer_name)
+    tokenizer = get_tokenizer(tokenizer_name, tokenizer_json)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_name} has {tokenizer.vocab_size} tokens, "
                          f"more than the model's {model.config.vocab_size}")
