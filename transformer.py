@@ -1007,7 +1007,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path):
+def model_from_checkpoint(ckpt, path="the checkpoint"):
     """The model a checkpoint holds, built from its config and weights (GPT.from_state_dict: no random init)."""
     return GPT.from_state_dict(GPTConfig(**ckpt["config"]), ckpt["model"], path)
 
