@@ -149,7 +149,7 @@ def test_training_on_llmc_llama3_shards_logs_exactly_the_losses_of_the_same_toke
         transformer.main(["--data", str(tmp_path / out), "--out-dir", str(tmp_path / out / "run"), *TINY,
                           "--max-steps", "3", "--eval-every", "2"])
     a, b = metrics(tmp_path / "llmc" / "run"), metrics(tmp_path / "ours" / "run")
-    assert [r["step"] for r in a] == [0, 1, 2] and [r["step"] for r in a if "val_loss" in r] == [1, 2]
+    assert [r["step"] for r in a] == [1, 2, 3] and [r["step"] for r in a if "val_loss" in r] == [2, 3]
     assert [(r["loss"], r.get("val_loss")) for r in a] == [(r["loss"], r.get("val_loss")) for r in b]  # bit-exact
 
 

@@ -206,7 +206,7 @@ def test_a_tiktoken_vocabulary_over_65536_prepares_uint32_shards_and_trains(tmp_
     transformer.main(["--data", str(out), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
     assert "vocab 70001 (padded to 70016)" in capsys.readouterr().out
     with open(tmp_path / "run" / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [0, 1]
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
 def test_data_loader_batches_are_int64_from_uint32_shards(tmp_path):

@@ -682,11 +682,11 @@ def test_a_resumed_run_after_a_crash_logs_each_step_once(data, tmp_path, monkeyp
     inject_into_training_forward(monkeypatch, at_call=6, change=lambda loss: loss * float("nan"))
     with pytest.raises(SystemExit):
         train(data, tmp_path, "--max-steps", "8", "--ckpt-every", "4")
-    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2, 3, 4]  # step 4 logged, not checkpointed
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]  # step 5 logged, not checkpointed
     monkeypatch.undo()
     train(data, tmp_path, "--max-steps", "8", "--ckpt-every", "4", "--resume")
     train(data, tmp_path / "straight", "--max-steps", "8")
-    assert [r["step"] for r in metrics(tmp_path)] == list(range(8))
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 9))
     assert losses(tmp_path) == losses(tmp_path / "straight")
 
 
