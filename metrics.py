@@ -101,6 +101,7 @@ class MetricsLog:
 
 def log_line(r):
     val = f" | val {r['val_loss']:.4f}" if "val_loss" in r else ""
+    val += f" ({r['val_bpb']:.4f} bits/byte)" if "val_bpb" in r else ""
     val += f" | hellaswag {r['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in r else ""
     mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
     return (f"step {r['step']:5d} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | norm {r['grad_norm']:.3f} | "
@@ -123,15 +124,19 @@ def keep_metrics_until(path, step):
     os.replace(path + ".tmp", path)
 
 
-def plot_metrics(path, target=None, target_label="target"):
+def plot_metrics(path, target_bpb=None, target_label="target"):
     """loss.png beside metrics.jsonl, when matplotlib is installed; returns its path (None without matplotlib).
 
     One step's loss is one batch's: noisy. So every step's train loss is drawn faint, and over it a
     moving average centred on each step, which shows the trend without lagging behind it; val loss,
-    measured every --eval-every steps on the same batches, is drawn as points joined by a line, and
-    `target` as a horizontal line (a loss to beat, named target_label). The left panel is the whole
-    run; the right one zooms in on its second half, where the curves are close together and the
-    differences that matter (train vs val, val vs target) are a few hundredths. Linear axes."""
+    measured every --eval-every steps on the same batches, is drawn as points joined by a line. The left
+    panel is the whole run; the right one zooms in on its second half, where the curves are close together
+    and the differences that matter (train vs val, val vs target) are a few hundredths. Linear axes.
+
+    Where the run logs val_bpb (its dataset counted bytes), a right-hand axis reads every loss in bits per
+    byte, at the val split's tokens per byte (val_bpb / val_loss, the same on every line), and `target_bpb`
+    (a loss to beat in bits per byte, named target_label) is a horizontal line: so runs with different
+    tokenizers meet the same target. Without byte counts there is no such axis and no target line."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
     except ImportError:
@@ -142,6 +147,9 @@ def plot_metrics(path, target=None, target_label="target"):
         return None
     steps, loss = np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows])
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    bits = [r["val_bpb"] / r["val_loss"] for r in rows if r.get("val_bpb") and r["val_loss"] > 0]  # per nat/token
+    bits = bits[-1] if bits else None
+    target = target_bpb / bits if target_bpb is not None and bits else None  # the target as a loss per token
     # Moving average over 2h+1 steps (fewer at the ends), from a running sum: smooth[i] = mean(loss[lo:hi]).
     n, h = len(loss), max(1, len(loss) // 80)
     total = np.concatenate([[0.0], np.cumsum(loss)])  # (n + 1,)
@@ -154,10 +162,15 @@ def plot_metrics(path, target=None, target_label="target"):
         ax.plot(steps, loss, color="tab:blue", alpha=0.2, linewidth=0.8, label="train loss, each step")
         ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {2 * h + 1} steps")
         if val:
+            in_bits = f", {val[-1][1] * bits:.4f} bits/byte" if bits else ""
             ax.plot(*zip(*val), "o-", color="tab:orange", markersize=4, linewidth=1.5,
-                    label=f"val loss (last {val[-1][1]:.4f})")
+                    label=f"val loss (last {val[-1][1]:.4f}{in_bits})")
         if target is not None:
-            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2, label=f"{target_label} {target:.4f}")
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2,
+                       label=f"{target_label} {target_bpb:.4f} bits/byte ({target:.4f} per token)")
+        if bits:
+            right = ax.secondary_yaxis("right", functions=(lambda loss: loss * bits, lambda bpb: bpb / bits))
+            right.set_ylabel("bits per byte (at the val split's bytes per token)")
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
     margin = 0.02 * (steps[-1] - steps[0]) + 0.5  # so the last val point is drawn whole

@@ -18,9 +18,10 @@ import transformer
 TARGET_RGB = (0xD6 / 255, 0x27 / 255, 0x28 / 255)  # matplotlib's tab:red, the target line's colour
 
 
-def synthetic_run(out_dir, steps=850, val_every=50, seed=0):
+def synthetic_run(out_dir, steps=850, val_every=50, seed=0, bytes_per_token=1.0):
     """metrics.jsonl as a run of `steps` steps logs it: a loss falling from ln(256) with noise on every step,
-    and a val loss a little above the trend on every val_every-th step and the last."""
+    and a val loss a little above the trend on every val_every-th step and the last, with its bits per byte
+    at bytes_per_token (1: a byte-level run; None: a dataset without byte counts, so no val_bpb)."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     path = os.path.join(out_dir, "metrics.jsonl")
@@ -30,6 +31,8 @@ def synthetic_run(out_dir, steps=850, val_every=50, seed=0):
             row = {"step": s, "loss": trend + rng.normal(0, 0.06), "lr": 2e-3}
             if (s + 1) % val_every == 0 or s == steps - 1:
                 row["val_loss"] = trend + 0.04
+                if bytes_per_token:
+                    row["val_bpb"] = row["val_loss"] / bytes_per_token / math.log(2)
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -44,7 +47,7 @@ def target_pixels(png):
 def test_a_png_of_every_steps_loss_with_val_points_and_the_target_line(tmp_path):
     pytest.importorskip("matplotlib")
     path = synthetic_run(tmp_path / "with")
-    png = metrics.plot_metrics(path, target=1.8857, target_label="nanoGPT CPU recipe")
+    png = metrics.plot_metrics(path, target_bpb=1.8857 / math.log(2), target_label="nanoGPT CPU recipe")
     assert png == str(tmp_path / "with" / "loss.png")
     with open(png, "rb") as f:
         head = f.read(24)
@@ -53,6 +56,15 @@ def test_a_png_of_every_steps_loss_with_val_points_and_the_target_line(tmp_path)
     assert (width, height) == (1320, 528)  # two panels, 12 x 4.8 inches at 110 dpi
     without = metrics.plot_metrics(synthetic_run(tmp_path / "without"))
     assert target_pixels(png) > 1000 and target_pixels(without) == 0  # the dashed red line, in both panels
+
+
+def test_the_target_in_bits_per_byte_needs_a_run_that_logs_bits_per_byte(tmp_path):
+    """A run on a dataset without byte counts has no bits-per-byte scale: no place for the target line."""
+    pytest.importorskip("matplotlib")
+    for name, bytes_per_token in (("bpe", 1.2), ("unknown", None)):
+        path = synthetic_run(tmp_path / name, bytes_per_token=bytes_per_token)
+        png = metrics.plot_metrics(path, target_bpb=1.8857 / math.log(2), target_label="nanoGPT CPU recipe")
+        assert (target_pixels(png) > 1000) == (bytes_per_token is not None), name
 
 
 def test_a_run_of_one_step_still_draws(tmp_path):

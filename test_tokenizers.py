@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import prepare_data
 import tokenizer
 import transformer
-from conftest import english_text, needs_tiny_shakespeare
+from conftest import english_text, needs_tiny_shakespeare, write_dataset
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--device", "cpu", "--arch", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--seq-len", "16",
@@ -252,6 +252,84 @@ def test_bits_per_byte_equals_total_bits_over_the_val_texts_bytes(tmp_path):
     val_text = Tokenizer.from_file(str(out / "tokenizer.json")).decode(val.tolist())
     assert text.endswith(val_text)
     assert bpb == pytest.approx(total_bits / len(val_text.encode("utf-8")), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A bpe:300 dataset of play text, two training steps on it (val loss at the second), and what they printed.
+    Returns (folder, its meta.json, the run's folder, its stdout)."""
+    tmp = tmp_path_factory.mktemp("bpe_run")
+    (tmp / "in.txt").write_text(english_text(20_000).decode())
+    out, meta = prepare(tmp, "--input", str(tmp / "in.txt"), "--tokenizer", "bpe:300", "--val-tokens", "500")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--data", str(out), "--out-dir",
+                             str(tmp / "run"), *TINY, "--max-steps", "2", "--eval-every", "2"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return out, meta, tmp / "run", result.stdout
+
+
+def test_training_logs_val_bits_per_byte_at_the_val_splits_bytes_per_token(bpe_run):
+    _, meta, run, printed = bpe_run
+    with open(run / "metrics.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    val = meta["splits"]["val"]
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] * val["tokens"] / val["bytes"] / math.log(2), rel=1e-9)
+    assert f"val {last['val_loss']:.4f} ({last['val_bpb']:.4f} bits/byte)" in printed
+
+
+def test_a_dataset_without_byte_counts_logs_no_bits_per_byte(tmp_path, capsys):
+    """llm.c's shards and datasets prepared before byte counts: the val loss alone."""
+    write_dataset(tmp_path / "data", {"train": [3000], "val": [1000]})
+    transformer.main(["--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2",
+                      "--eval-every", "2"])
+    step_2 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step     2"))
+    assert "| val " in step_2 and "bits/byte" not in step_2
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert not any("val_bpb" in json.loads(line) for line in f)
+
+
+def eval_line(capsys, *args):
+    capsys.readouterr()
+    transformer.main(["--eval", "--device", "cpu", *map(str, args)])
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_eval_of_a_text_prints_bits_per_byte_of_the_bytes_it_predicts(bpe_run, tmp_path, capsys):
+    """A text of one window: the total bits of every token after the first, summed here from the model's logits,
+    over the UTF-8 bytes those tokens spell (decoded here by HF tokenizers itself)."""
+    from tokenizers import Tokenizer
+
+    data, _, run, _ = bpe_run
+    text = "the king and café"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ckpt = transformer.load_checkpoint(str(run / "ckpt.pt"))
+    model = transformer.model_from_checkpoint(ckpt).eval()
+    ids = transformer.get_tokenizer(ckpt["tokenizer"], ckpt["tokenizer_json"]).encode(text)
+    assert 2 < len(ids) <= model.config.block_size + 1  # one window
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0][0, :, :300]
+    bits = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item() / math.log(2)
+    n_bytes = len(Tokenizer.from_file(str(data / "tokenizer.json")).decode(ids[1:]).encode("utf-8"))
+    line = eval_line(capsys, "--ckpt", run / "ckpt.pt", "--text", tmp_path / "t.txt")
+    assert f"| {bits / n_bytes:.4f} bits per byte |" in line
+
+
+def test_eval_of_a_val_split_prints_bits_per_byte_from_its_byte_count(bpe_run, capsys):
+    data, meta, run, _ = bpe_run
+    ckpt = transformer.load_checkpoint(str(run / "ckpt.pt"))
+    model = transformer.model_from_checkpoint(ckpt).eval()
+    val = tokens_of(data, "val")
+    loss, n = transformer.evaluate_tokens(model, val, 8, torch.device("cpu"), torch.float32, 300, progress=False)
+    first = transformer.get_tokenizer(ckpt["tokenizer"], ckpt["tokenizer_json"]).decode_bytes([int(val[0])])
+    expected = loss * n / (meta["splits"]["val"]["bytes"] - len(first)) / math.log(2)
+    assert f"| {expected:.4f} bits per byte |" in eval_line(capsys, "--ckpt", run / "ckpt.pt", "--data", data)
+
+
+def test_eval_without_byte_counts_prints_no_bits_per_byte(tmp_path, capsys):
+    write_dataset(tmp_path / "data", {"train": [3000], "val": [1000]})
+    transformer.main(["--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "1"])
+    line = eval_line(capsys, "--ckpt", tmp_path / "run" / "ckpt.pt", "--data", tmp_path / "data")
+    assert "loss" in line and "bits per byte" not in line
 
 
 def test_byte_datasets_count_one_byte_a_token():

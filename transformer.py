@@ -659,9 +659,9 @@ def bits_per_byte(loss, n_tokens, n_bytes):
     (nanochat's val_bpb): the text's total loss is loss * n_tokens nats, and a nat is 1/ln 2 bits. Models with
     different tokenizers compare on this scale, not per token.
 
-    --eval's loss covers the whole val split, so its token and byte counts (meta.json's splits.val.tokens and
-    .bytes) make it exact. NOTE: the training log's val loss is an estimate from --eval-iters random windows,
-    not the whole split; it is converted with the same ratio, tokens per byte of the whole val split."""
+    --eval's loss covers a whole text or val split (meta.json's splits.val.bytes), every token but the first,
+    so it divides by exactly the bytes predicted. NOTE: the training log's val loss is an estimate from
+    --eval-iters random windows, not the whole split; it is converted at the whole val split's tokens per byte."""
     return loss * n_tokens / (n_bytes * math.log(2))
 
 
@@ -1226,6 +1226,7 @@ def train(args, dist, device, dtype):
     pin = device.type == "cuda"  # page-locked host memory: the copy to the GPU runs beside the compute
     train_loader, val_loader = (DataLoaderLite(args.data, split, B, T, dist.rank, dist.world, grad_accum,
                                                args.seed, pin) for split in ("train", "val"))
+    val_split = meta.get("splits", {}).get("val", {})  # its tokens and bytes turn val losses into bits per byte
 
     # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
     # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
@@ -1356,6 +1357,8 @@ def train(args, dist, device, dtype):
                 if evaluating:
                     val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device,
                                                                       dtype, dist)
+                    if "bytes" in val_split:  # llm.c's shards and datasets prepared before byte counts have none
+                        record["val_bpb"] = bits_per_byte(val_loss, val_split["tokens"], val_split["bytes"])
                 if scoring:
                     _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(raw_model, examples, tokenizer, device,
                                                                             dtype, dist, B)
@@ -1412,9 +1415,10 @@ def train_and_sample(args):
             return
         model, tokenizer = trained
         if dist.master:
-            default_run = args.data == DEFAULT_DATA  # tiny Shakespeare bytes: nanoGPT's CPU recipe is the loss to beat
-            plot_metrics(os.path.join(args.out_dir, "metrics.jsonl"), NANOGPT_CPU_VAL_LOSS if default_run else None,
-                         "nanoGPT CPU recipe")
+            # On tiny Shakespeare (1,115,394 bytes, any tokenizer) nanoGPT's CPU recipe is the loss to beat, per byte
+            shakespeare = sum(s.get("bytes", 0) for s in read_meta(args.data).get("splits", {}).values()) == 1115394
+            plot_metrics(os.path.join(args.out_dir, "metrics.jsonl"),
+                         NANOGPT_CPU_VAL_LOSS / math.log(2) if shakespeare else None, "nanoGPT CPU recipe")
         # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
         # together (rank 0 prints). Otherwise rank 0 samples alone.
         if dist.master or args.fsdp:
@@ -1486,20 +1490,23 @@ def evaluate(args):
     model, tokenizer = load_for_inference(args, device)
     if args.text:
         with open(args.text, encoding="utf-8") as f:
-            tokens, source = tokenizer.encode(f.read()), args.text
+            text = f.read()
+        tokens, source, n_bytes = tokenizer.encode(text), args.text, len(text.encode("utf-8"))
     elif args.data:  # shards must hold the ids of the model's own tokenizer
         meta = read_meta(args.data)
         if meta["tokenizer"] != tokenizer.name:
             raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
         files = find_shards(args.data, "val")
         tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
+        n_bytes = meta.get("splits", {}).get("val", {}).get("bytes")  # None: llm.c's shards, older datasets
     else:
         raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
     if len(tokens) < 2:
         raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
     loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
-    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted "
-          f"in windows of {model.config.block_size}")
+    bpb = n_bytes and bits_per_byte(loss, n, n_bytes - len(tokenizer.decode_bytes([int(tokens[0])])))
+    print(f"{source}: loss {loss:.4f}{f' | {bpb:.4f} bits per byte' if bpb else ''} | perplexity {math.exp(loss):.3f}"
+          f" | {n:,} tokens predicted in windows of {model.config.block_size}")
 
 
 def evaluate_hellaswag(args):
