@@ -22,10 +22,12 @@ anything is written. Our weights are already theirs up to layout:
     together are then our pairs, and q·k is unchanged. v and the output projection never see RoPE.
 Only the tokenizer's rows of the embedding and the head are written: a vocabulary padded for
 speed, or HF weights fine-tuned on bytes, has rows that no token id reaches.
-Our 'gpt2' and 'byte' tokenizers are written as byte-level BPE, the format of GPT-2's own HF
-files: every byte is spelled as one printable character, and merges join spelled pieces into
-tokens. tiktoken keeps only each token's rank, so the merges are recovered from the ranks; the
-byte tokenizer is 256 one-byte tokens and no merges. An HF tokenizer is copied as it is.
+Our tokenizers are written as byte-level BPE, the format of GPT-2's own HF files: every byte is
+spelled as one printable character, and merges join spelled pieces into tokens. A trained BPE
+('bpe:N') already is one, and its tokenizer.json is written as it is. tiktoken keeps only each
+token's rank, so the merges are recovered from the ranks; the byte tokenizer is 256 one-byte tokens
+and no merges. An HF tokenizer is copied as it is. GGUF holds byte-level BPE only (gguf_vocab); what
+else an HF tokenizer may be is refused there, naming llama.cpp's own converter.
 """
 
 import glob
@@ -37,7 +39,7 @@ import shutil
 import torch
 
 from files import staged, write_json
-from tokenizer import byte_spelling
+from tokenizer import BPE_SPLIT, byte_spelling
 
 
 def hf_folder(name_or_path):
@@ -248,19 +250,23 @@ def tiktoken_tokens(enc):
 
 
 def byte_level_bpe(name):
-    """(tokens by id, merges [(left, right)], end-of-text id or None) of our 'byte' or tiktoken tokenizer,
-    spelled as byte-level BPE."""
+    """(tokens by id, merges [(left, right)], end-of-text id or None, split pattern) of our 'byte' or tiktoken
+    tokenizer, spelled as byte-level BPE. The pattern is what text is cut into before merging: None for GPT-2's
+    (HF's ByteLevel pre-tokenizer has it built in), else the encoding's own (cl100k_base's, ...). A token that no
+    merge of two tokens makes (a test vocabulary's filler) gets no merge: tiktoken cannot make it either."""
     spell = byte_spelling()
     if name == "byte":
-        return [spell[b] for b in range(256)], [], None
+        return [spell[b] for b in range(256)], [], None, None
     import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pattern
 
     enc = tiktoken.get_encoding(name)
     tokens = tiktoken_tokens(enc)
     specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in specials}
-    merges = [tuple("".join(spell[b] for b in part) for part in last_merge(p, ranks)) for p in ranks if len(p) > 1]
-    return tokens, merges, enc.eot_token  # merges in rank order
+    pairs = (last_merge(p, ranks) for p in ranks if len(p) > 1)  # in rank order
+    merges = [tuple("".join(spell[b] for b in part) for part in pair) for pair in pairs if set(pair) <= ranks.keys()]
+    return tokens, merges, enc.eot_token, None if enc._pat_str == r50k_pat_str else enc._pat_str
 
 
 def hf_tokenizer_name(path):
@@ -290,34 +296,61 @@ def hf_tokenizer_name(path):
     return "hf:" + path
 
 
-def byte_level_tokenizer(tokens, merges, eot):
-    """A tokenizers.Tokenizer for byte-level BPE, set up as HF's GPT-2 tokenizer.json is."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def byte_level_tokenizer(tokens, merges, eot, pattern=None):
+    """A tokenizers.Tokenizer for byte-level BPE, set up as HF's GPT-2 tokenizer.json is, or for another split
+    pattern as HF's Llama 3 tokenizer.json is: the pattern, then the byte spelling. NOTE: tiktoken takes a piece
+    that is a token whole, before any merge (HF's ignore_merges, which Llama 3's file sets too); on GPT-2's
+    vocabulary the merges always end in that token, and GPT-2's own file leaves it off."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split into words, then spelling
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pattern is not None))
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split into words, spelled
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()  # spelling -> bytes -> UTF-8 text
     if eot is not None:
         tok.add_special_tokens([AddedToken(tokens[eot], special=True, normalized=False)])
     return tok
 
 
+def tokenizer_json(tokenizer):
+    """The text of a tokenizer.json (HF tokenizers' format) for any of our tokenizers: a trained BPE's own, an HF
+    tokenizer's (a fast one's; a SentencePiece-only one has none), and byte or tiktoken built as byte-level BPE."""
+    if tokenizer.json is not None:
+        return tokenizer.json
+    if tokenizer.name.startswith("hf:"):
+        if not tokenizer.tok.is_fast:
+            raise ValueError(f"{tokenizer.name} has no tokenizer.json (a SentencePiece-only tokenizer)")
+        return tokenizer.tok.backend_tokenizer.to_str()
+    return byte_level_tokenizer(*byte_level_bpe(tokenizer.name)).to_str()
+
+
 def special_ids(tokenizer):
-    """(bos, eos) token ids, None where the tokenizer has none. GPT-2 uses <|endoftext|> for both."""
-    hf = getattr(tokenizer, "tok", None)  # an HFTokenizer's transformers tokenizer
-    return (hf.bos_token_id, hf.eos_token_id) if hf is not None else (tokenizer.eot, tokenizer.eot)
+    """(bos, eos) token ids, None where the tokenizer has none: an HF tokenizer's own; ours use the end-of-text
+    token for both, as GPT-2 does."""
+    if tokenizer.name.startswith("hf:"):
+        return tokenizer.tok.bos_token_id, tokenizer.tok.eos_token_id
+    return tokenizer.eot, tokenizer.eot
 
 
 def save_hf_tokenizer(tokenizer, out, block_size):
-    """An HF checkpoint's tokenizer files, copied; ours as tokenizer.json (the tokenizers library's format)."""
+    """An HF checkpoint's tokenizer files, copied; ours as tokenizer.json (a trained BPE's as it is) and a
+    tokenizer_config.json that names the end-of-text token. NOTE: transformers then reads '<|endoftext|>' in a
+    text as that token, as it does for GPT-2's own files; our encode reads it as text (tiktoken's encode_ordinary)."""
     if tokenizer.name.startswith("hf:"):
         for f in HF_TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tokenizer.name[3:], f)):
                 shutil.copy(os.path.join(tokenizer.name[3:], f), out)
         return
-    tokens, merges, eot = byte_level_bpe(tokenizer.name)
-    byte_level_tokenizer(tokens, merges, eot).save(os.path.join(out, "tokenizer.json"))
-    special = {"bos_token": tokens[eot], "eos_token": tokens[eot]} if eot is not None else {}
+    from tokenizers import Tokenizer
+
+    text = tokenizer_json(tokenizer)
+    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(text)
+    eot = Tokenizer.from_str(text).id_to_token(tokenizer.eot) if tokenizer.eot is not None else None
+    special = {"bos_token": eot, "eos_token": eot} if eot is not None else {}
     write_json(os.path.join(out, "tokenizer_config.json"),
                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, **special})
 
@@ -348,15 +381,67 @@ def import_gguf():
     return gguf
 
 
-def gguf_vocab(name):
-    """byte_level_bpe, with one change for the byte tokenizer: GGUF cannot store an empty list, and llama.cpp
-    insists on merges. So byte FF, which never occurs in UTF-8, is spelled as the pair C0 C1, which never occurs
-    either, and one merge makes it: it never fires, and any UTF-8 text still encodes to exactly its bytes."""
-    tokens, merges, eot = byte_level_bpe(name)
+# How llama.cpp cuts text before merging is not stored in a GGUF but named (tokenizer.ggml.pre), one name per
+# split its llama-vocab.cpp implements. llama.cpp's convert_hf_to_gguf.py recognises a tokenizer by the hash of
+# the ids it gives a test text, so a tokenizer trained here would be unknown to it; we name the split by the
+# tokenizer.json's own pre-tokenizer instead: GPT-2's regex (ByteLevel) is 'gpt-2'; single digits and then
+# GPT-2's regex (SmolLM's) 'smollm'; Llama 3's pattern, which our trained BPE uses, 'llama-bpe' when whole
+# pieces that are tokens skip the merges (ignore_merges: tiktoken's rule, Llama 3's file) and 'dbrx' when they
+# do not (llama.cpp's name for the same split without that rule). cl100k_base's pattern is Llama 3's but for
+# possessive quantifiers and how a run of whitespace ends; llama.cpp splits DBRX's cl100k_base with Llama 3's.
+CL100K_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$"""
+                r"""|\s*[\r\n]|\s+(?!\S)|\s""")  # tiktoken's cl100k_base
+LLAMA3_SPLITS = (BPE_SPLIT, CL100K_SPLIT)
+
+
+def gguf_pre_tokenizer(spec, name):
+    """llama.cpp's name for the split of a tokenizer.json (spec, as a dict), or a ValueError for a tokenizer that
+    GGUF's byte-level BPE ('gpt2') cannot hold: another model (SentencePiece, Unigram, WordPiece), a normalizer,
+    byte fallback, or a split llama.cpp has no name for."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    shape = [step.get("type") for step in steps]
+    byte_level = (model.get("type") == "BPE" and not model.get("byte_fallback") and not spec.get("normalizer")
+                  and shape[-1:] == ["ByteLevel"])
+    gpt2_regex = steps[-1].get("use_regex", True)
+    if byte_level and shape == ["ByteLevel"] and gpt2_regex:
+        return "gpt-2"
+    if byte_level and shape == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and gpt2_regex:
+        return "smollm"
+    split = steps[0] if shape == ["Split", "ByteLevel"] and not gpt2_regex else {}
+    if byte_level and split.get("pattern", {}).get("Regex") in LLAMA3_SPLITS and split.get("behavior") == "Isolated":
+        return "llama-bpe" if model.get("ignore_merges") else "dbrx"
+    what = (f"a {model.get('type')} model" if model.get("type") != "BPE" else "a BPE with byte fallback"
+            if model.get("byte_fallback") else "a BPE with a normalizer" if spec.get("normalizer")
+            else f"a BPE split by {' + '.join(map(str, shape)) or 'nothing'}")
+    raise ValueError(f"--export-gguf writes byte-level BPE tokenizers split as GPT-2, SmolLM or Llama 3 split text, "
+                     f"and {name} is {what}: use --export-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
+
+
+def gguf_vocab(tokenizer):
+    """What the GGUF says of a tokenizer, as llama.cpp's convert_hf_to_gguf.py writes it, read from its
+    tokenizer.json: {pre: the split's name, tokens: by id, types: control for special tokens, user-defined for
+    other added ones, unused for ids with no token, normal for the rest; merges: 'left right' in rank order;
+    bos, eos: ids or None}. Refuses what GGUF cannot hold (gguf_pre_tokenizer).
+    NOTE: GGUF cannot store an empty list, and llama.cpp insists on merges, so a vocabulary of bytes and no
+    merges (our 'byte') spells byte FF, which never occurs in UTF-8, as the pair C0 C1, which never occurs either,
+    and one merge makes it: it never fires, and any UTF-8 text still encodes to exactly its bytes."""
+    gguf = import_gguf()
+    spec = json.loads(tokenizer_json(tokenizer))
+    pre = gguf_pre_tokenizer(spec, tokenizer.name)
+    model, added = spec["model"], {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: t for t, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(tokenizer.vocab_size)]
+    types = [gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.NORMAL if i not in added
+             else gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED
+             for i in range(tokenizer.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # ["a b"] or [["a", "b"]]
     if not merges:
-        tokens = tokens[:0xFF] + [tokens[0xC0] + tokens[0xC1]]
-        merges = [(tokens[0xC0], tokens[0xC1])]
-    return tokens, merges, eot
+        spell = byte_spelling()
+        tokens[model["vocab"][spell[0xFF]]] = spell[0xC0] + spell[0xC1]
+        merges = [f"{spell[0xC0]} {spell[0xC1]}"]
+    bos, eos = special_ids(tokenizer)
+    return dict(pre=pre, tokens=tokens, types=types, merges=merges, bos=bos, eos=eos)
 
 
 def rope_pairs_adjacent(w, n_head):
@@ -386,31 +471,33 @@ def gguf_hyperparameters(w, c, family, vocab_size):
     w.add_vocab_size(vocab_size)
 
 
-def gguf_tokenizer(w, gguf, tokens, merges, eot):
-    """The tokenizer as llama.cpp's 'gpt2' (byte-level BPE) model: tokens by id, their types, the merges."""
+def gguf_tokenizer(w, vocab):
+    """The tokenizer (gguf_vocab) as llama.cpp's 'gpt2' (byte-level BPE) model: its split's name, tokens by id,
+    their types, the merges, the special ids. Our encode never adds a BOS, and neither does llama.cpp then."""
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # GPT-2's split of text into words before BPE
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL for i in range(len(tokens))])
-    w.add_token_merges([f"{a} {b}" for a, b in merges])
-    if eot is not None:
-        w.add_bos_token_id(eot)
-        w.add_eos_token_id(eot)
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    if vocab["bos"] is not None:
+        w.add_bos_token_id(vocab["bos"])
+    if vocab["eos"] is not None:
+        w.add_eos_token_id(vocab["eos"])
     w.add_add_bos_token(False)
 
 
-def export_gguf(model, tokenizer, path, dtype="f16"):
-    """path: one GGUF file, the hyperparameters and tokenizer as key-value metadata, then the tensors."""
+def export_gguf(model, vocab, path, dtype="f16"):
+    """path: one GGUF file, the hyperparameters and tokenizer (gguf_vocab) as key-value metadata, then the
+    tensors."""
     gguf = import_gguf()
-    c, family = model.config, hf_family(model.config)
-    tokens, merges, eot = gguf_vocab(tokenizer.name)
+    c, family, vocab_size = model.config, hf_family(model.config), len(vocab["tokens"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if family == "gpt2" else gguf.MODEL_ARCH.LLAMA, c.n_layer)
     with staged(path) as tmp:
         w = gguf.GGUFWriter(tmp, family)
-        gguf_hyperparameters(w, c, family, len(tokens))
+        gguf_hyperparameters(w, c, family, vocab_size)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-        gguf_tokenizer(w, gguf, tokens, merges, eot)
-        for k, v in hf_tensors(model, family, len(tokens)).items():
+        gguf_tokenizer(w, vocab)
+        for k, v in hf_tensors(model, family, vocab_size).items():
             if family == "gpt2" and k.endswith(GPT2_CONV1D):
                 v = v.t()  # back to (out, in): ggml keeps nn.Linear's layout
             if k.endswith(("q_proj.weight", "k_proj.weight")):

@@ -75,7 +75,7 @@ from tqdm import tqdm
 
 from files import atomic_open, download
 from flagtypes import ArgumentParser, at_least, in_range
-from tokenizer import EOT_TOKEN, TOKENIZER_JSON, get_tokenizer
+from tokenizer import BPE_SPLIT, EOT_TOKEN, TOKENIZER_JSON, get_tokenizer
 from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, load_shard, token_dtype
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -87,10 +87,6 @@ BATCH_CHARS = 16 << 20  # characters per tokenizer call, which tiktoken spreads 
 SPLITS = ("train", "val")
 DECODE_TOKENS = 1 << 20  # a split's tokens are decoded (to count its bytes) a million at a time
 TOKENIZER_TRAIN_BYTES = 100_000_000  # a trained BPE learns from the first 100 MB of the text by default
-# GPT-4's split pattern (tiktoken's cl100k_base; Llama 3's tokenizer.json has it too): what a trained BPE cuts
-# text into before merging, so no token spans two words, a letter and a digit, or more than 3 digits.
-BPE_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-             r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def fail(msg):

@@ -21,8 +21,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import convert
+import prepare_data
 import transformer
-from conftest import write_dataset
+from conftest import NEEDS_LLAMA_CPP, english_text, large_encoding, write_dataset
 from test_transformer import max_diff, random_model, save_hf, tiny
 from transformer import GPT
 
@@ -412,6 +413,137 @@ def test_gguf_gpt2_tokenizer_reads_back_like_tiktoken(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Every tokenizer: a BPE trained here (bpe:N), a tiktoken vocabulary with cl100k_base's split (built here, as
+# cl100k_base cannot be downloaded), and an HF byte-level BPE shaped as SmolLM2's (digits one by one, then GPT-2's
+# split; special tokens first). Each exports to HF and GGUF, and both encode like ours and give our logits.
+
+
+def smollm_style_tokenizer(path, text):
+    """An HF tokenizer folder shaped as SmolLM2-135M's tokenizer.json, trained here on text (400 tokens)."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                         eos_token="<|endoftext|>").save_pretrained(str(path))
+    return f"hf:{path}"
+
+
+TOKENIZER_CASES = {"bpe": "dbrx", "tiktoken-cl100k-style": "llama-bpe", "hf-smollm-style": "smollm"}  # -> GGUF pre
+
+
+@pytest.fixture(scope="module", params=list(TOKENIZER_CASES), ids=list(TOKENIZER_CASES))
+def tokenizer_export(request, tmp_path_factory):
+    """(case, our tokenizer, our model, the --export-hf folder, the --export-gguf file (f32)) for a random Llama
+    model whose vocabulary is the tokenizer's."""
+    pytest.importorskip("gguf")
+    import tiktoken.registry
+
+    tmp, text = tmp_path_factory.mktemp(request.param), english_text(50_000).decode()
+    with pytest.MonkeyPatch.context() as mp:  # conftest.register_encoding's registration, for this module
+        name, tokenizer_json = request.param, None
+        if name == "bpe":
+            name, tokenizer_json = "bpe:400", prepare_data.train_bpe([text], 400)
+        elif name.startswith("tiktoken"):
+            tiktoken.list_encoding_names()
+            encoding = large_encoding(1000)
+            mp.setattr(tiktoken.registry, "ENCODINGS", {})
+            mp.setitem(tiktoken.registry.ENCODING_CONSTRUCTORS, encoding["name"], lambda: encoding)
+            name = encoding["name"]
+        else:
+            name = smollm_style_tokenizer(tmp / "tok", text)
+        tok = transformer.get_tokenizer(name, tokenizer_json)
+        model = random_model(tiny("llama", vocab_size=tok.vocab_size))
+        ckpt = str(tmp / "ckpt.pt")
+        transformer.save_checkpoint(ckpt, {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
+                                           "config": dataclasses.asdict(model.config), "tokenizer": name,
+                                           "tokenizer_json": tokenizer_json})
+        transformer.main(["--ckpt", ckpt, "--export-hf", str(tmp / "hf"), "--export-gguf", str(tmp / "m.gguf"),
+                          "--gguf-dtype", "f32"])
+        yield request.param, tok, model, tmp / "hf", tmp / "m.gguf"
+
+
+def test_every_tokenizers_hf_export_encodes_and_decodes_like_ours(tokenizer_export):
+    _, tok, _, hf, _ = tokenizer_export
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf))
+    for text in [*TEXTS, english_text(3000).decode()]:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ids == tok.encode(text), text
+        assert theirs.decode(ids) == tok.decode(ids) == text
+
+
+def test_every_tokenizers_hf_export_reads_end_of_text_as_its_special_token(tokenizer_export):
+    """As GPT-2's own HF files do; ours reads '<|endoftext|>' in a text as text (tiktoken's encode_ordinary)."""
+    _, tok, _, hf, _ = tokenizer_export
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf))
+    assert theirs.eos_token_id == tok.eot is not None
+    assert theirs.encode("a<|endoftext|>b", add_special_tokens=False) == [*tok.encode("a"), tok.eot, *tok.encode("b")]
+
+
+def test_every_tokenizers_hf_export_gives_our_logits_in_transformers(tokenizer_export):
+    _, tok, model, hf, _ = tokenizer_export
+    x = torch.tensor([tok.encode("ROMEO: 12345 naïve 🙂")])
+    assert max_diff(hf_logits(hf, x), ours(model, x)) <= ATOL_HF
+
+
+def gguf_fields(path):
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+
+
+def test_every_tokenizers_gguf_is_written_as_llama_cpps_converter_writes_it(tokenizer_export):
+    """Byte-level BPE ('gpt2'), the split's name, every token by id (control for special ones), the merges in rank
+    order and the special ids, all as the tokenizer.json says."""
+    import gguf
+
+    case, tok, _, hf, path = tokenizer_export
+    fields, spec = gguf_fields(path), read_json(hf / "tokenizer.json")
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == TOKENIZER_CASES[case]
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get) and len(vocab) == tok.vocab_size
+    specials = {t["id"] for t in spec["added_tokens"] if t["special"]}
+    assert tok.eot in specials
+    control = [i for i, t in enumerate(fields["tokenizer.ggml.token_type"]) if t == gguf.TokenType.CONTROL]
+    assert control == sorted(specials)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]  # ["a b"] or [["a", "b"]]
+    assert fields["tokenizer.ggml.merges"] == merges
+    assert fields["tokenizer.ggml.eos_token_id"] == fields["tokenizer.ggml.bos_token_id"] == tok.eot
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+
+
+@pytest.fixture(scope="module")
+def tokenizer_llama_cpp(tokenizer_export):
+    """(our tokenizer, our model, the GGUF in llama.cpp). Skips with conftest's one line without llama-cpp-python."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA_CPP)
+    _, tok, model, _, path = tokenizer_export
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False)
+    yield tok, model, llm
+    llm.close()
+
+
+def test_every_tokenizers_gguf_tokenizes_like_ours_in_llama_cpp(tokenizer_llama_cpp):
+    tok, _, llm = tokenizer_llama_cpp
+    special = tok.name.startswith("hf:")  # an HF tokenizer reads '<|endoftext|>' in a text as its token; ours as text
+    for text in [*TEXTS, english_text(3000).decode(), "a<|endoftext|>b"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=special) == tok.encode(text), text
+        assert llm.detokenize(tok.encode(text), special=special).decode() == text
+
+
+def test_every_tokenizers_gguf_gives_our_logits_in_llama_cpp(tokenizer_llama_cpp):
+    tok, model, llm = tokenizer_llama_cpp
+    ids = tok.encode("ROMEO: 12345 naïve 🙂")
+    llm.reset()
+    llm.eval(ids)
+    assert max_diff(torch.tensor(llm.scores[: len(ids)]), ours(model, torch.tensor([ids]))[0]) <= ATOL_GGUF_F32
+
+
+# -----------------------------------------------------------------------------
 # What export refuses: one line, nothing written
 
 
@@ -459,13 +591,19 @@ def test_gguf_export_over_an_existing_file_is_refused(tmp_path, one_line_error):
     assert (tmp_path / "m.gguf").read_bytes() == b"old"
 
 
-def test_gguf_export_of_an_hf_tokenizer_is_a_one_line_error_before_anything_is_written(llama_hf_export, tmp_path,
-                                                                                      one_line_error):
-    _, src, _ = llama_hf_export
-    line = one_line_error(["--init-from", str(src), "--export-hf", str(tmp_path / "hf"),
+def test_gguf_export_of_a_sentencepiece_style_tokenizer_is_a_one_line_error_before_anything_is_written(
+        tmp_path, one_line_error):
+    """A Unigram model over Metaspace pieces (SentencePiece's kind, T5's, ...): GGUF's byte-level BPE cannot hold it."""
+    pieces = [("<unk>", 0.0), ("\u2581", -1.0)] + [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(tmp_path / "tok"))
+    model = random_model(tiny("llama", vocab_size=len(pieces)))
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model, f"hf:{tmp_path / 'tok'}")
+    line = one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf"),
                            "--export-gguf", str(tmp_path / "m.gguf")])
-    assert "convert_hf_to_gguf.py" in line
-    assert os.listdir(tmp_path) == []
+    assert "is a Unigram model" in line and "use --export-hf, then llama.cpp's convert_hf_to_gguf.py" in line
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "tok"]
 
 
 def test_a_failed_export_leaves_neither_output_nor_temporary_files(tmp_path, monkeypatch, one_line_error):

@@ -20,6 +20,11 @@ TOKENIZER_JSON = "tokenizer.json"  # a trained BPE ('bpe:<N>'), beside its datas
 
 
 EOT_TOKEN = "<|endoftext|>"  # the end-of-text token of a trained BPE, as GPT-2 spells it
+# GPT-4's split pattern as Llama 3's tokenizer.json writes it (tiktoken's cl100k_base has it with possessive
+# quantifiers): what a trained BPE cuts text into before merging, so no token spans two words, a letter and a
+# digit, or more than 3 digits. llama.cpp implements the same split (convert.gguf_pre_tokenizer).
+BPE_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+             r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def byte_spelling():

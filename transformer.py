@@ -1535,11 +1535,8 @@ def export(args):
     """--export-hf and --export-gguf: check everything first, then write each output whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
     family = convert.hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
-    if args.export_gguf:
-        convert.import_gguf()
-        if tokenizer.name.startswith("hf:"):
-            raise ValueError(f"--export-gguf writes the gpt2 and byte tokenizers, not {tokenizer.name}'s: use "
-                             "--export-hf, then llama.cpp's convert_hf_to_gguf.py on that folder")
+    if args.export_gguf:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
+        vocab = convert.gguf_vocab(tokenizer)
     for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
         if path:
             check_new_output(path, folder)
@@ -1548,7 +1545,7 @@ def export(args):
         convert.export_hf(model, tokenizer, args.export_hf)
         print(f"wrote {args.export_hf}: {what}")
     if args.export_gguf:
-        convert.export_gguf(model, tokenizer, args.export_gguf, args.gguf_dtype)
+        convert.export_gguf(model, vocab, args.export_gguf, args.gguf_dtype)
         print(f"wrote {args.export_gguf}: {what}, {args.gguf_dtype}")
 
 
