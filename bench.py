@@ -25,6 +25,9 @@ Rows
     5 to loss   wall time of the default run (`python transformer.py` in a fresh folder) to its val loss,
                 against nanoGPT's CPU recipe run the same way: nanoGPT's own train.py when
                 NANOGPT_DIR points at a nanoGPT checkout, else that recipe in our trainer.
+    6 tokenizers  the default run's model and budget on tiny Shakespeare tokenized as bytes and as
+                trained BPEs (bpe:512, bpe:1024, bpe:4096), all at once: which reaches nanoGPT's
+                CPU target, 1.8857 nats per character = 2.7205 bits per byte, first in wall time.
 
 Method
     Shared machines drift, by up to ~1.8x over minutes, so contenders are never timed one
@@ -40,6 +43,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -48,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -77,6 +82,7 @@ class Sizes:
     cuda_batch: int
     text: str = None  # the text file rows 3 and 5 read (None: tiny Shakespeare, see corpus())
     to_loss_steps: int = None  # row 5: None runs each recipe whole; a number cuts both to that many steps
+    race: tuple = ("byte", "bpe:512", "bpe:1024", "bpe:4096")  # row 6: the tokenizers raced
 
 
 FULL = Sizes(
@@ -88,6 +94,7 @@ QUICK = Sizes(
     train_model=dict(n_layer=1, n_head=2, n_embd=64, n_positions=32), train_batch=2,
     decode_model=dict(n_layer=1, n_head=2, n_embd=64), prompt_tokens=16, new_tokens=16, uncached_tokens=4,
     text_mb=1, cuda_model=dict(n_layer=1, n_head=2, n_embd=64, block_size=32), cuda_batch=2, to_loss_steps=20,
+    race=("byte", "bpe:300"),
 )
 
 
@@ -500,7 +507,57 @@ def run_nanogpt(folder, steps):
     return seconds, float(re.findall(r"val loss (\d+\.\d+)", result.stdout)[-1])
 
 
-ROWS = {"train": row_train, "decode": row_decode, "prepare": row_prepare, "cuda": row_cuda, "to-loss": row_to_loss}
+def row_tokenizers(sizes, rounds, device):
+    """The default run (its model, steps and val estimate) on tiny Shakespeare tokenized each way in sizes.race,
+    every run started at once and left to share the machine (one window: a drift slows all alike; each gets
+    an equal share of the cores as its threads). Each line: seconds from the start to the first logged val
+    estimate at or under nanoGPT's CPU target in bits per byte (every --eval-every steps, so to within 100
+    steps), and the run's end, measured by --eval on the whole val split. One race: minutes, not rounds."""
+    target = transformer.NANOGPT_CPU_VAL_LOSS / math.log(2)  # nats per character; ASCII: a character is a byte
+    source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
+    steps = ["--max-steps", str(sizes.to_loss_steps)] if sizes.to_loss_steps else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(sizes.race)))}
+    with tempfile.TemporaryDirectory() as d:
+        prepared = {}
+        for name in sizes.race:  # one after the other: the BPEs train in seconds
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), "--input", source, "--tokenizer",
+                            name, "--out", os.path.join(d, name)], check=True, capture_output=True)
+            prepared[name] = time.perf_counter() - t0
+        logs = {name: [] for name in sizes.race}  # (seconds since the start, line) as each run prints it
+
+        def follow(name, proc, t0):
+            for text in proc.stdout:
+                logs[name].append((time.perf_counter() - t0, text))
+
+        t0, runs = time.perf_counter(), {}
+        for name in sizes.race:
+            proc = subprocess.Popen([sys.executable, os.path.join(REPO, "transformer.py"), "--data",
+                                     os.path.join(d, name), "--out-dir", os.path.join(d, name, "out"), "--device",
+                                     device.type, *steps], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    env=env)
+            runs[name] = (proc, threading.Thread(target=follow, args=(name, proc, t0)))
+            runs[name][1].start()
+        for name, (proc, reader) in runs.items():
+            reader.join()
+            if proc.wait() != 0:
+                raise RuntimeError(f"row 6: the run on {name} failed")
+        for name in sizes.race:
+            evals = [(t, int(m[1]), float(m[2])) for t, text in logs[name]
+                     if (m := re.match(r"step +(\d+) .*\((\d+\.\d+) bits/byte\)", text))]
+            reached = next(((t, step) for t, step, bpb in evals if bpb <= target), None)
+            result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--eval", "--ckpt",
+                                     os.path.join(d, name, "out", "ckpt.pt"), "--data", os.path.join(d, name)],
+                                    check=True, capture_output=True, text=True)
+            bpb = float(re.search(r"(\d+\.\d+) bits per byte", result.stdout)[1])
+            reach = f"at step {reached[1]}" if reached else f"not reached ({evals[-1][2]:.4f} at the end)"
+            line("6 tokens" if name == sizes.race[0] else "", f"{name}: to {target:.4f} bits/byte", "s",
+                 [reached[0]] if reached else None, f"{reach} | end {bpb:.4f} bits/byte (whole val split) in "
+                 f"{logs[name][-1][0]:.0f} s | prepared in {prepared[name]:.1f} s")
+
+
+ROWS = {"train": row_train, "decode": row_decode, "prepare": row_prepare, "cuda": row_cuda, "to-loss": row_to_loss,
+        "tokenizers": row_tokenizers}
 
 
 def row_names(text):
