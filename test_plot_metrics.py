@@ -94,6 +94,20 @@ def test_training_draws_loss_png_beside_metrics(tiny_data, tmp_path):
     assert os.path.exists(tmp_path / "out" / "loss.png")
 
 
+def test_a_run_on_tiny_shakespeare_draws_nanogpts_target_and_another_text_does_not(tiny_data, tmp_path):
+    """Tiny Shakespeare is known by its length, 1,115,394 bytes over the splits, whatever the tokenizer."""
+    pytest.importorskip("matplotlib")
+    path = os.path.join(tiny_data, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    for name, train_bytes in (("shakespeare", 1_115_394 - 500), ("other", 2500)):
+        meta["splits"] = {"train": {"tokens": 2500, "bytes": train_bytes}, "val": {"tokens": 500, "bytes": 500}}
+        with open(path, "w") as f:
+            json.dump(meta, f)
+        transformer.main(["--data", tiny_data, "--out-dir", str(tmp_path / name), *TINY])
+        assert (target_pixels(str(tmp_path / name / "loss.png")) > 0) == (name == "shakespeare"), name
+
+
 def test_without_matplotlib_training_finishes_without_a_picture(tiny_data, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
