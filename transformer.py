@@ -1505,8 +1505,8 @@ def evaluate(args):
         raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
     loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
     bpb = n_bytes and bits_per_byte(loss, n, n_bytes - len(tokenizer.decode_bytes([int(tokens[0])])))
-    print(f"{source}: loss {loss:.4f}{f' | {bpb:.4f} bits per byte' if bpb else ''} | perplexity {math.exp(loss):.3f}"
-          f" | {n:,} tokens predicted in windows of {model.config.block_size}")
+    print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted in windows of "
+          f"{model.config.block_size}{f' | {bpb:.4f} bits per byte' if bpb else ''}")
 
 
 def evaluate_hellaswag(args):
