@@ -1,4 +1,4 @@
-"""The specification of sampling and evaluation (transformer.py section 9 and the --sample / --eval CLI):
+"""The specification of sampling and evaluation (transformer.py sections 6 and 10, and the --sample / --eval CLI):
 the KV cache, top-k / top-p, seeds, the context limit, streaming, perplexity and the errors a user sees.
 Offline, on CPU, with tiny models: the whole file runs in well under a minute.
 """
