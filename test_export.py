@@ -1,4 +1,5 @@
-"""Specification of convert.py (through transformer.py's --export-hf / --export-gguf): export to an HF transformers folder and to GGUF.
+"""Specification of convert.py, through --export-hf / --export-gguf: export to an HF transformers folder and to
+GGUF.
 
 Every export is read back by an independent reader: transformers (AutoModelForCausalLM, AutoTokenizer, pipeline,
 and its GGUF reader, which undoes llama.cpp's RoPE row order and dequantizes), tiktoken for the GPT-2 tokenizer,

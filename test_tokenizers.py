@@ -1,4 +1,4 @@
-"""Tokenizers (tokenizer.py, transformer.py section 7, prepare_data.py --tokenizer): a BPE trained on the text itself, vocabularies
+"""Tokenizers (tokenizer.py, prepare_data.py --tokenizer): a BPE trained on the text itself, vocabularies
 beyond uint16, and the byte counts bits per byte divides by. Offline and small: BPEs of a few hundred tokens trained
 on a few KB, and tiktoken encodings built here (conftest.register_encoding) where cl100k_base would be downloaded."""
 
