@@ -40,7 +40,8 @@ def test_gpu_check_quick_runs_its_code_at_a_tiny_size():
     """On the CPU: bf16 autocast + fused AdamW steps, tokens/s and MFU, bf16 tracking fp32 (no flash, no compile)."""
     result = bench("--gpu-check", "--quick", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"bf16 autocast, fused AdamW: [\d,]+ tok/s, MFU [\d.]+%", result.stdout), result.stdout
+    # n/a: a CPU peak timed while the cores were busy can be beaten, and an MFU above 100% is never printed
+    assert re.search(r"bf16 autocast, fused AdamW: [\d,]+ tok/s, MFU ([\d.]+%|n/a)", result.stdout), result.stdout
     assert "gpu-check: all checks passed" in result.stdout
 
 
