@@ -10,7 +10,7 @@ from conftest import english_text
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-def bench(*args, timeout=300):
+def bench(*args, timeout=900):
     """bench.py as a user runs it."""
     return subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *map(str, args)], cwd=REPO,
                           env=os.environ, capture_output=True, text=True, timeout=timeout)
