@@ -479,6 +479,65 @@ def test_cli_sample_compiled_prints_the_eager_text(trained, capsys, fresh_dynamo
     assert fresh_dynamo["unique_graphs"] - graphs == 1
 
 
+def sample_cli(trained, *flags, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, "--sample", "--ckpt", trained[0], "--device", "cpu",
+                           "--max-new-tokens", "20", "--temperature", "0", *flags], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def sample_prompt(trained, capsys, text):
+    """What --sample --prompt text prints, with sample_cli's flags."""
+    capsys.readouterr()
+    transformer.main(["--sample", "--ckpt", trained[0], "--device", "cpu", "--max-new-tokens", "20",
+                      "--temperature", "0", "--prompt", text])
+    return capsys.readouterr().out
+
+
+def test_cli_interactive_samples_each_piped_prompt_until_an_empty_line(trained, capsys):
+    one, two = sample_prompt(trained, capsys, "The king"), sample_prompt(trained, capsys, "Good night")
+    result = sample_cli(trained, "--interactive", input="The king\nGood night\n\nnever read\n")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == one + two
+    result = sample_cli(trained, "--interactive", input="The king")  # the end of the input ends it too
+    assert result.returncode == 0 and result.stdout == one
+
+
+def test_cli_interactive_on_a_terminal_prompts_and_ends_on_ctrl_d(trained, capsys):
+    """On a pseudo-terminal, as a user types: a '> ' before each prompt, the continuation, and Ctrl-D ends."""
+    import pty
+    import select
+
+    expected = sample_prompt(trained, capsys, "The king")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--sample", "--interactive", "--ckpt", trained[0], "--device",
+                             "cpu", "--max-new-tokens", "20", "--temperature", "0"], stdin=follower, stdout=follower,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(follower)
+    seen = b""
+
+    def read_until(text):
+        nonlocal seen
+        while text not in seen.replace(b"\r\n", b"\n"):
+            ready, _, _ = select.select([leader], [], [], 120)
+            assert ready, seen
+            seen += os.read(leader, 4096)
+
+    try:
+        read_until(b"> ")
+        os.write(leader, b"The king\n")
+        read_until(b"-" * 40 + b"\n> ")
+        os.write(leader, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
+    finally:
+        proc.kill()
+        os.close(leader)
+    assert expected.encode() in seen.replace(b"\r\n", b"\n")
+
+
+def test_cli_interactive_without_sample_is_a_one_line_error(one_line_error):
+    assert "--interactive goes with --sample" in one_line_error(["--interactive"], status=2)
+
+
 def test_cli_sample_prompt_from_a_file(trained, tmp_path, capsys):
     ckpt, _ = trained
     (tmp_path / "p.txt").write_text("Good night")

@@ -2302,36 +2302,50 @@ def load_for_inference(args, device):
 
 
 def sample(args):
-    """--sample: print --num-samples continuations of --prompt, token by token as they are drawn."""
+    """--sample: print --num-samples continuations of --prompt (with --interactive, of each prompt typed),
+    token by token as they are drawn."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load_for_inference(args, device)
-    prompt = args.prompt
-    if prompt.startswith("FILE:"):
-        with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
-    ids = tokenizer.encode(prompt)
+    prompts = typed_prompts() if args.interactive else [args.prompt]
     generator = torch.Generator(device).manual_seed(args.seed)  # --seed: the same samples every time
-    for _ in range(args.num_samples):
-        # A token can be part of a character (GPT-2's BPE splits UTF-8 bytes), so the text printed is what
-        # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
-        new, shown = [], ""
-        with autocast(device, dtype):
-            stream = model.generate(
-                torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
-                compile=bool(args.compile), generator=generator, vocab_size=tokenizer.vocab_size,
-            )
-            print(prompt, end="", flush=True)  # after generate() accepted the prompt: an error comes before any output
-            for token in stream:
-                if token.item() == tokenizer.eot and not args.no_stop:
-                    break
-                new.append(token.item())
-                text = tokenizer.decode(new)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-        print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
+    for prompt in prompts:
+        if prompt.startswith("FILE:"):
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        ids = tokenizer.encode(prompt)
+        for _ in range(args.num_samples):
+            # A token can be part of a character (GPT-2's BPE splits UTF-8 bytes), so the text printed is what
+            # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
+            new, shown = [], ""
+            with autocast(device, dtype):
+                stream = model.generate(
+                    torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+                    compile=bool(args.compile), generator=generator, vocab_size=tokenizer.vocab_size,
+                )
+                print(prompt, end="", flush=True)  # after generate() took the prompt: an error comes before any output
+                for token in stream:
+                    if token.item() == tokenizer.eot and not args.no_stop:
+                        break
+                    new.append(token.item())
+                    text = tokenizer.decode(new)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                        print(text[len(shown):], end="", flush=True)
+                        shown = text
+            print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
+
+
+def typed_prompts():
+    """--interactive: the prompts typed on the terminal (or piped in), one a line, until an empty line or the
+    end of the input (Ctrl-D). A terminal gets a '> ' before each."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", flush=True)  # on stdout: input() would write it to stderr
+        line = sys.stdin.readline().rstrip("\r\n")  # '' at the end of the input, as for an empty line
+        if not line:
+            return
+        yield line
 
 
 def evaluate(args):
@@ -2542,6 +2556,8 @@ def inference_flags(p):
                    help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
+    g.add_argument("--interactive", action="store_true", help="--sample each prompt typed on the terminal (or piped "
+                   "in), one a line, streaming its continuation; an empty line or Ctrl-D ends")
     # what to evaluate on
     g.add_argument("--text", help="--eval on this text file instead of --data")
     g.add_argument("--hellaswag", nargs="?", const=HELLASWAG_URL, metavar="FILE",
@@ -2574,6 +2590,8 @@ def check_args(p, args):
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
+    if args.interactive and not args.sample:
+        p.error("--interactive goes with --sample")
     # Sampling, evaluation and export need weights to start from, and none of the training flags below
     exporting = args.export_hf or args.export_gguf
     if args.sample or args.eval or exporting:
