@@ -160,6 +160,19 @@ def test_cached_logits_equal_a_full_forward(name):
     assert cache.pos == BLOCK and cache.key_pos.tolist() == list(range(BLOCK))
 
 
+@pytest.mark.parametrize("name", ["learned", "rope-gqa", "alibi"])
+def test_a_short_generation_gets_a_smaller_cache_and_the_same_tokens(name, monkeypatch):
+    """Every step attends to all the cache's slots: a generation that ends early holds the power of two that
+    fits it (3 + 6 tokens: 16 slots), not block_size (24)."""
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **overrides)
+    sizes, real_init = [], KVCache.__init__
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a: (real_init(self, *a), sizes.append(self.shape[2]))[0])
+    idx = prompt(length=3)
+    assert torch.equal(model.generate(idx, 6, temperature=0), model.generate(idx, 6, temperature=0, use_cache=False))
+    assert sizes == [16]
+
+
 def test_streaming_yields_the_tokens_generate_returns():
     model = make_model("llama")
     idx = prompt()

@@ -202,7 +202,7 @@ class Positions(nn.Module):
             bias = None if alibi is None else attention_bias(positions, positions, alibi)  # else SDPA's is_causal
         else:  # the positions the cache gave the new tokens (a tensor: a compiled step never sees them change)
             positions = cache.positions  # (T,)
-            bias = attention_bias(positions, cache.key_pos, alibi)  # (1, nh or 1, T, block_size)
+            bias = attention_bias(positions, cache.key_pos, alibi)  # (1, nh or 1, T, cache size)
         pos_emb = self.weight[positions] if pos == "learned" else None  # (T, C)
         rope = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta) if pos == "rope" else None
         return pos_emb, rope, bias
@@ -268,7 +268,9 @@ def attention_bias(q_pos, k_pos, alibi=None):
     future), and with ALiBi's slopes (nh,) each head's -slope * distance on top. (1, nh or 1, T, S), fp32.
     Plain causal attention over one square window needs none: SDPA's is_causal runs its fastest kernel."""
     distance = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S), >= 0: in the past
-    bias = torch.zeros_like(distance) if alibi is None else -alibi.view(-1, 1, 1) * distance  # (1 or nh, T, S)
+    slopes = distance.new_zeros(1) if alibi is None else alibi  # no ALiBi: a slope of 0, the causal mask alone
+    bias = -slopes.view(-1, 1, 1) * distance  # (1 or nh, T, S)
+    # four dimensions even without ALiBi: given a 3-D mask, SDPA falls back to its slow math kernel
     return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
 
 
@@ -1093,18 +1095,19 @@ def finish_run(run):
 
 
 class KVCache:
-    """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, block_size,
-    head_dim), a ring: the token at absolute position p sits in slot p % block_size. key_pos (block_size,)
-    holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
+    """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, size, head_dim),
+    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
+    (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
     `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
     their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots."""
 
     EMPTY = 2**62
 
-    def __init__(self, config, batch_size, device):
-        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+    def __init__(self, config, batch_size, device, size=None):
+        size = size or config.block_size  # fewer slots when generation ends before block_size (generate_tokens)
+        self.shape = (batch_size, config.n_kv_head, size, config.head_dim)
         self.k, self.v = [None] * config.n_layer, [None] * config.n_layer  # allocated at the first write
-        self.key_pos = torch.full((config.block_size,), self.EMPTY, device=device)  # (block_size,)
+        self.key_pos = torch.full((size,), self.EMPTY, device=device)  # (size,)
         self.pos = 0
 
     def make_room(self, T):
@@ -1192,7 +1195,10 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
     vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
     fine-tuned on byte data, say)."""
     block_size = model.config.block_size
-    cache = KVCache(model.config, idx.size(0), idx.device) if use_cache else None
+    # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
+    # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
+    size = min(block_size, 1 << (idx.size(1) + max_new_tokens - 1).bit_length())
+    cache = KVCache(model.config, idx.size(0), idx.device, size) if use_cache else None
     step = compiled_step(idx.is_cuda) if compile else forward_step
     new = idx  # (B, T): what the cache has not seen, the prompt at first, then the token sampled last
     for _ in range(max_new_tokens):
