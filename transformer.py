@@ -14,7 +14,7 @@ The file is a story, in this order:
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
-    7. Data         token shards of any vocabulary (ours, llm.c's), DataLoaderLite; tokenizers in tokenizer.py
+    7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
     8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
     9. Checkpoints  everything a run needs to continue exactly, read back without running code
    10. Evaluation   the val loss the loop logs, perplexity over a whole text, HellaSwag accuracy
@@ -29,15 +29,14 @@ Beside it, companion files hold the tooling the story does not need first; they 
     files.py        files that are whole or absent: atomic writes, downloads
     flagtypes.py    argparse types that check every value, errors on one line
     tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
+    shards.py       the token shard format (ours and llm.c's) and a dataset's meta.json
 """
 
 import argparse
 import contextlib
 import dataclasses
 import functools
-import glob
 import importlib.util
-import json
 import math
 import os
 import re
@@ -58,7 +57,8 @@ import hellaswag
 from files import atomic_open
 from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
-from tokenizer import TOKENIZER_JSON, get_tokenizer
+from shards import find_shards, load_shard, read_meta
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -641,37 +641,11 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
 # -----------------------------------------------------------------------------
 # 7. Data
 # Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
-# waits for a tokenizer. A tokenizer is named by a string: 'byte', a tiktoken encoding
-# ('gpt2', 'cl100k_base', 'o200k_base'), 'hf:<folder or hub name>', or 'bpe:<N>', a
-# byte-level BPE of N tokens that prepare_data.py trained on the data itself and saved
-# as tokenizer.json beside the shards (read_meta reads it, get_tokenizer builds it).
-# A shard is a 1 KiB header of 256 little-endian int32 (magic, format version, vocab
-# size, token count, bytes per token, then zeros) followed by the tokens: uint16 while
-# the vocabulary fits in 65,536 ids, uint32 beyond (cl100k_base, o200k_base, Llama 3).
-# Version 1 shards had no width field and hold uint16; they still read.
-# llm.c and modded-nanogpt write FineWeb as shards of the same shape under other magic
-# numbers: (magic, version, token count, zeros), no meta.json, the tokenizer implied by
-# the magic: GPT-2 (uint16) or Llama 3 (uint32). A folder of them is read as it is;
-# shard_header tells the formats apart. Every width is memory-mapped as it lies on disk.
-
-
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 2, 256
-
-
-TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> how the shard stores it
-
-
-# llm.c's magic numbers (its dev/data/data_common.py): version, token dtype, what a folder's missing meta.json
-# would say. Its Llama 3 shards were tokenized with Meta-Llama-3.1-8B's tokenizer (gated: needs an HF login).
-LLMC_FORMATS = {
-    20240520: (1, TOKEN_DTYPES[2], {"tokenizer": "gpt2", "vocab_size": 50257}),
-    20240801: (7, TOKEN_DTYPES[4], {"tokenizer": "hf:meta-llama/Meta-Llama-3.1-8B", "vocab_size": 128256}),
-}
-
-
-def token_dtype(vocab_size):
-    """How shards store the ids of a vocabulary: uint16 while they fit, else uint32."""
-    return TOKEN_DTYPES[2] if vocab_size <= 2**16 else TOKEN_DTYPES[4]
+# waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py): a 1 KiB header,
+# then the tokens as uint16 while the vocabulary fits in 65,536 ids, else uint32,
+# memory-mapped as they lie on disk; llm.c's shards read as they are. meta.json names the
+# tokenizer and counts each split's tokens and the UTF-8 bytes they spell, so a loss per
+# token also reads as bits per byte, the scale on which tokenizers compare.
 
 
 def bits_per_byte(loss, n_tokens, n_bytes):
@@ -683,84 +657,6 @@ def bits_per_byte(loss, n_tokens, n_bytes):
     .bytes) make it exact. NOTE: the training log's val loss is an estimate from --eval-iters random windows,
     not the whole split; it is converted with the same ratio, tokens per byte of the whole val split."""
     return loss * n_tokens / (n_bytes * math.log(2))
-
-
-def shard_header(path):
-    """(format, vocab_size, token count, token dtype, implied meta) from a shard's header, checked against the
-    file. The magic number decides the format: this project's ('transformer.py', implied meta None) or llm.c's
-    ('llm.c': the vocab and tokenizer its magic implies, LLMC_FORMATS)."""
-    try:
-        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read shard ({e.strerror})") from None
-    magic = header[0] if header.size == SHARD_HEADER_INTS else None
-    if magic == SHARD_MAGIC:
-        if header[1] not in (1, SHARD_VERSION):
-            raise ValueError(f"{path}: shard format version {header[1]}, this code reads versions 1 and "
-                             f"{SHARD_VERSION}: update transformer.py, or prepare the data again")
-        width = 2 if header[1] == 1 else int(header[4])  # version 1 had no width field: uint16
-        if width not in TOKEN_DTYPES:
-            raise ValueError(f"{path}: header says {width} bytes per token; shards hold 2 or 4")
-        fmt, vocab_size, n, dtype, implied = "transformer.py", int(header[2]), int(header[3]), TOKEN_DTYPES[width], None
-    elif magic in LLMC_FORMATS:
-        version, dtype, implied = LLMC_FORMATS[magic]
-        if header[1] != version:
-            raise ValueError(f"{path}: llm.c shard format version {header[1]}, this code reads version {version}")
-        fmt, vocab_size, n = "llm.c", implied["vocab_size"], int(header[2])
-    else:
-        raise ValueError(f"{path}: not a token shard (bad magic); make shards with prepare_data.py")
-    held = (os.path.getsize(path) - 4 * SHARD_HEADER_INTS) / dtype.itemsize
-    if held != n:
-        raise ValueError(f"{path}: header says {n} tokens but the file holds {held:g}: truncated or corrupt")
-    return fmt, vocab_size, n, dtype, implied
-
-
-def load_shard(path, vocab_size=None):
-    """Memory-map a shard's tokens (uint16 or uint32 as stored, shape (n,)) after checking its header against
-    the file: zero-copy, whatever the width."""
-    _, shard_vocab, n, dtype, _ = shard_header(path)
-    if vocab_size is not None and shard_vocab != vocab_size:
-        raise ValueError(f"{path}: shard vocab_size {shard_vocab} does not match the dataset's {vocab_size}")
-    return np.memmap(path, dtype=dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
-
-
-def find_shards(data_dir, split):
-    """The shards of one split, in name order. The rule: a file <split>.bin, <prefix>_<split>.bin or either
-    with _<number> before .bin, so the split is a whole word of the name: this project's train_000000.bin,
-    llm.c's fineweb_train_000001.bin and tiny_shakespeare_val.bin, but not interval_000000.bin."""
-
-    def of_split(file):  # 'fineweb_train_000001.bin' -> ['fineweb', 'train', '000001']
-        words = os.path.basename(file).removesuffix(".bin").split("_")
-        return words[-1] == split or (len(words) > 1 and words[-2] == split and words[-1].isdigit())
-
-    files = sorted(f for f in glob.glob(os.path.join(data_dir, "*.bin")) if of_split(f))
-    if not files:
-        raise ValueError(f"{data_dir}: no {split}_*.bin shards (nor llm.c's *_{split}_*.bin); "
-                         "make them with prepare_data.py")
-    return files
-
-
-def read_meta(data_dir):
-    """meta.json of a prepared dataset: tokenizer, vocab_size, each split's token and byte counts. Written last,
-    so it marks a complete dataset. A trained BPE's tokenizer.json comes back in meta['tokenizer_json'], for
-    get_tokenizer. A folder of llm.c shards has no meta.json: its magic implies one (LLMC_FORMATS)."""
-    path = os.path.join(data_dir, "meta.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            meta = json.load(f)
-        if meta["tokenizer"].startswith("bpe:"):
-            try:
-                with open(os.path.join(data_dir, TOKENIZER_JSON), encoding="utf-8") as f:
-                    meta["tokenizer_json"] = f.read()
-            except FileNotFoundError:
-                raise ValueError(f"{data_dir}: meta.json names tokenizer {meta['tokenizer']}, but its "
-                                 f"{TOKENIZER_JSON} is missing; prepare the dataset again") from None
-        return meta
-    shards = sorted(glob.glob(os.path.join(data_dir, "*.bin")))
-    implied = shard_header(shards[0])[4] if shards else None
-    if implied is not None:
-        return dict(implied)
-    raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
 
 
 class DataLoaderLite:
