@@ -5,7 +5,8 @@ bench.py: how fast transformer.py and prepare_data.py run, each beside what it s
     python bench.py --quick         # every row at tiny sizes in seconds: a smoke test, not a measurement
     python bench.py --rounds 9 --device cuda
     python bench.py --rows decode --rounds 9   # one row (or several: --rows train,decode)
-    python bench.py --gpu-check     # one GPU: flash kernel, compile + bf16 + fused AdamW, bf16 tracks fp32
+    python bench.py --gpu-check --out DIR   # one GPU, every command (<= 8 min); summary last and in DIR
+    python bench.py --gpu-check --quick     # the same code at a tiny size on the CPU (the test suite runs it)
 
 Rows
     1 train     training steps (forward, loss, backward, AdamW) of a 6-layer, 384-wide GPT-2 on
@@ -13,10 +14,11 @@ Rows
                 transformers' GPT2LMHeadModel holding the same weights, with torch.optim.AdamW
                 and the same hyperparameters; plus our MFU against a matmul peak measured here.
     2 decode    greedy generation of 256 tokens after a 16-token prompt with GPT-2 small's shape
-                and random weights: our GPT with its KV cache, HF generate with its cache, and
-                our GPT re-encoding the whole prefix every step (no cache; timed on 16 tokens
-                from the middle of such a run, see row_decode). Ours and HF must produce the
-                same tokens.
+                and random weights: our GPT with its KV cache, eager and with its decode step
+                compiled (and how long the first compiled call spent compiling), HF generate
+                with its cache, and our GPT re-encoding the whole prefix every step (no cache;
+                timed on 16 tokens from the middle of such a run, see decode_speeds). All must
+                produce the same tokens.
     3 prepare   MB/s of text through prepare_data.py (tokenize and write shards) against bare
                 tiktoken encode_ordinary_batch on the same text (tiny Shakespeare repeated to
                 13 MB); and prepare_data's peak memory on a corpus ten shards long.
@@ -206,7 +208,8 @@ def row_train(sizes, rounds, device):
         contenders[names[2]] = train_step(lambda: nanogpt(x_c, y_c)[1], nano_opt)
     seconds, _ = alternate(contenders, rounds)
     tok_s = rates(seconds, {name: B * T for name in names})
-    mfu = [100 * ours.flops_per_token(T) * r / peak for r in tok_s[names[0]]]
+    # an MFU above 100% is a peak measured while the cores were busy: metrics.mfu says None, left out here
+    mfu = [100 * u for r in tok_s[names[0]] if (u := metrics.mfu(r, ours.flops_per_token(T), 1, peak)) is not None]
     line("1 train", names[0], "tok/s", tok_s[names[0]])
     line("", names[1], "tok/s", tok_s[names[1]], versus(tok_s[names[0]], tok_s[names[1]], "HF", 1.3))
     if nanogpt is not None:
@@ -216,10 +219,10 @@ def row_train(sizes, rounds, device):
     line("", f"ours MFU vs {peak / 1e9:,.0f} GFLOP/s fp32 matmul (measured)", "%", mfu)
 
 
-def nanogpt_model(ours, device):
-    """nanoGPT's GPT from $NANOGPT_DIR/model.py holding our weights (same shapes and names but its
-    (out, in) Linear layout, as ours), or None when NANOGPT_DIR is not set."""
-    folder = os.environ.get("NANOGPT_DIR")
+def nanogpt_model(ours, device, folder=None):
+    """nanoGPT's GPT from FOLDER/model.py (default $NANOGPT_DIR) holding our weights (same shapes and names but
+    its (out, in) Linear layout, as ours), or None when there is no folder."""
+    folder = folder or os.environ.get("NANOGPT_DIR")
     if not folder:
         return None
     import importlib.util
@@ -236,33 +239,58 @@ def nanogpt_model(ours, device):
     return model.to(device)
 
 
-def row_decode(sizes, rounds, device):
-    ours, hf = same_weights(sizes.decode_model, device)
+def decode_speeds(hf_fields, prompt_tokens, n, rounds, device, uncached=0):
+    """Greedy decoding of n tokens after a random prompt, on the same random weights: ours eager with its KV cache,
+    ours with its decode step compiled (GPT.generate(compile=True): one fixed-shape step, compiled once), HF
+    generate with its cache, and (uncached > 0) ours re-encoding the prefix for `uncached` tokens from the middle
+    of such a run. Returns ({name: [tok/s of each round]}, seconds the compiled one's first call took over its
+    median, {name: its tokens == ours eager's})."""
+    ours, hf = same_weights(hf_fields, device)
     ours.eval()
     hf.eval()
-    V, n, m = ours.config.vocab_size, sizes.new_tokens, sizes.uncached_tokens
-    prompt = random_tokens((1, sizes.prompt_tokens), V, device)
-    # Without a cache a step re-encodes the whole prefix, so its cost grows with the prefix, and all
-    # n tokens would take minutes. The m tokens timed are the middle ones of a run of n: their mean
-    # prefix is the whole run's, and so is their rate. (The prefix's content does not matter.)
-    prefix = random_tokens((1, sizes.prompt_tokens + n // 2 - m // 2), V, device)
-    names = "ours GPT.generate, KV cache", "HF generate, use_cache=True", f"ours GPT.generate, no cache ({m} tokens)"
-    seconds, outputs = alternate({
+    V, m = ours.config.vocab_size, uncached
+    prompt = random_tokens((1, prompt_tokens), V, device)
+    names = "ours GPT.generate, KV cache", "ours GPT.generate, KV cache, compiled", "HF generate, use_cache=True"
+    contenders = {
         names[0]: lambda: ours.generate(prompt, n, temperature=0),
-        names[1]: lambda: hf.generate(
+        names[1]: lambda: ours.generate(prompt, n, temperature=0, compile=True),
+        names[2]: lambda: hf.generate(
             prompt, attention_mask=torch.ones_like(prompt), use_cache=True, do_sample=False,
             max_new_tokens=n, min_new_tokens=n, pad_token_id=hf.config.eos_token_id,
         ),
-        names[2]: lambda: ours.generate(prefix, m, temperature=0, use_cache=False),
-    }, rounds)
-    tok_s = rates(seconds, dict(zip(names, (n, n, m))))
-    same = torch.equal(outputs[names[0]], outputs[names[1]])
-    line("2 decode", names[0], "tok/s", tok_s[names[0]])
-    line("", names[1], "tok/s", tok_s[names[1]], versus(tok_s[names[0]], tok_s[names[1]], "HF", 1.3))
-    line("", names[2], "tok/s", tok_s[names[2]], versus(tok_s[names[0]], tok_s[names[2]], "uncached", 10))
+    }
+    work = {name: n for name in names}
+    if m:
+        # Without a cache a step re-encodes the whole prefix, so its cost grows with the prefix, and all
+        # n tokens would take minutes. The m tokens timed are the middle ones of a run of n: their mean
+        # prefix is the whole run's, and so is their rate. (The prefix's content does not matter.)
+        prefix = random_tokens((1, prompt_tokens + n // 2 - m // 2), V, device)
+        name = f"ours GPT.generate, no cache ({m} tokens)"
+        contenders[name], work[name] = lambda: ours.generate(prefix, m, temperature=0, use_cache=False), m
+    synchronize()
+    t0 = time.perf_counter()
+    contenders[names[1]]()  # the first compiled call compiles: timed apart, before alternate's warm-up
+    synchronize()
+    first = time.perf_counter() - t0
+    seconds, outputs = alternate(contenders, rounds)
+    same = {name: torch.equal(outputs[name], outputs[names[0]]) for name in names[1:]}
+    return rates(seconds, work), first - statistics.median(seconds[names[1]]), same
+
+
+def row_decode(sizes, rounds, device):
+    n, m = sizes.new_tokens, sizes.uncached_tokens
+    tok_s, compile_s, same = decode_speeds(sizes.decode_model, sizes.prompt_tokens, n, rounds, device, uncached=m)
+    (eager, compiled, hf, uncached), rate = tok_s, list(tok_s.values())
+    line("2 decode", eager, "tok/s", rate[0])
+    line("", compiled, "tok/s", rate[1], f"compiled {median_ratio(rate[1], rate[0]):.2f}x eager, "
+         f"{median_ratio(rate[1], rate[2]):.2f}x HF")
+    line("", hf, "tok/s", rate[2], versus(rate[0], rate[2], "HF", 1.3))
+    line("", uncached, "tok/s", rate[3], versus(rate[0], rate[3], "uncached", 10))
     first = n // 2 - m // 2 + 1
+    line("", f"  (compiled: its first call took {compile_s:.1f} s longer, compiling; once for all {n} tokens)")
     line("", f"  (no cache: tokens {first}-{first + m - 1} of {n}, at the run's mean prefix length)")
-    line("", f"ours == HF, {n} greedy tokens: {'yes' if same else 'NO, they differ'}")
+    line("", f"ours == HF, {n} greedy tokens: {'yes' if same[hf] else 'NO, they differ'}")
+    line("", f"compiled == eager, {n} greedy tokens: {'yes' if same[compiled] else 'NO, they differ'}")
 
 
 def corpus(path, mb, source=None):
@@ -363,80 +391,320 @@ def row_cuda(sizes, rounds, device):
     speedup = median_ratio(tok_s[names[0]], tok_s[names[1]])
     line("", names[1], "tok/s", tok_s[names[1]], f"compiled {speedup:.2f}x eager")
     if peak:
-        mfu = [100 * metrics.mfu(r, model.flops_per_token(T), 1, peak) for r in tok_s[names[0]]]
+        mfu = [100 * u for r in tok_s[names[0]] if (u := metrics.mfu(r, model.flops_per_token(T), 1, peak)) is not None]
         line("", f"compiled MFU vs {peak / 1e12:,.0f} TFLOP/s", "%", mfu)
     line("", f"  (peak: {source})")
 
 
 # -----------------------------------------------------------------------------
-# --gpu-check: is this GPU running the fast path?
+# --gpu-check: every command, on this GPU, in one run
+# About one session in five is lent a GPU for a few minutes, so the check runs everything in one call and
+# says everything in one go: each item runs inside try/except (one failure is reported, the rest still run),
+# prints its line as it ends, and a summary table comes last (and as JSON under --out). --quick runs the same
+# code at a tiny size on the CPU (gloo for NCCL, fp32, no compile where the CLI's CPU defaults say so) in the
+# test suite, so the check cannot rot between the turns that have a GPU.
 
 
-def gpu_check(quick, device):
-    """Checks, not timings to compare: the training attention runs on SDPA's flash kernel; GPT-2 124M at
-    T = 1024 trains with torch.compile, bf16 autocast and fused AdamW (tokens/s, MFU, peak memory); and
-    20 bf16 steps track 20 fp32 steps from the same weights on the same batches. Returns the failures.
-    --quick runs it at a tiny size (on the CPU too, without compile and the flash check) to test this code."""
+@dataclass
+class CheckSizes:
+    size: str  # the CLI's --size (the model trained by items 1, 2 and 5; GPT-2's architecture)
+    seq_len: int  # T
+    batch: int  # B
+    vocab: int  # the tokenizer's (the check writes a byte-level BPE of this many tokens)
+    steps: int  # training steps of the CLI runs (items 1, 2)
+    compare_steps: int  # bf16 vs fp32 steps (item 4)
+    decode_model: dict  # GPT2Config fields of the model decoded in item 6
+    new_tokens: int
+    rounds: int  # alternating rounds of items 6 and 7
+
+
+CHECK_FULL = CheckSizes(size="gpt2", seq_len=1024, batch=16, vocab=50257, steps=30, compare_steps=20,
+                        decode_model={}, new_tokens=256, rounds=3)
+CHECK_QUICK = CheckSizes(size="tiny", seq_len=64, batch=4, vocab=512, steps=8, compare_steps=3,
+                         decode_model=dict(n_layer=1, n_head=2, n_embd=64), new_tokens=16, rounds=1)
+
+
+@dataclass
+class Check:
+    """What the items share: the sizes, the device, a scratch folder, and what item 1 leaves for the others."""
+    sizes: CheckSizes
+    device: torch.device
+    work: str
+    nanogpt: str = None  # a folder holding nanoGPT's model.py, or None
+    data: str = None  # item 1's random-token shards
+    run: str = None  # item 1's --out-dir: ckpt.pt and metrics.jsonl
+    losses: list = None  # item 1's losses, step by step
+
+    def config(self, **overrides):
+        return transformer.GPTConfig.preset(self.sizes.size, "gpt2", block_size=self.sizes.seq_len,
+                                            vocab_size=self.sizes.vocab, **overrides)
+
+    def train_flags(self, out, device=None, *more):
+        """The CLI's training flags of items 1, 2 and 5: its defaults (on CUDA: bf16, compile, fused AdamW,
+        pinned memory), the check's shape, a val loss at the end."""
+        s = self.sizes
+        return ["--data", self.data, "--out-dir", out, "--size", s.size, "--arch", "gpt2", "--seq-len", str(s.seq_len),
+                "--batch-size", str(s.batch), "--max-steps", str(s.steps), "--warmup-steps", "2", "--lr", "1e-3",
+                "--log-every", "5", "--eval-every", str(s.steps), "--eval-iters", "2",
+                "--device", str(device or self.device.type), *more]
+
+
+# The CLI as a user runs it, inside a wrapper that prints the process's peak memory at its exit: the GPU's
+# allocator peak on CUDA, the peak RSS otherwise. runpy runs transformer.py as __main__, as `python transformer.py`.
+PEAK_MEMORY_WRAPPER = """
+import atexit, runpy, sys, torch
+
+def peak():
+    if torch.cuda.is_initialized():
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU)", flush=True)
+    else:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        print(f"peak memory {kb / 2**20:.2f} GiB (RSS)", flush=True)
+
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def cli(*argv, torchrun=False, timeout=600):
+    """`python transformer.py ARGV` (under `torchrun --nproc_per_node=1` if asked): its stdout; a failure raises
+    with the last line of its stderr."""
+    script = os.path.join(REPO, "transformer.py")
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script]
+              if torchrun else [sys.executable, "-c", PEAK_MEMORY_WRAPPER, script])
+    result = subprocess.run([*launch, *map(str, argv)], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"exit {result.returncode}: {last}")
+    return result.stdout
+
+
+def run_losses(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f)]
+
+
+def write_check_data(c):
+    """Random-token shards (train and val) with a byte-level BPE tokenizer of sizes.vocab tokens, written here
+    (no download: a GPU machine may have no network, nor tiktoken's files). Tokens come from the first vocab/50
+    ids only, so the loss has somewhere to fall to."""
+    import numpy as np
+
+    import prepare_data
+
+    s, folder = c.sizes, os.path.join(c.work, "data")
+    tok_dir = os.path.join(c.work, "tokenizer")
+    os.makedirs(folder)
+    os.makedirs(tok_dir)
+    spelled = [transformer.byte_spelling()[b] for b in range(256)]
+    tokens = spelled + [f"<{i}>" for i in range(s.vocab - 257)] + ["<|endoftext|>"]  # no merges: ids stay apart
+    transformer.byte_level_tokenizer(tokens, [], s.vocab - 1).save(os.path.join(tok_dir, "tokenizer.json"))
+    transformer.write_json(os.path.join(tok_dir, "tokenizer_config.json"),
+                           {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    rng = np.random.default_rng(0)
+    counts = {"train": (s.steps + 4) * s.batch * (s.seq_len + 1), "val": 4 * s.batch * (s.seq_len + 1)}
+    for split, n in counts.items():
+        prepare_data.write_shard(os.path.join(folder, f"{split}_000000.bin"),
+                                 rng.integers(0, s.vocab // 50, n).astype(np.uint16), s.vocab)
+    transformer.write_json(os.path.join(folder, "meta.json"), {
+        "format_version": 1, "tokenizer": "hf:" + tok_dir, "vocab_size": s.vocab, "eot": s.vocab - 1,
+        "splits": {split: {"tokens": n, "shards": 1} for split, n in counts.items()}})
+    return folder
+
+
+def check_cli(c):
+    """1. The real CLI with its defaults at the check's shape: tokens/s, the MFU it prints, peak memory, loss falls."""
+    c.data, c.run = write_check_data(c), os.path.join(c.work, "one")
+    out = cli(*c.train_flags(c.run))
+    tok_s, mfu_text = re.findall(r"([\d,]+) tok/s \| MFU (\S+)", out)[-1]
+    memory = re.search(r"peak memory (.*)", out)[1]
+    c.losses = run_losses(c.run)
+    falls = c.losses[-1] < c.losses[0] - 0.5
+    compiled = ", compiled" in out
+    summary = (f"{c.sizes.size} T={c.sizes.seq_len} B={c.sizes.batch}{' compiled' if compiled else ''}: {tok_s} tok/s, "
+               f"MFU {mfu_text}, peak {memory}, loss {c.losses[0]:.2f} -> {c.losses[-1]:.2f}")
+    return falls, summary, dict(tokens_per_s=float(tok_s.replace(",", "")), mfu=mfu_text, peak_memory=memory,
+                                compiled=compiled, losses=c.losses)
+
+
+def check_torchrun(c):
+    """2. torchrun --nproc_per_node=1 (NCCL on a GPU, gloo on the CPU): DDP and --fsdp finish and track item 1."""
+    worst, details = {}, {}
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        folder = os.path.join(c.work, name)
+        cli(*c.train_flags(folder, None, *flags), torchrun=True)
+        losses = run_losses(folder)
+        worst[name] = max(abs(a - b) for a, b in zip(losses, c.losses))
+        details[name] = dict(losses=losses, largest_difference=worst[name])
+    ok = all(w < 0.05 for w in worst.values())
+    return ok, "largest loss difference to one process: " + ", ".join(
+        f"{name} {w:.4f}" for name, w in worst.items()) + " (tolerance 0.05)", details
+
+
+def check_attention_kernels(c):
+    """3. Which SDPA kernels take a bf16 training step (forward and backward) of each attention path, and which one
+    runs when SDPA may choose. The plain causal path must run on flash on a GPU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cuda = device.type == "cuda"
-    failures = []
-    size = dict(n_layer=2, n_head=2, n_embd=64, block_size=64) if quick else dict(block_size=1024)
-    B, steps = (4, 3) if quick else (16, 20)
-    config = transformer.GPTConfig.preset("gpt2", "gpt2", **size)
-    T = config.block_size
-    torch.manual_seed(0)
-    batches = [random_tokens((B, T + 1), config.vocab_size, device) for _ in range(steps)]
-    if cuda:  # 1. flash: with SDPA restricted to its flash kernel, a bf16 forward and backward must run
-        model = GPT(config).to(device)
-        x, y = batches[0][:, :-1], batches[0][:, 1:]
-        try:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION), transformer.autocast(device, torch.bfloat16):
-                model(x, y)[1].backward()
-            print("gpu-check: training attention runs on the flash kernel: yes")
-        except RuntimeError as e:
-            failures.append(f"the flash kernel refused the training attention: {str(e).splitlines()[0]}")
-    else:
-        print(f"gpu-check: on {device.type}: the flash-kernel check and torch.compile are skipped")
+    paths = {"causal": {}, "GQA (RoPE, enable_gqa)": dict(pos="rope", n_kv_head=c.config().n_head // 2),
+             "ALiBi (float mask)": dict(pos="alibi")}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    x = random_tokens((2, c.sizes.seq_len), c.sizes.vocab, c.device)
+    results = {}
+    for path, overrides in paths.items():
+        model = GPT(c.config(**overrides)).to(c.device)
 
-    def run(dtype, compile_it):
-        """`steps` training steps from the same initial weights -> (losses, seconds per step after the first)."""
+        def step(model=model):
+            with transformer.autocast(c.device, torch.bfloat16):
+                model(x, x)[1].backward()
+
+        runs = []
+        for name, backend in backends.items():
+            with contextlib.suppress(RuntimeError), sdpa_kernel(backend):
+                step()
+                runs.append(name)
+        with torch.profiler.profile() as prof:
+            step()
+        chosen = sorted({e.key.removeprefix("aten::_scaled_dot_product_") for e in prof.key_averages()
+                         if e.key.startswith("aten::_scaled_dot_product_")})
+        results[path] = dict(runs_on=runs, chosen=chosen)
+    ok = "flash" in results["causal"]["runs_on"] or c.device.type != "cuda"
+    return ok, " | ".join(f"{p}: {'/'.join(r['runs_on']) or 'none'} (chosen: {', '.join(r['chosen'])})"
+                          for p, r in results.items()), results
+
+
+def check_bf16_tracks_fp32(c):
+    """4. compare_steps training steps in bf16 autocast and in fp32 from the same weights on the same batches."""
+    steps, B, T = c.sizes.compare_steps, c.sizes.batch, c.sizes.seq_len
+    torch.manual_seed(0)
+    batches = [random_tokens((B, T + 1), c.sizes.vocab // 50, c.device) for _ in range(steps)]
+
+    def run(dtype):
         torch.manual_seed(0)
-        model = GPT(config).to(device)
-        optimizer = transformer.configure_optimizer(model, 3e-4, 0.1, device.type)
-        step_model = torch.compile(model) if compile_it else model
-        losses, t0 = [], None
-        for i, buf in enumerate(batches):
-            if i == 1:
-                synchronize()
-                t0 = time.perf_counter()  # the first step compiles
-            with transformer.autocast(device, dtype):
-                loss = step_model(buf[:, :-1], buf[:, 1:])[1]
+        model = GPT(c.config()).to(c.device)
+        optimizer = transformer.configure_optimizer(model, 3e-4, 0.1, c.device.type)
+        losses = []
+        for buf in batches:
+            with transformer.autocast(c.device, dtype):
+                loss = model(buf[:, :-1], buf[:, 1:])[1]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        synchronize()
-        return losses, (time.perf_counter() - t0) / (steps - 1)
+        return losses
 
-    # 2. the fast path's speed
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    bf16, seconds = run(torch.bfloat16, compile_it=cuda)
-    tok_s = B * T / seconds
-    peak, source = metrics.peak_flops(device)
-    mfu = metrics.mfu(tok_s, GPT(config).flops_per_token(T), 1, peak)
-    memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
-    mfu_text = f"{mfu:.1%}" if mfu else "n/a"
-    print(f"gpu-check: {config.n_layer}L {config.n_embd}w GPT-2, {B} x {T} tokens, bf16 autocast, fused AdamW"
-          f"{', compiled' if cuda else ''}: {tok_s:,.0f} tok/s, MFU {mfu_text} ({source}){memory}")
-    # 3. bf16 tracks fp32
-    fp32, _ = run(torch.float32, compile_it=False)
+    bf16, fp32 = run(torch.bfloat16), run(torch.float32)
     worst = max(abs(a - b) for a, b in zip(bf16, fp32))
-    print(f"gpu-check: {steps} bf16 steps vs fp32: largest loss difference {worst:.4f} (tolerance 0.05)")
-    if not worst < 0.05:
-        failures.append(f"bf16 losses drift from fp32 by {worst:.4f}")
-    return failures
+    return worst < 0.05, f"{steps} steps, largest loss difference {worst:.4f} (tolerance 0.05)", dict(
+        bf16=bf16, fp32=fp32)
+
+
+def check_checkpoints_travel(c):
+    """5. Item 1's checkpoint samples and resumes on the CPU, and the checkpoint that CPU run writes resumes on the
+    device: both directions, each one step further."""
+    folder = os.path.join(c.work, "travel")
+    shutil.copytree(c.run, folder)
+    text = cli("--sample", "--ckpt", os.path.join(folder, "ckpt.pt"), "--device", "cpu", "--max-new-tokens", "8")
+    steps = []
+    for device, more in (("cpu", 1), (None, 2)):
+        cli(*c.train_flags(folder, device, "--resume", "--max-steps", str(c.sizes.steps + more)))
+        steps.append(json.loads(open(os.path.join(folder, "metrics.jsonl")).read().splitlines()[-1])["step"])
+    ok = steps == [c.sizes.steps, c.sizes.steps + 1] and bool(text.strip())
+    return ok, (f"{c.device.type} checkpoint sampled on cpu, resumed there to step {steps[0]}; that cpu checkpoint "
+                f"resumed on {c.device.type} to step {steps[1]}"), dict(steps=steps, sample=text)
+
+
+def check_sampling(c):
+    """6. On the device: the KV cache gives the uncached tokens; decode tok/s eager, compiled and HF generate."""
+    torch.manual_seed(0)
+    model = GPT(c.config()).eval()
+    with torch.no_grad():  # weights wider than GPT-2's init: spread-out logits, no near-ties for rounding to flip
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.2)
+    model.to(c.device)
+    prompt = random_tokens((1, 8), c.sizes.vocab, c.device)
+    n = min(32, c.sizes.seq_len - 8)
+    cached = model.generate(prompt, n, temperature=0)
+    uncached = model.generate(prompt, n, temperature=0, use_cache=False)
+    tok_s, compile_s, same = decode_speeds(c.sizes.decode_model, 16, c.sizes.new_tokens, c.sizes.rounds, c.device)
+    medians = {name: statistics.median(r) for name, r in tok_s.items()}
+    eager, compiled, hf = medians.values()
+    same_compiled, same_hf = same.values()  # HF's tokens are reported, not required: its kernels round otherwise
+    ok = torch.equal(cached, uncached) and same_compiled
+    return ok, (f"cache == no cache: {'yes' if torch.equal(cached, uncached) else 'NO'}; decode "
+                f"{c.sizes.new_tokens} tokens: eager {eager:,.0f}, compiled {compiled:,.0f} "
+                f"({compiled / eager:.2f}x, compile {compile_s:.0f} s), HF {hf:,.0f} tok/s (ours {eager / hf:.2f}x, "
+                f"compiled {compiled / hf:.2f}x); same tokens as eager: compiled {'yes' if same_compiled else 'NO'}, "
+                f"HF {'yes' if same_hf else 'no'}"), dict(tokens_per_s=medians, compile_seconds=compile_s,
+                                                           same_tokens=same)
+
+
+def check_nanogpt(c):
+    """7. A compiled bf16 training step beside nanoGPT's model.py (--nanogpt DIR or NANOGPT_DIR) at the same shapes."""
+    if not c.nanogpt:
+        return None, "nanoGPT's model.py not at hand (--nanogpt DIR or NANOGPT_DIR)", {}
+    B, T = c.sizes.batch, c.sizes.seq_len
+    ours = GPT(c.config()).to(c.device)
+    theirs = nanogpt_model(ours, c.device, c.nanogpt)
+    buf = random_tokens((B, T + 1), c.sizes.vocab, c.device)
+    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+    contenders = {}
+    for name, model in (("ours", ours), ("nanoGPT", theirs)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
+                                      fused=c.device.type == "cuda")
+        compiled = torch.compile(model) if c.device.type == "cuda" else model
+
+        def loss(compiled=compiled):
+            with transformer.autocast(c.device, torch.bfloat16):
+                return compiled(x, y)[1]
+
+        contenders[name] = train_step(loss, optimizer)
+    seconds, _ = alternate(contenders, c.sizes.rounds + 2)
+    tok_s = {name: statistics.median(r) for name, r in rates(seconds, {n: B * T for n in contenders}).items()}
+    return True, (f"ours {tok_s['ours']:,.0f}, nanoGPT {tok_s['nanoGPT']:,.0f} tok/s: "
+                  f"ours {tok_s['ours'] / tok_s['nanoGPT']:.2f}x"), dict(tokens_per_s=tok_s)
+
+
+GPU_CHECKS = {"1 cli": check_cli, "2 torchrun": check_torchrun, "3 attention": check_attention_kernels,
+              "4 bf16/fp32": check_bf16_tracks_fp32, "5 checkpoints": check_checkpoints_travel,
+              "6 sampling": check_sampling, "7 nanoGPT": check_nanogpt}
+
+
+def gpu_check(quick, device, out=None, nanogpt=None):
+    """Run every item of GPU_CHECKS, each to its end or its exception; print a line as each ends and the
+    summary table last; write it to OUT/gpu_check.json. Returns the number of items that failed."""
+    import traceback
+
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        c = Check(CHECK_QUICK if quick else CHECK_FULL, device, work, nanogpt or os.environ.get("NANOGPT_DIR"))
+        for name, item in GPU_CHECKS.items():
+            t0 = time.perf_counter()
+            try:
+                ok, summary, details = item(c)
+                status = "not at hand" if ok is None else "ok" if ok else "FAILED"
+            except Exception as e:  # one item's failure is a finding: report it and run the rest
+                status, summary = "FAILED", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+                details = dict(traceback=traceback.format_exc())
+            seconds = time.perf_counter() - t0
+            results.append(dict(item=name, status=status, seconds=round(seconds, 1), summary=summary,
+                                details=details))
+            print(f"gpu-check {name}: {status} ({seconds:.0f} s): {summary}", flush=True)
+    failed = [r["item"] for r in results if r["status"] == "FAILED"]
+    print(f"\ngpu-check summary | {machine(device)}{' | --quick' if quick else ''}")
+    print(f"{'item':<14} {'status':<12} {'seconds':>7}  result")
+    for r in results:
+        print(f"{r['item']:<14} {r['status']:<12} {r['seconds']:>7.0f}  {r['summary']}")
+    print(f"gpu-check: {'all items ok' if not failed else 'FAILED: ' + ', '.join(failed)}", flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump(dict(machine=machine(device), quick=quick, items=results), f, indent=1, default=str)
+    return len(failed)
 
 
 # nanoGPT's README recipe for a CPU (train_shakespeare_char with its CPU flags), as nanoGPT's own train.py runs
@@ -603,17 +871,20 @@ def main(argv=None):
     p.add_argument("--rows", type=row_names, default=list(ROWS), help=f"rows to run, comma-separated: {','.join(ROWS)}")
     p.add_argument("--text", help="the UTF-8 text row 3 tokenizes (default: tiny Shakespeare, downloaded if missing)")
     p.add_argument("--gpu-check", action="store_true",
-                   help="instead of the table, check the GPU path (flash kernel, compile + bf16 + fused AdamW on GPT-2 "
-                        "124M at T=1024, bf16 tracking fp32); about 5 minutes on one GPU")
+                   help="instead of the table, check every command on the GPU: the CLI (GPT-2 124M, T=1024, bf16, "
+                   "compile), torchrun DDP and FSDP, attention kernels, bf16 vs fp32, checkpoints between GPU and "
+                   "CPU, sampling and decode speed, nanoGPT's step; at most 8 minutes on one H100/H200")
+    p.add_argument("--out", metavar="DIR", help="--gpu-check: also write its summary to DIR/gpu_check.json")
+    p.add_argument("--nanogpt", metavar="DIR", help="--gpu-check: a folder with nanoGPT's model.py (default "
+                   "$NANOGPT_DIR) to time our training step beside")
     args = p.parse_args(argv)
     if args.gpu_check:
         device = transformer.pick_device(args.device)
         if device.type != "cuda" and not args.quick:
             print(f"gpu-check: skipped, no CUDA device (this is {device.type}); --quick runs its code at a tiny size")
             return
-        failures = gpu_check(args.quick, device)
-        print("gpu-check: " + ("all checks passed" if not failures else "FAILED: " + "; ".join(failures)))
-        sys.exit(1 if failures else 0)
+        quiet_transformers()
+        sys.exit(1 if gpu_check(args.quick, device, args.out, args.nanogpt) else 0)
     sizes, rounds = (QUICK, args.rounds or 2) if args.quick else (FULL, args.rounds or 5)
     sizes = dataclasses.replace(sizes, text=args.text)
     device = transformer.pick_device(args.device)

@@ -32,10 +32,13 @@ def gpu_peak_flops(name):
     return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
 
 
-def matmul_peak_flops(device, dtype=torch.float32, n=1024, seconds=1.0):
+def matmul_peak_flops(device, dtype=torch.float32, n=512, seconds=1.0):
     """Measured FLOP/s of a square matmul: the CPU's practical peak, used as MFU's denominator there.
-    The best of as many matmuls as fit in `seconds` (at least 5, after one to warm up): a core that
-    another process held for a moment slows some of them, not the fastest.
+    The best of as many short matmuls as fit in `seconds` (at least 5, after one to warm up): on a busy
+    machine some of them run while no other process holds the cores, and the fastest is the peak. (Measured
+    on a loaded 2-core machine: one 512 x 512 matmul timed 5 times spread 50x, 5.8 to 307 GFLOP/s; larger
+    ones fared worse, being preempted more often; 1 s of short ones gave 295-345 GFLOP/s on 2 threads in most
+    trials, but 8.3 in one whose whole second was starved: hence mfu's bound below.)
     The matrices are constant, not random: nothing here may draw from the global RNG, whose state a
     resumed run has restored (dropout masks would shift)."""
     a = torch.full((n, n), 0.5, device=device, dtype=dtype)

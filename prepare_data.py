@@ -45,7 +45,7 @@ Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2, data
     Each shard is a header of SHARD_HEADER_INTS (256) little-endian int32,
         [SHARD_MAGIC (20241123), SHARD_VERSION (2), vocab_size, n_tokens, bytes per token, 0, ...]
     followed by n_tokens little-endian token ids: uint16 (2 bytes) while the vocabulary
-    fits in 65,536 ids, uint32 (4) beyond. transformer.load_shard reads a shard back (also
+    fits in 65,536 ids, uint32 (4) beyond. shards.load_shard reads a shard back (also
     version 1's, which were uint16 without the width field). Every file is written under a
     .tmp name and renamed once complete, so an interrupted run never leaves a truncated
     shard that looks whole.
@@ -75,8 +75,8 @@ from tqdm import tqdm
 
 from files import atomic_open, download
 from flagtypes import ArgumentParser, at_least, in_range
+from shards import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, load_shard, token_dtype
 from tokenizer import BPE_SPLIT, EOT_TOKEN, TOKENIZER_JSON, get_tokenizer
-from transformer import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, load_shard, token_dtype
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -100,7 +100,7 @@ def fail(msg):
 
 def write_shard(path, tokens, vocab_size):
     """Write tokens (ids < vocab_size) as one shard: the int32 header, then the tokens as uint16 while the
-    vocabulary fits in 65,536 ids, else uint32 (transformer.token_dtype)."""
+    vocabulary fits in 65,536 ids, else uint32 (shards.token_dtype)."""
     tokens = np.asarray(tokens, dtype=token_dtype(vocab_size))  # a Python int out of the dtype's range raises
     if len(tokens) and tokens.max() >= vocab_size:
         raise ValueError(f"token {tokens.max()} is outside the vocabulary of {vocab_size}")

@@ -1,4 +1,5 @@
-"""Specification of section 10 of transformer.py: export to an HF transformers folder and to GGUF.
+"""Specification of convert.py, through --export-hf / --export-gguf: export to an HF transformers folder and to
+GGUF.
 
 Every export is read back by an independent reader: transformers (AutoModelForCausalLM, AutoTokenizer, pipeline,
 and its GGUF reader, which undoes llama.cpp's RoPE row order and dequantizes), tiktoken for the GPT-2 tokenizer,
@@ -306,7 +307,7 @@ def test_gguf_row_order_makes_llama_cpps_rope_give_our_attention_scores():
     def heads(y):  # (T, nh*hd) -> (1, nh, T, hd)
         return y.view(1, T, n_head, hd).transpose(1, 2)
 
-    cos, sin = transformer.rope_cos_sin(hd, T, 10000.0)
+    cos, sin = transformer.rope_cos_sin(hd, torch.arange(T), 10000.0)
     expected = transformer.apply_rope(heads(x @ wq.T), cos, sin) @ transformer.apply_rope(heads(x @ wk.T), cos, sin).mT
     q, k = (heads(x @ convert.rope_pairs_adjacent(w, n_head).T) for w in (wq, wk))
     assert max_diff(interleaved_rope(q) @ interleaved_rope(k).mT, expected) <= 1e-4

@@ -1,5 +1,5 @@
-"""The specification of --eval --hellaswag (transformer.py section 9): build-nanogpt's completion-style scoring,
-checked against HF transformers and a scoring loop written here; batching, the split over processes, the
+"""The specification of --eval --hellaswag and --hellaswag-every (hellaswag.py): build-nanogpt's completion-style
+scoring, checked against HF transformers and a scoring loop written here; batching, the split over processes, the
 download cache and the errors a user sees. Offline, on CPU, with a tiny random GPT-2 (GPT-2's vocabulary, 16
 wide) and six invented examples.
 """

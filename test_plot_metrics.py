@@ -1,4 +1,4 @@
-"""loss.png (metrics.plot_metrics, section 8): drawn from a synthetic metrics.jsonl with a train loss every step
+"""loss.png (metrics.plot_metrics): drawn from a synthetic metrics.jsonl with a train loss every step
 and a val loss every 50, with and without a target line; and training still finishes, without a picture, when
 matplotlib is missing. Offline, on CPU.
 """

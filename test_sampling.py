@@ -1,4 +1,4 @@
-"""The specification of sampling and evaluation (transformer.py section 9 and the --sample / --eval CLI):
+"""The specification of sampling and evaluation (transformer.py sections 6 and 10, and the --sample / --eval CLI):
 the KV cache, top-k / top-p, seeds, the context limit, streaming, perplexity and the errors a user sees.
 Offline, on CPU, with tiny models: the whole file runs in well under a minute.
 """
@@ -149,15 +149,28 @@ def test_cached_logits_equal_a_full_forward(name):
     idx = prompt(length=BLOCK, seed=1)
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache(model.config, idx.size(0))
+        cache = KVCache(model.config, idx.size(0), idx.device)
+        cache.make_room(7)  # the generation loop's part: the model only reads the cache
         first, _ = model(idx[:, :7], cache=cache)
-        cache.advance(7)  # the generation loop's part: the model only reads the cache
         torch.testing.assert_close(first, full[:, :7], atol=1e-4, rtol=1e-4)
         for t in range(7, BLOCK):
+            cache.make_room(1)
             step, _ = model(idx[:, t : t + 1], cache=cache)
-            cache.advance(1)
             torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
-    assert cache.len == cache.pos == BLOCK
+    assert cache.pos == BLOCK and cache.key_pos.tolist() == list(range(BLOCK))
+
+
+@pytest.mark.parametrize("name", ["learned", "rope-gqa", "alibi"])
+def test_a_short_generation_gets_a_smaller_cache_and_the_same_tokens(name, monkeypatch):
+    """Every step attends to all the cache's slots: a generation that ends early holds the power of two that
+    fits it (3 + 6 tokens: 16 slots), not block_size (24)."""
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **overrides)
+    sizes, real_init = [], KVCache.__init__
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a: (real_init(self, *a), sizes.append(self.shape[2]))[0])
+    idx = prompt(length=3)
+    assert torch.equal(model.generate(idx, 6, temperature=0), model.generate(idx, 6, temperature=0, use_cache=False))
+    assert sizes == [16]
 
 
 def test_streaming_yields_the_tokens_generate_returns():
@@ -183,24 +196,25 @@ def test_learned_positions_past_block_size_cached_equals_uncached():
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
 def test_rope_and_alibi_caches_slide_past_block_size(pos, monkeypatch):
     model = make_model("llama", pos=pos, n_kv_head=2)
-    lengths, finite = [], []
-    real_advance, real_sample_next = KVCache.advance, transformer.sample_next
+    filled, shapes, finite = [], set(), []
+    real_make_room, real_sample_next = KVCache.make_room, transformer.sample_next
 
-    def advance(self, T):
-        real_advance(self, T)
-        assert self.k.shape[3] == self.v.shape[3] == BLOCK  # never more room than block_size positions
-        lengths.append(self.len)
+    def make_room(self, T):
+        real_make_room(self, T)
+        filled.append(int((self.key_pos < KVCache.EMPTY).sum()))
+        shapes.update(tuple(buf.shape) for buf in self.k + self.v if buf is not None)
 
     def sample_next(logits, *args, **kwargs):
         finite.append(bool(torch.isfinite(logits).all()))
         return real_sample_next(logits, *args, **kwargs)
 
-    monkeypatch.setattr(KVCache, "advance", advance)
+    monkeypatch.setattr(KVCache, "make_room", make_room)
     monkeypatch.setattr(transformer, "sample_next", sample_next)
     idx = prompt(length=5)
     out = model.generate(idx, 2 * BLOCK, temperature=0)
     assert out.shape == (2, 5 + 2 * BLOCK)
-    assert max(lengths) == BLOCK and lengths[-1] == BLOCK  # it filled up, then slid
+    assert shapes == {(2, 2, BLOCK, model.config.head_dim)}  # one shape, never more than block_size slots
+    assert filled[0] == 5 and max(filled) == BLOCK and filled[-1] == BLOCK  # it filled up, then slid
     assert all(finite) and len(finite) == 2 * BLOCK
     assert torch.equal(model.generate(idx, 2 * BLOCK, temperature=0), out)  # deterministic
     sampled = [model.generate(idx, 2 * BLOCK, temperature=1.0, generator=torch.Generator().manual_seed(3))
@@ -208,6 +222,91 @@ def test_rope_and_alibi_caches_slide_past_block_size(pos, monkeypatch):
     assert torch.equal(sampled[0], sampled[1])
     # the uncached path (a window of the last block_size tokens) runs past the limit too
     assert model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False).shape == out.shape
+
+
+class GrowingCache:
+    """The sliding cache written the plain way, as the reference for KVCache's ring: each layer's keys and values
+    kept in the order of their positions, the new ones appended (torch.cat) and the oldest cut off past block_size.
+    It offers what the model reads of a KVCache: make_room, positions, key_pos and each layer's update."""
+
+    def __init__(self, size, n_layer):
+        self.size, self.pos, self.kv = size, 0, [None] * n_layer
+
+    def make_room(self, T):
+        self.positions = torch.arange(self.pos, self.pos + T)
+        self.pos += T
+        self.key_pos = torch.arange(max(0, self.pos - self.size), self.pos)  # the last block_size positions
+
+    def layer(self, i):
+        cache = self
+
+        class Layer:
+            def update(self, k, v):
+                if cache.kv[i] is not None:
+                    k, v = torch.cat((cache.kv[i][0], k), dim=2), torch.cat((cache.kv[i][1], v), dim=2)
+                cache.kv[i] = k[:, :, -cache.size :], v[:, :, -cache.size :]
+                return cache.kv[i]
+
+        return Layer()
+
+
+def greedy_with(cache, model, idx, n):
+    """n greedy tokens through `cache`, one at a time after the prompt."""
+    new = idx
+    with torch.no_grad():
+        for _ in range(n):
+            cache.make_room(new.size(1))
+            logits, _ = model(new, cache=cache)
+            new = logits[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat((idx, new), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("name", ["rope-gqa", "alibi", "llama-mqa", "llama-gqa-explicit-attention"])
+def test_the_fixed_shape_cache_slides_as_a_growing_one_would(name):
+    """Past block_size the ring overwrites its oldest slot; a cache that appends and cuts keeps the same keys
+    in another order, and attention does not care about the order: the same greedy tokens, many layers deep."""
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **{**overrides, "n_layer": 3})
+    idx = prompt(length=5)
+    expected = greedy_with(GrowingCache(BLOCK, 3), model, idx, 3 * BLOCK)
+    assert torch.equal(model.generate(idx, 3 * BLOCK, temperature=0), expected)
+    assert torch.equal(greedy_with(KVCache(model.config, 2, idx.device), model, idx, 3 * BLOCK), expected)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled graphs of other tests' models count towards dynamo's limit of recompiles per function."""
+    torch._dynamo.reset()
+    yield torch._dynamo.utils.counters["stats"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["learned", "rope-gqa", "alibi"])
+def test_compiled_decode_gives_the_eager_tokens_and_compiles_once(name, fresh_dynamo):
+    """compile=True (--sample --compile): the one-token steps run one compiled graph, the same for every position,
+    past block_size too (where learned positions re-encode eagerly), and for a new prompt of another length."""
+    arch, overrides = CONFIGS[name]
+    model = make_model(arch, **overrides)
+    graphs = fresh_dynamo["unique_graphs"]
+    for length, n in ((5, 2 * BLOCK), (9, BLOCK)):
+        idx = prompt(length=length, seed=length)
+        compiled = model.generate(idx, n, temperature=0, compile=True)
+        assert torch.equal(compiled, model.generate(idx, n, temperature=0))
+        assert fresh_dynamo["unique_graphs"] - graphs == 1  # not one per token, nor one per prompt
+
+
+def test_the_compiled_step_is_what_runs_each_token(monkeypatch):
+    """The decode steps go through compiled_step's function (prefill and the uncached path stay eager); the
+    test above is its un-stubbed twin."""
+    calls = []
+    monkeypatch.setattr(transformer, "compiled_step", lambda cuda: lambda *a: (calls.append(cuda),
+                                                                                transformer.forward_step(*a))[1])
+    model = make_model("llama")
+    model.generate(prompt(length=5), 10, temperature=0, compile=True)
+    assert calls == [False] * 9  # every token after the prefill's
+    model.generate(prompt(length=5), 10, temperature=0)
+    assert len(calls) == 9
 
 
 @pytest.mark.parametrize("name", ["learned", "rope-gqa", "alibi"])
@@ -377,6 +476,79 @@ def test_cli_sample_with_the_same_seed_prints_the_same_text(trained, capsys):
     assert one != two  # the samples of one run differ from each other
     within_context = ("--seed", "5", "--max-new-tokens", "15")  # block_size 16: no sliding, so exactly equal
     assert sample(*within_context, "--no-cache") == sample(*within_context)  # the cache changes nothing
+
+
+def test_cli_sample_compiled_prints_the_eager_text(trained, capsys, fresh_dynamo):
+    ckpt, _ = trained
+
+    def sample(*flags):
+        capsys.readouterr()
+        transformer.main(["--sample", "--ckpt", ckpt, "--prompt", "The king", "--max-new-tokens", "30",
+                          "--temperature", "0", "--device", "cpu", *flags])
+        return capsys.readouterr().out
+
+    graphs = fresh_dynamo["unique_graphs"]
+    assert sample("--compile") == sample()
+    assert fresh_dynamo["unique_graphs"] - graphs == 1
+
+
+def sample_cli(trained, *flags, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, "--sample", "--ckpt", trained[0], "--device", "cpu",
+                           "--max-new-tokens", "20", "--temperature", "0", *flags], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def sample_prompt(trained, capsys, text):
+    """What --sample --prompt text prints, with sample_cli's flags."""
+    capsys.readouterr()
+    transformer.main(["--sample", "--ckpt", trained[0], "--device", "cpu", "--max-new-tokens", "20",
+                      "--temperature", "0", "--prompt", text])
+    return capsys.readouterr().out
+
+
+def test_cli_interactive_samples_each_piped_prompt_until_an_empty_line(trained, capsys):
+    one, two = sample_prompt(trained, capsys, "The king"), sample_prompt(trained, capsys, "Good night")
+    result = sample_cli(trained, "--interactive", input="The king\nGood night\n\nnever read\n")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == one + two
+    result = sample_cli(trained, "--interactive", input="The king")  # the end of the input ends it too
+    assert result.returncode == 0 and result.stdout == one
+
+
+def test_cli_interactive_on_a_terminal_prompts_and_ends_on_ctrl_d(trained, capsys):
+    """On a pseudo-terminal, as a user types: a '> ' before each prompt, the continuation, and Ctrl-D ends."""
+    import pty
+    import select
+
+    expected = sample_prompt(trained, capsys, "The king")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--sample", "--interactive", "--ckpt", trained[0], "--device",
+                             "cpu", "--max-new-tokens", "20", "--temperature", "0"], stdin=follower, stdout=follower,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(follower)
+    seen = b""
+
+    def read_until(text):
+        nonlocal seen
+        while text not in seen.replace(b"\r\n", b"\n"):
+            ready, _, _ = select.select([leader], [], [], 120)
+            assert ready, seen
+            seen += os.read(leader, 4096)
+
+    try:
+        read_until(b"> ")
+        os.write(leader, b"The king\n")
+        read_until(b"-" * 40 + b"\n> ")
+        os.write(leader, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
+    finally:
+        proc.kill()
+        os.close(leader)
+    assert expected.encode() in seen.replace(b"\r\n", b"\n")
+
+
+def test_cli_interactive_without_sample_is_a_one_line_error(one_line_error):
+    assert "--interactive goes with --sample" in one_line_error(["--interactive"], status=2)
 
 
 def test_cli_sample_prompt_from_a_file(trained, tmp_path, capsys):

@@ -15,7 +15,8 @@ import transformer
 from test_training import ENV, TINY, metrics
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-COMPANIONS = ["convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py", "metrics.py", "tokenizer.py"]
+COMPANIONS = ["convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py", "metrics.py", "shards.py",
+              "tokenizer.py"]
 
 
 def read(name):

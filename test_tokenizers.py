@@ -1,4 +1,4 @@
-"""Tokenizers (transformer.py section 7, prepare_data.py --tokenizer): a BPE trained on the text itself, vocabularies
+"""Tokenizers (tokenizer.py, prepare_data.py --tokenizer): a BPE trained on the text itself, vocabularies
 beyond uint16, and the byte counts bits per byte divides by. Offline and small: BPEs of a few hundred tokens trained
 on a few KB, and tiktoken encodings built here (conftest.register_encoding) where cl100k_base would be downloaded."""
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
+import shards
 import tokenizer
 import transformer
 from conftest import english_text, needs_tiny_shakespeare, write_dataset
@@ -197,7 +198,7 @@ def test_a_tiktoken_vocabulary_over_65536_prepares_uint32_shards_and_trains(tmp_
     out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", name)
     assert meta["vocab_size"] == 70_001 and meta["format_version"] == 2
     shard = transformer.find_shards(str(out), "train")[0]
-    _, vocab, n, dtype, _ = transformer.shard_header(shard)
+    _, vocab, n, dtype, _ = shards.shard_header(shard)
     assert (vocab, dtype) == (70_001, np.dtype("<u4")) and os.path.getsize(shard) == 1024 + 4 * n
     tokens = np.concatenate([tokens_of(out, "train"), tokens_of(out, "val")])
     assert tokens.max() > 65_535  # ids a uint16 would have cut

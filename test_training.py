@@ -1,4 +1,4 @@
-"""The specification of training (transformer.py sections 7, 8 and 10): the data loader, the lr schedule,
+"""The specification of training (transformer.py sections 7 to 11): the data loader, the lr schedule,
 the optimizer, checkpoints, resuming, gradient accumulation, DDP, signals, fine-tuning HF weights and the
 errors a user sees. Offline, on CPU, with tiny models and small data: about a minute on a busy 2-core machine,
 most of it in the two subprocess tests (torchrun, SIGINT).

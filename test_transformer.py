@@ -376,7 +376,7 @@ def test_dropout_acts_in_training_only(attn_impl):
 
 def test_rope_score_depends_only_on_distance():
     hd = 16
-    cos, sin = rope_cos_sin(hd, 64, 10000.0)
+    cos, sin = rope_cos_sin(hd, torch.arange(64), 10000.0)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, hd, generator=g), torch.randn(1, 1, 1, hd, generator=g)
 
@@ -392,7 +392,7 @@ def test_rope_score_depends_only_on_distance():
 
 
 def test_rope_rotation_preserves_norm():
-    cos, sin = rope_cos_sin(16, 32, 10000.0)
+    cos, sin = rope_cos_sin(16, torch.arange(32), 10000.0)
     x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0))
     assert max_diff(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1)) <= 1e-5
 
@@ -403,7 +403,7 @@ def test_rope_tables_and_rotation_match_hf_llama():
     config = llama_config(head_dim=16, rope_theta=500000.0)
     x = torch.randn(1, 4, 40, 16, generator=torch.Generator().manual_seed(0))
     hf_cos, hf_sin = LlamaRotaryEmbedding(config=config)(x, torch.arange(40)[None])
-    cos, sin = rope_cos_sin(16, 40, 500000.0)
+    cos, sin = rope_cos_sin(16, torch.arange(40), 500000.0)
     assert max_diff(cos, hf_cos[0]) <= 1e-6 and max_diff(sin, hf_sin[0]) <= 1e-6
     hf_q, _ = apply_rotary_pos_emb(x, x, hf_cos, hf_sin)
     assert max_diff(apply_rope(x, cos, sin), hf_q) <= 1e-6

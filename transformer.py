@@ -14,7 +14,7 @@ The file is a story, in this order:
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
-    7. Data         token shards of any vocabulary (ours, llm.c's), DataLoaderLite; tokenizers in tokenizer.py
+    7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
     8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
     9. Checkpoints  everything a run needs to continue exactly, read back without running code
    10. Evaluation   the val loss the loop logs, perplexity over a whole text, HellaSwag accuracy
@@ -29,14 +29,14 @@ Beside it, companion files hold the tooling the story does not need first; they 
     files.py        files that are whole or absent: atomic writes, downloads
     flagtypes.py    argparse types that check every value, errors on one line
     tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
+    shards.py       the token shard format (ours and llm.c's) and a dataset's meta.json
 """
 
 import argparse
 import contextlib
 import dataclasses
-import glob
+import functools
 import importlib.util
-import json
 import math
 import os
 import re
@@ -57,7 +57,8 @@ import hellaswag
 from files import atomic_open
 from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
-from tokenizer import TOKENIZER_JSON, get_tokenizer
+from shards import find_shards, load_shard, read_meta
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -150,11 +151,13 @@ ARCHS = {
 # and a branch there.
 
 
-def rope_cos_sin(head_dim, n_pos, theta, device=None):
-    """cos and sin tables, each (n_pos, head_dim): position p rotates pair i by p * theta^(-2i/head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), inv_freq)  # (n_pos, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (n_pos, hd)
+def rope_cos_sin(head_dim, positions, theta):
+    """cos and sin, each (T, head_dim), for positions (T,): position p rotates pair i by p * theta^(-2i/head_dim).
+    Computed for the positions at hand (as HF does), not looked up in a table: generation can run past any
+    table's end, and a compiled decode step then reads the position from a tensor, never from its shape."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(positions.float(), inv_freq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
     return angles.cos(), angles.sin()
 
 
@@ -185,23 +188,21 @@ def alibi_slopes(n_head):
     return torch.tensor(slopes)
 
 
-def attention_bias(T, S, alibi=None, device=None):
-    """The additive mask for T queries that are the last T of S keys (the first S - T come from a KV
-    cache): 0 where query i may look at key j, -inf where j is in its future, and with ALiBi's slopes
-    (nh,) each head's -slope * distance on top. None when plain causal attention needs no mask:
-    a square window (T == S), which SDPA's is_causal covers with its fastest (flash) kernel, or one
-    new token that sees every key (T == 1). Else (1, nh or 1, T, S), in fp32."""
-    if alibi is None and (T == S or T == 1):
-        return None
-    q_pos = torch.arange(S - T, S, device=device)  # the queries' places among the keys
-    distance = (q_pos[:, None] - torch.arange(S, device=device)[None, :]).float()  # (T, S), >= 0: in the past
-    bias = torch.zeros(T, S, device=device) if alibi is None else -alibi.view(-1, 1, 1) * distance  # (1|nh, T, S)
+def attention_bias(q_pos, k_pos, alibi=None):
+    """The additive mask for queries at positions q_pos (T,) over keys at positions k_pos (S,): 0 where a
+    query may look at a key, -inf where the key is in its future (a KV cache's empty slots sit far in the
+    future), and with ALiBi's slopes (nh,) each head's -slope * distance on top. (1, nh or 1, T, S), fp32.
+    Plain causal attention over one square window needs none: SDPA's is_causal runs its fastest kernel."""
+    distance = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S), >= 0: in the past
+    slopes = distance.new_zeros(1) if alibi is None else alibi  # no ALiBi: a slope of 0, the causal mask alone
+    bias = -slopes.view(-1, 1, 1) * distance  # (1 or nh, T, S)
+    # four dimensions even without ALiBi: given a 3-D mask, SDPA falls back to its slow math kernel
     return bias.masked_fill(distance < 0, float("-inf")).unsqueeze(0)  # (1, nh or 1, T, S)
 
 
 class Positions(nn.Module):
-    """What the model needs to know about positions, for T queries at positions start .. start+T-1
-    that attend to S keys (S > T when a KV cache holds earlier ones):
+    """What the model needs to know about positions, for T new tokens: at positions 0 .. T-1 attending to
+    each other, or, with a KV cache (section 9), at the positions it gives them attending to every key it holds:
         pos_emb (T, C)   added to the token embeddings (learned), else None
         rope             (cos, sin), each (T, hd), to rotate q and k by (rope), else None
         bias             the additive attention mask (attention_bias): None for plain causal
@@ -220,35 +221,26 @@ class Positions(nn.Module):
         self.make_tables()
 
     def make_tables(self):
-        """The tables derived from the config alone (checkpoints do not store them), built with the
-        model rather than at the first forward, so that a compiled graph never sees them change."""
-        c = self.config
-        if c.pos == "rope":  # cos/sin for block_size positions, grown if generation runs past them
-            cos, sin = rope_cos_sin(c.head_dim, c.block_size, c.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        if c.pos == "alibi":
-            self.register_buffer("alibi", alibi_slopes(c.n_head), persistent=False)  # (nh,)
+        """What is derived from the config alone (checkpoints do not store it), built with the model
+        rather than at the first forward, so that a compiled graph never sees it change."""
+        if self.config.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(self.config.n_head), persistent=False)  # (nh,)
 
-    def forward(self, start, T, S, device):
+    def forward(self, T, device, cache=None):
         pos = self.config.pos
-        if start + T > self.max_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than block_size={self.max_len}: "
-                "learned position embeddings exist only for positions < block_size"
-            )
-        pos_emb = self.weight[start : start + T] if pos == "learned" else None  # (T, C)
-        rope = self.rope(start, T) if pos == "rope" else None
-        bias = attention_bias(T, S, self.alibi if pos == "alibi" else None, device)
+        alibi = self.alibi if pos == "alibi" else None
+        if cache is None:  # one window: the tokens at 0 .. T-1, each seeing itself and those before it
+            if T > self.max_len:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.max_len}: "
+                                 "learned position embeddings exist only for positions < block_size")
+            positions = torch.arange(T, device=device)  # (T,)
+            bias = None if alibi is None else attention_bias(positions, positions, alibi)  # else SDPA's is_causal
+        else:  # the positions the cache gave the new tokens (a tensor: a compiled step never sees them change)
+            positions = cache.positions  # (T,)
+            bias = attention_bias(positions, cache.key_pos, alibi)  # (1, nh or 1, T, cache size)
+        pos_emb = self.weight[positions] if pos == "learned" else None  # (T, C)
+        rope = rope_cos_sin(self.config.head_dim, positions, self.config.rope_theta) if pos == "rope" else None
         return pos_emb, rope, bias
-
-    def rope(self, start, T):
-        """cos/sin for positions start .. start+T-1, each (T, head_dim); the tables grow by doubling."""
-        if self.rope_cos.size(0) < start + T:
-            c, n = self.config, 2 * (start + T)
-            with torch.inference_mode(False):  # plain tensors even when generate() grows them, so training can use them
-                self.rope_cos, self.rope_sin = rope_cos_sin(c.head_dim, n, c.rope_theta, self.rope_cos.device)
-        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +266,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, bias=None, cache=None):
         """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
         attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
-        view of the KVCache during generation."""
+        view of the KVCache during generation, whose S keys are all its slots, filled or not."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(  # (B, T, nh*hd), (B, T, nkv*hd), (B, T, nkv*hd)
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -285,7 +277,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached keys/values followed by these
+            k, v = cache.update(k, v)  # (B, nkv, S, hd): every slot of the cache, these written into theirs
         dropout_p = self.dropout if self.training else 0.0
         if bias is not None:
             bias = bias.to(q.dtype)  # the mask is built in fp32; a bf16 model attends in bf16
@@ -418,7 +410,6 @@ class GPT(nn.Module):
             raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
                              f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
         self.config.block_size = block_size
-        positions.make_tables()
 
     def tie_weights(self):
         if self.config.tie_embeddings:
@@ -445,12 +436,11 @@ class GPT(nn.Module):
 
         targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a
         KVCache (below), idx holds only the new tokens and the cache supplies the keys and
-        values before them; the generation loop, not the model, makes room in it and advances it.
+        values before them; the generation loop, not the model, gives the new tokens their
+        positions in it.
         """
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0  # absolute position of idx[:, 0]
-        S = cache.len + T if cache is not None else T  # keys each query can see: the cached ones plus these
-        pos_emb, rope, bias = self.transformer.wpe(start, T, S, idx.device)
+        pos_emb, rope, bias = self.transformer.wpe(T, idx.device, cache)
         x = self.transformer.wte(idx)  # (B, T, C)
         if pos_emb is not None:
             x = x + pos_emb  # (T, C) broadcast over the batch
@@ -471,7 +461,7 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens, *, stream=False, **options):
         """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
-        each (B, 1). options: temperature, top_k, top_p, use_cache, generator, vocab_size (see
+        each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
         generate_tokens, below). A bad prompt raises here, before any token."""
         check_prompt(idx, self.config.block_size)
         tokens = generate_tokens(self, idx, max_new_tokens, **options)
@@ -518,40 +508,43 @@ class GPT(nn.Module):
 # Generation feeds the model its own output one token at a time. Without a cache every
 # step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
 # and each step computes only the new token's keys and values, attending to the stored
-# ones. The model only reads the cache (GPT.forward); this loop makes room in it and
-# advances it. Past block_size the cache slides: the oldest position drops out, and RoPE
-# and ALiBi, which only see distances, carry on. Learned positions end at block_size, so
-# from there every step re-encodes the last block_size tokens, as the uncached path does.
+# ones. The model only reads the cache (GPT.forward); this loop gives the new tokens their
+# places in it. The cache has one fixed shape, block_size slots a layer, written in place,
+# and attention is masked to the filled ones: every decode step then has the same shapes, so
+# --compile compiles it once (and on a GPU replays it as a CUDA graph), whatever the position.
+# Past block_size the cache slides: the newest token overwrites the oldest slot, and RoPE and
+# ALiBi, which only see distances, carry on. Learned positions end at block_size, so from
+# there every step re-encodes the last block_size tokens, as the uncached path does.
 
 
 class KVCache:
-    """Keys and values of all layers, preallocated to block_size positions:
-    k and v are (n_layer, B, n_kv_head, block_size, head_dim). `len` slots are filled;
-    `pos` counts every token seen (the absolute position of the next one)."""
+    """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, size, head_dim),
+    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
+    (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
+    `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
+    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots."""
 
-    def __init__(self, config, batch_size):
-        self.shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        self.k = self.v = None  # allocated at the first write, in the keys' dtype (fp32, or bf16 under autocast)
-        self.len = self.pos = 0
+    EMPTY = 2**62
+
+    def __init__(self, config, batch_size, device, size=None):
+        size = size or config.block_size  # fewer slots when generation ends before block_size (generate_tokens)
+        self.shape = (batch_size, config.n_kv_head, size, config.head_dim)
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer  # allocated at the first write
+        self.key_pos = torch.full((size,), self.EMPTY, device=device)  # (size,)
+        self.pos = 0
 
     def make_room(self, T):
-        """Slide the window left if T more tokens would not fit."""
-        size = self.shape[3]
+        """Positions pos .. pos+T-1 for the next T tokens, in slots that overwrite the oldest once full."""
+        size = self.shape[2]
         if T > size:
             raise ValueError(f"{T} tokens at once do not fit the {size}-token cache")
-        drop = self.len + T - size
-        if drop > 0:
-            keep = self.len - drop
-            for buf in (self.k, self.v):
-                buf[..., :keep, :] = buf[..., drop : self.len, :].clone()
-            self.len = keep
+        self.positions = torch.arange(self.pos, self.pos + T, device=self.key_pos.device)  # (T,)
+        self.slots = self.positions % size  # (T,)
+        self.key_pos.index_copy_(0, self.slots, self.positions)
+        self.pos += T
 
     def layer(self, i):
         return LayerCache(self, i)
-
-    def advance(self, T):
-        self.len += T
-        self.pos += T
 
 
 class LayerCache:
@@ -560,13 +553,35 @@ class LayerCache:
     def __init__(self, cache, i):
         self.cache, self.i = cache, i
 
-    def update(self, k, v):  # k, v (B, nkv, T, hd) -> (B, nkv, len + T, hd)
-        c, end = self.cache, self.cache.len + k.size(2)
-        if c.k is None:
-            c.k, c.v = k.new_empty(c.shape), v.new_empty(c.shape)  # slots past len are never read
-        c.k[self.i, :, :, c.len : end] = k
-        c.v[self.i, :, :, c.len : end] = v
-        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+    def update(self, k, v):  # k, v (B, nkv, T, hd) -> the layer's whole cache, each (B, nkv, block_size, hd)
+        c, i = self.cache, self.i
+        if c.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
+            c.k[i], c.v[i] = k.new_zeros(c.shape), v.new_zeros(c.shape)
+            for buf in (c.k[i], c.v[i]):  # one address for every step: a CUDA graph replays on these tensors
+                torch._dynamo.mark_static_address(buf)
+        c.k[i].index_copy_(2, c.slots, k)  # in place: the shapes never change
+        c.v[i].index_copy_(2, c.slots, v)
+        return c.k[i], c.v[i]
+
+
+def forward_step(model, idx, cache):
+    """The new tokens idx (B, T) through the model (and the cache, if any) -> the last one's logits (B, vocab)."""
+    logits, _ = model(idx, cache=cache)
+    return logits[:, -1]
+
+
+@functools.cache
+def compiled_step(cuda):
+    """forward_step under torch.compile, made once per process, for the one-token steps after the prefill:
+    their shapes never change, so it compiles once. On a GPU, mode="reduce-overhead" records the step as a
+    CUDA graph and replays it, one launch for the hundreds of small kernels a batch-1 step is made of."""
+    step = torch.compile(forward_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+    def run(model, idx, cache):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs (its logits) are no longer needed
+        return step(model, idx, cache)
+
+    return run
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -597,61 +612,40 @@ def check_prompt(idx, block_size):
 
 @torch.inference_mode()
 def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                    generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. Only ids <
-    vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights fine-tuned
-    on byte data, say)."""
+                    compile=False, generator=None, vocab_size=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. compile=True runs
+    the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
+    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
+    fine-tuned on byte data, say)."""
     block_size = model.config.block_size
-    cache = KVCache(model.config, idx.size(0)) if use_cache else None
+    # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
+    # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
+    size = min(block_size, 1 << (idx.size(1) + max_new_tokens - 1).bit_length())
+    cache = KVCache(model.config, idx.size(0), idx.device, size) if use_cache else None
+    step = compiled_step(idx.is_cuda) if compile else forward_step
+    new = idx  # (B, T): what the cache has not seen, the prompt at first, then the token sampled last
     for _ in range(max_new_tokens):
         if cache is not None and cache.pos >= model.transformer.wpe.max_len:
             cache = None  # no position embedding beyond block_size: re-encode the window from here on
         if cache is None:
-            logits, _ = model(idx[:, -block_size:])  # (B, T, vocab)
+            logits = forward_step(model, idx[:, -block_size:], None)  # (B, vocab)
         else:
-            new = idx[:, cache.pos :]  # (B, T): the prompt at first, then the one token sampled last
+            prefill = cache.pos == 0
             cache.make_room(new.size(1))
-            logits, _ = model(new, cache=cache)  # (B, T, vocab)
-            cache.advance(new.size(1))
-        next_token = sample_next(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, next_token), dim=1)
-        yield next_token
+            logits = (forward_step if prefill else step)(model, new, cache)  # (B, vocab)
+        new = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, new), dim=1)
+        yield new
 
 
 # -----------------------------------------------------------------------------
 # 7. Data
 # Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
-# waits for a tokenizer. A tokenizer is named by a string: 'byte', a tiktoken encoding
-# ('gpt2', 'cl100k_base', 'o200k_base'), 'hf:<folder or hub name>', or 'bpe:<N>', a
-# byte-level BPE of N tokens that prepare_data.py trained on the data itself and saved
-# as tokenizer.json beside the shards (read_meta reads it, get_tokenizer builds it).
-# A shard is a 1 KiB header of 256 little-endian int32 (magic, format version, vocab
-# size, token count, bytes per token, then zeros) followed by the tokens: uint16 while
-# the vocabulary fits in 65,536 ids, uint32 beyond (cl100k_base, o200k_base, Llama 3).
-# Version 1 shards had no width field and hold uint16; they still read.
-# llm.c and modded-nanogpt write FineWeb as shards of the same shape under other magic
-# numbers: (magic, version, token count, zeros), no meta.json, the tokenizer implied by
-# the magic: GPT-2 (uint16) or Llama 3 (uint32). A folder of them is read as it is;
-# shard_header tells the formats apart. Every width is memory-mapped as it lies on disk.
-
-
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20241123, 2, 256
-
-
-TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> how the shard stores it
-
-
-# llm.c's magic numbers (its dev/data/data_common.py): version, token dtype, what a folder's missing meta.json
-# would say. Its Llama 3 shards were tokenized with Meta-Llama-3.1-8B's tokenizer (gated: needs an HF login).
-LLMC_FORMATS = {
-    20240520: (1, TOKEN_DTYPES[2], {"tokenizer": "gpt2", "vocab_size": 50257}),
-    20240801: (7, TOKEN_DTYPES[4], {"tokenizer": "hf:meta-llama/Meta-Llama-3.1-8B", "vocab_size": 128256}),
-}
-
-
-def token_dtype(vocab_size):
-    """How shards store the ids of a vocabulary: uint16 while they fit, else uint32."""
-    return TOKEN_DTYPES[2] if vocab_size <= 2**16 else TOKEN_DTYPES[4]
+# waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py): a 1 KiB header,
+# then the tokens as uint16 while the vocabulary fits in 65,536 ids, else uint32,
+# memory-mapped as they lie on disk; llm.c's shards read as they are. meta.json names the
+# tokenizer and counts each split's tokens and the UTF-8 bytes they spell, so a loss per
+# token also reads as bits per byte, the scale on which tokenizers compare.
 
 
 def bits_per_byte(loss, n_tokens, n_bytes):
@@ -663,84 +657,6 @@ def bits_per_byte(loss, n_tokens, n_bytes):
     so it divides by exactly the bytes predicted. NOTE: the training log's val loss is an estimate from
     --eval-iters random windows, not the whole split; it is converted at the whole val split's tokens per byte."""
     return loss * n_tokens / (n_bytes * math.log(2))
-
-
-def shard_header(path):
-    """(format, vocab_size, token count, token dtype, implied meta) from a shard's header, checked against the
-    file. The magic number decides the format: this project's ('transformer.py', implied meta None) or llm.c's
-    ('llm.c': the vocab and tokenizer its magic implies, LLMC_FORMATS)."""
-    try:
-        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read shard ({e.strerror})") from None
-    magic = header[0] if header.size == SHARD_HEADER_INTS else None
-    if magic == SHARD_MAGIC:
-        if header[1] not in (1, SHARD_VERSION):
-            raise ValueError(f"{path}: shard format version {header[1]}, this code reads versions 1 and "
-                             f"{SHARD_VERSION}: update transformer.py, or prepare the data again")
-        width = 2 if header[1] == 1 else int(header[4])  # version 1 had no width field: uint16
-        if width not in TOKEN_DTYPES:
-            raise ValueError(f"{path}: header says {width} bytes per token; shards hold 2 or 4")
-        fmt, vocab_size, n, dtype, implied = "transformer.py", int(header[2]), int(header[3]), TOKEN_DTYPES[width], None
-    elif magic in LLMC_FORMATS:
-        version, dtype, implied = LLMC_FORMATS[magic]
-        if header[1] != version:
-            raise ValueError(f"{path}: llm.c shard format version {header[1]}, this code reads version {version}")
-        fmt, vocab_size, n = "llm.c", implied["vocab_size"], int(header[2])
-    else:
-        raise ValueError(f"{path}: not a token shard (bad magic); make shards with prepare_data.py")
-    held = (os.path.getsize(path) - 4 * SHARD_HEADER_INTS) / dtype.itemsize
-    if held != n:
-        raise ValueError(f"{path}: header says {n} tokens but the file holds {held:g}: truncated or corrupt")
-    return fmt, vocab_size, n, dtype, implied
-
-
-def load_shard(path, vocab_size=None):
-    """Memory-map a shard's tokens (uint16 or uint32 as stored, shape (n,)) after checking its header against
-    the file: zero-copy, whatever the width."""
-    _, shard_vocab, n, dtype, _ = shard_header(path)
-    if vocab_size is not None and shard_vocab != vocab_size:
-        raise ValueError(f"{path}: shard vocab_size {shard_vocab} does not match the dataset's {vocab_size}")
-    return np.memmap(path, dtype=dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
-
-
-def find_shards(data_dir, split):
-    """The shards of one split, in name order. The rule: a file <split>.bin, <prefix>_<split>.bin or either
-    with _<number> before .bin, so the split is a whole word of the name: this project's train_000000.bin,
-    llm.c's fineweb_train_000001.bin and tiny_shakespeare_val.bin, but not interval_000000.bin."""
-
-    def of_split(file):  # 'fineweb_train_000001.bin' -> ['fineweb', 'train', '000001']
-        words = os.path.basename(file).removesuffix(".bin").split("_")
-        return words[-1] == split or (len(words) > 1 and words[-2] == split and words[-1].isdigit())
-
-    files = sorted(f for f in glob.glob(os.path.join(data_dir, "*.bin")) if of_split(f))
-    if not files:
-        raise ValueError(f"{data_dir}: no {split}_*.bin shards (nor llm.c's *_{split}_*.bin); "
-                         "make them with prepare_data.py")
-    return files
-
-
-def read_meta(data_dir):
-    """meta.json of a prepared dataset: tokenizer, vocab_size, each split's token and byte counts. Written last,
-    so it marks a complete dataset. A trained BPE's tokenizer.json comes back in meta['tokenizer_json'], for
-    get_tokenizer. A folder of llm.c shards has no meta.json: its magic implies one (LLMC_FORMATS)."""
-    path = os.path.join(data_dir, "meta.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            meta = json.load(f)
-        if meta["tokenizer"].startswith("bpe:"):
-            try:
-                with open(os.path.join(data_dir, TOKENIZER_JSON), encoding="utf-8") as f:
-                    meta["tokenizer_json"] = f.read()
-            except FileNotFoundError:
-                raise ValueError(f"{data_dir}: meta.json names tokenizer {meta['tokenizer']}, but its "
-                                 f"{TOKENIZER_JSON} is missing; prepare the dataset again") from None
-        return meta
-    shards = sorted(glob.glob(os.path.join(data_dir, "*.bin")))
-    implied = shard_header(shards[0])[4] if shards else None
-    if implied is not None:
-        return dict(implied)
-    raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
 
 
 class DataLoaderLite:
@@ -1450,36 +1366,50 @@ def load_for_inference(args, device):
 
 
 def sample(args):
-    """--sample: print --num-samples continuations of --prompt, token by token as they are drawn."""
+    """--sample: print --num-samples continuations of --prompt (with --interactive, of each prompt typed),
+    token by token as they are drawn."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load_for_inference(args, device)
-    prompt = args.prompt
-    if prompt.startswith("FILE:"):
-        with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
-    ids = tokenizer.encode(prompt)
+    prompts = typed_prompts() if args.interactive else [args.prompt]
     generator = torch.Generator(device).manual_seed(args.seed)  # --seed: the same samples every time
-    for _ in range(args.num_samples):
-        # A token can be part of a character (GPT-2's BPE splits UTF-8 bytes), so the text printed is what
-        # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
-        new, shown = [], ""
-        with autocast(device, dtype):
-            stream = model.generate(
-                torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
-                generator=generator, vocab_size=tokenizer.vocab_size,
-            )
-            print(prompt, end="", flush=True)  # after generate() accepted the prompt: an error comes before any output
-            for token in stream:
-                if token.item() == tokenizer.eot and not args.no_stop:
-                    break
-                new.append(token.item())
-                text = tokenizer.decode(new)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-        print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
+    for prompt in prompts:
+        if prompt.startswith("FILE:"):
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        ids = tokenizer.encode(prompt)
+        for _ in range(args.num_samples):
+            # A token can be part of a character (GPT-2's BPE splits UTF-8 bytes), so the text printed is what
+            # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
+            new, shown = [], ""
+            with autocast(device, dtype):
+                stream = model.generate(
+                    torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+                    compile=bool(args.compile), generator=generator, vocab_size=tokenizer.vocab_size,
+                )
+                print(prompt, end="", flush=True)  # after generate() took the prompt: an error comes before any output
+                for token in stream:
+                    if token.item() == tokenizer.eot and not args.no_stop:
+                        break
+                    new.append(token.item())
+                    text = tokenizer.decode(new)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                        print(text[len(shown):], end="", flush=True)
+                        shown = text
+            print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
+
+
+def typed_prompts():
+    """--interactive: the prompts typed on the terminal (or piped in), one a line, until an empty line or the
+    end of the input (Ctrl-D). A terminal gets a '> ' before each."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", flush=True)  # on stdout: input() would write it to stderr
+        line = sys.stdin.readline().rstrip("\r\n")  # '' at the end of the input, as for an empty line
+        if not line:
+            return
+        yield line
 
 
 def evaluate(args):
@@ -1658,7 +1588,8 @@ def system_flags(p):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on for CUDA only)")
+                   help="torch.compile the model (default: on for CUDA only); --sample compiles its decode step, "
+                   "only when asked")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
@@ -1685,6 +1616,8 @@ def inference_flags(p):
                    help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
+    g.add_argument("--interactive", action="store_true", help="--sample each prompt typed on the terminal (or piped "
+                   "in), one a line, streaming its continuation; an empty line or Ctrl-D ends")
     # what to evaluate on
     g.add_argument("--text", help="--eval on this text file instead of --data")
     g.add_argument("--hellaswag", nargs="?", const=hellaswag.URL, metavar="FILE",
@@ -1717,6 +1650,8 @@ def check_args(p, args):
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
+    if args.interactive and not args.sample:
+        p.error("--interactive goes with --sample")
     # Sampling, evaluation and export need weights to start from, and none of the training flags below
     exporting = args.export_hf or args.export_gguf
     if args.sample or args.eval or exporting:
