@@ -128,3 +128,61 @@ def test_a_finished_torchrun_run_frees_its_process_group(finished):
     """No late import of torch's FSDP module keeps the group alive: gloo's threads end with it."""
     result, left = finished
     assert all(r is not None and not gloo_threads(r) for r in left), left
+
+
+def workers(launcher):
+    """The pids of a torchrun launcher's worker processes (its children) right now."""
+    try:
+        with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+            return [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_torchrun_max_restarts_with_resume_auto_survives_kill_9_of_a_worker_bit_identical(data, tmp_path):
+    """What a cluster does: a worker dies (kill -9 of one rank, at random moments timed by training progress,
+    sometimes in the middle of a save). torchrun --max-restarts starts every worker again with the same command
+    line, and --resume auto continues from the last complete checkpoint (or starts fresh before the first one).
+    The end is the uninterrupted run's, bit for bit: the same losses and the same final weights."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux's /proc to find torchrun's workers")
+    steps = 24
+    flags = [SCRIPT, "--data", data, *RUN, "--max-steps", str(steps), "--ckpt-every", "4", "--resume", "auto"]
+    straight = subprocess.run(torchrun(*flags, "--out-dir", str(tmp_path / "straight")), capture_output=True,
+                              text=True, timeout=START_UP_S + 120, env=ENV)
+    assert straight.returncode == 0, failure(straight, "the uninterrupted run failed")
+
+    out, rng, killed = tmp_path / "killed", random.Random(), set()
+    launcher = subprocess.Popen(torchrun("--max-restarts=3", *flags, "--out-dir", str(out)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for _ in range(3):
+            deadline = time.monotonic() + START_UP_S
+            while launcher.poll() is None and len(set(workers(launcher)) - killed) < 2:  # this attempt's workers
+                assert time.monotonic() < deadline, "torchrun did not restart its workers"
+                time.sleep(0.01)
+            pids = sorted(set(workers(launcher)) - killed)
+            target = min(steps - 1, complete_lines(out / "metrics.jsonl") + rng.randint(2, 6))
+            while launcher.poll() is None and complete_lines(out / "metrics.jsonl") < target:
+                assert time.monotonic() < deadline, "training made no progress"
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
+            if launcher.poll() is not None:
+                break
+            victim = rng.choice(pids)
+            os.kill(victim, signal.SIGKILL)
+            killed.update(pids)
+        stdout, stderr = launcher.communicate(timeout=START_UP_S + 240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 0, f"torchrun exited {launcher.returncode} after {len(killed) // 2} kills:\n" \
+                                     f"{stderr[-3000:]}"
+    assert len(killed) == 6 and "resumed" in stdout
+    a, b = metrics(tmp_path / "straight"), metrics(out)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]  # bit for bit
+    final_a = transformer.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
+    final_b = transformer.load_checkpoint(str(out / "ckpt.pt"))["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
