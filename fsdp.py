@@ -332,5 +332,5 @@ def save_error_line(e, path, size, world=1):
     if reason is None:
         reason = "No space left on device" if free < size * world else first_line(e)
     each = " per process" if world > 1 else ""
-    return f"cannot save a checkpoint to {path}: {reason} (this save needs {size / 2**20:.1f} MiB{each}, " \
+    return f"cannot save a checkpoint to {path}: {reason} (this save needs {size / 2**20:.1f} MiB{each} or more, " \
            f"{free / 2**20:.1f} MiB free)"
