@@ -36,20 +36,85 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.overrides import TorchFunctionMode
 
 
-def shard(model, dtype):
-    """Shard model in place over the processes of the default group, block by block, then the rest."""
+def shard(model, dtype, init=None, device=None):
+    """Shard model in place over the processes of the default group, block by block, then the rest. A model built
+    on the meta device inside init (a DeferredInit) then gets its initial values, on device."""
     if dtype == torch.float16:
         raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is not shard-aware "
                          "here): pass --dtype bfloat16 or --dtype float32")
     policy = MixedPrecisionPolicy()  # fp32: nothing cast
     if dtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    named = list(model.named_parameters())
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
+    if init is not None and init.on:
+        init.materialize(model, named, device)
+
+
+class DeferredInit(TorchFunctionMode):
+    """`with DeferredInit(on) as init:` builds a model on the meta device (no memory) and records every in-place op
+    that initialises a parameter (nn.init's functions, normal_, zero_, ...). After shard(), init.materialize gives
+    each process its shards: the ops are replayed in their order on one whole CPU tensor at a time, drawing the
+    same random numbers a build on the CPU draws, and the process keeps its slice of the result. So a sharded model
+    starts bit for bit where a one-process build from the same seed starts, and no process ever holds more than
+    its shards and the largest single parameter. With on=False it does nothing (a build as usual).
+
+    NOTE: replaying the ops, rather than giving each parameter its own seed, keeps the initial weights of every
+    other path (one process, DDP, earlier checkpoints' runs) as they were. Buffers are left to the caller: the
+    model's tables are computed, not drawn, and to_empty leaves them unset."""
+
+    def __init__(self, on=True):
+        super().__init__()
+        self.on, self.ops, self.device = on, [], torch.device("meta")
+
+    def __enter__(self):
+        if self.on:
+            self.device.__enter__()
+            super().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            super().__exit__(*exc)
+            self.device.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("__"):  # in place: an nn.init function or a tensor op
+            if "tensor" in kwargs:  # nn.init's functions hand their tensor over by name
+                target, rest = kwargs["tensor"], (args, {k: v for k, v in kwargs.items() if k != "tensor"})
+            else:
+                target, rest = args[0] if args else None, (args[1:], kwargs)
+            if isinstance(target, torch.nn.Parameter):
+                self.ops.append((func, target, *rest))
+        return func(*args, **kwargs)
+
+    def materialize(self, model, named, device):
+        """After shard(model): real memory for this process's shards, then their initial values. named: the
+        model's named_parameters() from before shard() replaced them with their shards."""
+        model.to_empty(device=device)
+        names = {id(p): name for name, p in named}
+        params = dict(model.named_parameters())
+        last = {id(p): i for i, (_, p, _, _) in enumerate(self.ops)}
+        whole = {}
+        with torch.no_grad():
+            for i, (func, p, args, kwargs) in enumerate(self.ops):
+                x = whole.setdefault(id(p), torch.empty(p.shape, dtype=p.dtype))  # on the CPU: its random numbers
+                func(x, *args, **kwargs)
+                if last[id(p)] == i and id(p) in names:  # its final value (a weight replaced by a tie has no name)
+                    param = params[names[id(p)]]
+                    x = whole.pop(id(p)).to(param.device)  # every process has it whole: no communication
+                    local = distribute_tensor(x, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(local.to_local())
+                elif last[id(p)] == i:
+                    del whole[id(p)]
 
 
 def full_state(model, optimizer):

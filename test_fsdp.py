@@ -204,6 +204,24 @@ with dist.running(device):
         "forward_dtypes": sorted(set(forward_dtypes)),
         "tied": model.lm_head.weight is model.transformer.wte.weight,
     }
+    # built on the meta device, sharded, then initialised shard by shard: the weights of a whole build, bit for bit
+    for arch in ("gpt2", "llama"):  # a tied head and learned positions; an untied head, RoPE tables, SwiGLU
+        config = transformer.GPTConfig.preset("tiny", arch, block_size=16, vocab_size=65)  # uneven shards
+        torch.manual_seed(0)
+        whole = transformer.GPT(config)
+        rng_after = torch.get_rng_state()
+        torch.manual_seed(0)
+        with fsdp.DeferredInit() as init:
+            meta = transformer.GPT(config)
+        fsdp.shard(meta, torch.float32, init, device)
+        meta.transformer.wpe.make_tables()
+        x = buf[:, :-1] % 65
+        report[f"{arch}_meta_init"] = {
+            "bit_equal": all(torch.equal(p.full_tensor(), whole.get_parameter(n)) for n, p in meta.named_parameters()),
+            "same_rng_after": torch.equal(torch.get_rng_state(), rng_after),
+            "same_loss": meta(x, x)[1].item() == whole(x, x)[1].item(),
+            "tied": meta.lm_head.weight is meta.transformer.wte.weight,
+        }
     with open(f"{out}/rank{dist.rank}.json", "w") as f:
         json.dump(report, f)
 """
@@ -224,6 +242,15 @@ def test_each_fsdp_process_holds_half_of_the_weights_and_of_the_adamw_state(shar
     for r in shards:
         assert r["params"] == pytest.approx(total / 2, rel=0.05)
         assert r["adamw"] == 2 * r["params"]  # exp_avg and exp_avg_sq for this process's shard only
+
+
+def test_a_model_built_on_the_meta_device_gets_the_initial_weights_of_a_whole_build_bit_for_bit(shards):
+    """fsdp.DeferredInit: no process ever holds the whole model, and the same seed gives the same start."""
+    for r in shards:
+        for arch in ("gpt2", "llama"):
+            got = r[f"{arch}_meta_init"]
+            assert got["bit_equal"] and got["same_rng_after"] and got["same_loss"], (arch, got)
+        assert r["gpt2_meta_init"]["tied"]
 
 
 def test_the_tied_head_stays_one_parameter_when_sharded(shards):

@@ -951,15 +951,15 @@ class StopSignal:
         self.requested = True
 
 
-def wrap_model(model, args, dist, device, dtype):
-    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py);
-    compiled.
+def wrap_model(model, args, dist, device, dtype, init=None):
+    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py; a model
+    built inside init, an fsdp.DeferredInit, then initialised shard by shard); compiled.
 
     NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
     less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
     from the config, identical on every process, and need no broadcast each step."""
     if args.fsdp:
-        fsdp.shard(model, dtype)
+        fsdp.shard(model, dtype, init, device)
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
@@ -1232,7 +1232,10 @@ def train(args, dist, device, dtype):
     # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
     # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
     # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
+    # --fsdp builds the model on the meta device, and each process initialises only its shards, to the values a
+    # whole build has (fsdp.DeferredInit): no process ever holds the whole model.
     torch.manual_seed(args.seed)
+    init = fsdp.DeferredInit(on=args.fsdp and not args.init_from)
     if args.init_from:
         raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
         c = raw_model.config
@@ -1240,10 +1243,13 @@ def train(args, dist, device, dtype):
             raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit "
                              f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
     else:
-        raw_model = GPT(model_config(args, meta["vocab_size"]))
+        with init:
+            raw_model = GPT(model_config(args, meta["vocab_size"]))
     raw_model.grad_checkpointing = args.grad_checkpointing
-    raw_model.to(device)
-    model = wrap_model(raw_model, args, dist, device, dtype)
+    model = wrap_model(raw_model if init.on else raw_model.to(device), args, dist, device, dtype, init)
+    if init.on:  # the position tables are computed, not drawn: on the meta device they were left unset
+        with device:
+            raw_model.transformer.wpe.make_tables()
     muon_lr = args.muon_lr if args.optimizer == "muon" else None
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: small gradients
