@@ -102,19 +102,28 @@ class DeferredInit(TorchFunctionMode):
         model.to_empty(device=device)
         names = {id(p): name for name, p in named}
         params = dict(model.named_parameters())
-        last = {id(p): i for i, (_, p, _, _) in enumerate(self.ops)}
-        whole = {}
+        after = {}  # op index -> the index of the next op on the same parameter (None: the last)
+        for i, (_, p, _, _) in reversed(list(enumerate(self.ops))):
+            after[i], after[id(p)] = after.get(id(p)), i
+        kept = {}  # parameters whose next op reads what the last one wrote (rare: nn.init's ops overwrite)
         with torch.no_grad():
             for i, (func, p, args, kwargs) in enumerate(self.ops):
-                x = whole.setdefault(id(p), torch.empty(p.shape, dtype=p.dtype))  # on the CPU: its random numbers
+                x = kept.pop(id(p), None)
+                x = torch.empty(p.shape, dtype=p.dtype) if x is None else x  # on the CPU: its random numbers
                 func(x, *args, **kwargs)
-                if last[id(p)] == i and id(p) in names:  # its final value (a weight replaced by a tie has no name)
+                nxt = after[i]
+                if nxt is not None and getattr(self.ops[nxt][0], "__name__", "") not in OVERWRITE:
+                    kept[id(p)] = x
+                elif nxt is None and id(p) in names:  # its final value (a weight replaced by a tie has no name)
                     param = params[names[id(p)]]
-                    x = whole.pop(id(p)).to(param.device)  # every process has it whole: no communication
+                    x = x.to(param.device)  # every process has it whole: no communication
                     local = distribute_tensor(x, param.device_mesh, param.placements, src_data_rank=None)
                     param.to_local().copy_(local.to_local())
-                elif last[id(p)] == i:
-                    del whole[id(p)]
+
+
+# The in-place ops that set every element whatever was there: the values before them need not be kept.
+OVERWRITE = {"normal_", "uniform_", "fill_", "zero_", "ones_", "zeros_", "constant_", "kaiming_uniform_",
+             "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "trunc_normal_", "orthogonal_"}
 
 
 def full_state(model, optimizer):
