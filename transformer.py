@@ -1232,8 +1232,7 @@ def train(args, dist, device, dtype):
     # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
     # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
     # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
-    # --fsdp builds the model on the meta device, and each process initialises only its shards, to the values a
-    # whole build has (fsdp.DeferredInit): no process ever holds the whole model.
+    # --fsdp builds it on the meta device and each process initialises only its shards, to a whole build's values.
     torch.manual_seed(args.seed)
     init = fsdp.DeferredInit(on=args.fsdp and not args.init_from)
     if args.init_from:
@@ -1669,7 +1668,7 @@ def system_flags(p):
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
-                   "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints keep the one format")
+                   "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints sharded by default")
 
 
 def inference_flags(p):
@@ -1681,7 +1680,7 @@ def inference_flags(p):
     mode.add_argument("--eval", action="store_true",
                       help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, "
                       "or --hellaswag")
-    g.add_argument("--ckpt", help="a checkpoint written by training")
+    g.add_argument("--ckpt", help="a checkpoint written by training: ckpt.pt, a step folder, or a run's --out-dir")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
     # how to sample: the temperature sharpens or flattens the distribution, top-k and top-p cut its tail
     g.add_argument("--num-samples", type=at_least(1), default=1)
@@ -1720,8 +1719,10 @@ def check_args(p, args):
         p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
                 "--fsdp ...")
     args.ckpt_format = args.ckpt_format or ("sharded" if args.fsdp else "file")
-    if args.fsdp and args.optimizer == "muon":
-        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP")
+    if args.ckpt_format == "file" and (args.async_save or args.keep_checkpoints > 1):  # refused, not ignored
+        p.error("--async-save and --keep-checkpoints are for --ckpt-format sharded (the default under --fsdp)")
+    if args.optimizer == "muon" and args.ckpt_format == "sharded":  # and the Optimizers pair DCP does not know
+        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP, ckpt.pt")
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
