@@ -991,10 +991,9 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
     mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
-    machine do not each copy the whole checkpoint into host RAM first. A folder (a run's --out-dir or one
-    of its step folders) is a sharded checkpoint: its weights are read whole (fsdp.read_model_state)."""
+    machine do not each copy the whole checkpoint into host RAM first."""
     path = fsdp.newest(path) if os.path.isdir(path) else path  # a run's --out-dir: its newest complete checkpoint
-    if os.path.isdir(path):
+    if os.path.isdir(path):  # a sharded step folder: its weights read whole, in this one process
         return {**fsdp.read_train_state(path), "model": fsdp.read_model_state(path)}
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint")
@@ -1217,7 +1216,8 @@ def train(args, dist, device, dtype):
             prepare_default_data(args.data)
         dist.barrier()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
-    found = fsdp.find_checkpoints(args.out_dir)  # complete ones, newest first: a save cut short is never one
+    # the complete checkpoints, newest first (a save cut short is never one); plain --resume insists on one
+    found = fsdp.find_checkpoints(args.out_dir) or [os.path.join(args.out_dir, "ckpt.pt")] * (args.resume is True)
     if found and not args.resume:
         raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
     meta = read_meta(args.data)
@@ -1262,8 +1262,6 @@ def train(args, dist, device, dtype):
     checkpoints = fsdp.Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
                                    dist.world, save_checkpoint)
     step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
-    if args.resume is True and not found:
-        found = [ckpt_path]  # plain --resume: loading it says there is no such checkpoint
     for path in found if args.resume else []:
         try:
             ckpt = fsdp.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
