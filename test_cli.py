@@ -140,7 +140,10 @@ def test_the_real_command_line_prints_one_line_and_exits_2(tmp_path, script, arg
 
 @pytest.mark.parametrize("argv, message", [
     (["--fsdp", "--optimizer", "muon"], "--optimizer muon needs whole matrices"),
+    (["--ckpt-format", "sharded", "--optimizer", "muon"], "--optimizer muon needs whole matrices"),
     (["--fsdp", "--hellaswag-every", "10"], "--hellaswag-every under --fsdp is not supported"),
+    (["--async-save"], "--async-save and --keep-checkpoints are for --ckpt-format sharded"),
+    (["--keep-checkpoints", "3"], "--async-save and --keep-checkpoints are for --ckpt-format sharded"),
 ])
 def test_what_fsdp_cannot_combine_with_is_one_line(capsys, monkeypatch, argv, message):
     monkeypatch.setenv("RANK", "0")  # as under torchrun

@@ -5,6 +5,7 @@ exiting cleanly. Each test runs transformer.py in subprocesses, as a user or a s
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_sigterm_to_torchrun_leaves_one_complete_checkpoint_and_every_rank_exits
     records its exit status (torchrun itself reports the signal it got, not its workers' statuses)."""
     out = tmp_path / "run"
     wrapper = tmp_path / "rank.sh"
-    wrapper.write_text(f'trap ":" TERM\n"{sys.executable}" "$@"\necho $? > "{tmp_path}/status_$RANK"\n')
+    wrapper.write_text(f'trap ":" TERM\n"{sys.executable}" "$@"\ns=$?\necho $s > "{tmp_path}/status_$RANK"\nexit $s\n')
     proc = subprocess.Popen(
         torchrun("--no-python", "sh", str(wrapper), SCRIPT, "--data", data, *RUN, "--out-dir", str(out),
                  "--max-steps", "100000", "--ckpt-every", "100000"),
@@ -128,3 +129,133 @@ def test_a_finished_torchrun_run_frees_its_process_group(finished):
     """No late import of torch's FSDP module keeps the group alive: gloo's threads end with it."""
     result, left = finished
     assert all(r is not None and not gloo_threads(r) for r in left), left
+
+
+def workers(launcher):
+    """The pids of a torchrun launcher's worker processes (its children) right now."""
+    try:
+        with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+            return [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_torchrun_max_restarts_with_resume_auto_survives_kill_9_of_a_worker_bit_identical(data, tmp_path):
+    """What a cluster does: a worker dies (kill -9 of one rank, at random moments timed by training progress,
+    sometimes in the middle of a save). torchrun --max-restarts starts every worker again with the same command
+    line, and --resume auto continues from the last complete checkpoint (or starts fresh before the first one).
+    The end is the uninterrupted run's, bit for bit: the same losses and the same final weights. Under --fsdp with
+    sharded, asynchronous saves: a kill can land while a step folder is being written (never read then)."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux's /proc to find torchrun's workers")
+    steps = 24
+    flags = [SCRIPT, "--data", data, *RUN, "--max-steps", str(steps), "--ckpt-every", "4", "--resume", "auto",
+             "--fsdp", "--async-save", "--keep-checkpoints", "2"]
+    straight = subprocess.run(torchrun(*flags, "--out-dir", str(tmp_path / "straight")), capture_output=True,
+                              text=True, timeout=START_UP_S + 120, env=ENV)
+    assert straight.returncode == 0, failure(straight, "the uninterrupted run failed")
+
+    out, rng, killed = tmp_path / "killed", random.Random(), set()
+    launcher = subprocess.Popen(torchrun("--max-restarts=3", *flags, "--out-dir", str(out)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for _ in range(3):
+            deadline = time.monotonic() + START_UP_S
+            while launcher.poll() is None and len(set(workers(launcher)) - killed) < 2:  # this attempt's workers
+                assert time.monotonic() < deadline, "torchrun did not restart its workers"
+                time.sleep(0.01)
+            pids = sorted(set(workers(launcher)) - killed)
+            target = min(steps - 1, complete_lines(out / "metrics.jsonl") + rng.randint(2, 6))
+            while launcher.poll() is None and complete_lines(out / "metrics.jsonl") < target:
+                assert time.monotonic() < deadline, "training made no progress"
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
+            if launcher.poll() is not None:
+                break
+            victim = rng.choice(pids)
+            os.kill(victim, signal.SIGKILL)
+            killed.update(pids)
+        stdout, stderr = launcher.communicate(timeout=START_UP_S + 240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 0, f"torchrun exited {launcher.returncode} after {len(killed) // 2} kills:\n" \
+                                     f"{stderr[-3000:]}"
+    assert len(killed) == 6 and "resumed" in stdout
+    a, b = metrics(tmp_path / "straight"), metrics(out)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]  # bit for bit
+    final_a = transformer.load_checkpoint(str(tmp_path / "straight"))["model"]  # the newest step folder
+    final_b = transformer.load_checkpoint(str(out))["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+# -----------------------------------------------------------------------------
+# A save that cannot be written: one line, on every process, and the previous checkpoint intact
+
+
+def on_small_tmpfs(size, out, cmd, tmp_path):
+    """cmd run with `out` a fresh tmpfs of `size` (a real full disk), in a user and mount namespace of its own (no
+    root needed); what it left in out is copied to tmp_path/left. Skips where the kernel does not allow that."""
+    os.makedirs(out)
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("no user namespaces with tmpfs mounts here (unshare --user --mount)")
+    script = f'mount -t tmpfs -o size={size} tmpfs "{out}" || exit 99; "$@"; s=$?; cp -a "{out}/." "{tmp_path}/left"'
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script + "; exit $s", "sh",
+                             *map(str, cmd)], capture_output=True, text=True, timeout=START_UP_S + 120, env=ENV)
+    assert result.returncode != 99, result.stderr
+    return result
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(data, tmp_path):
+    """The first checkpoint (0.4 MB) fits the 640 KB disk; the second cannot sit beside it while it is written."""
+    out = tmp_path / "run"
+    result = on_small_tmpfs("640k", out, [sys.executable, SCRIPT, "--data", data, *RUN, "--n-layer", "1", "--out-dir",
+                                          out, "--max-steps", "6", "--ckpt-every", "2"], tmp_path)
+    assert result.returncode == 1, failure(result, "a full disk")
+    assert "Traceback" not in result.stderr
+    assert re.fullmatch(rf"transformer.py: error: cannot save a checkpoint to {out}/ckpt.pt: No space left on device "
+                        r"\(this save needs 0\.\d MiB or more, 0\.\d MiB free\)", result.stderr.strip()), result.stderr
+    left = tmp_path / "left"
+    assert sorted(os.listdir(left)) == ["ckpt.pt", "metrics.jsonl"]  # no half-written ckpt.pt.tmp
+    assert transformer.load_checkpoint(str(left / "ckpt.pt"))["step"] == 2
+
+
+def test_a_full_disk_during_a_sharded_save_under_torchrun_ends_every_rank_with_one_line(data, tmp_path):
+    """The first step folder (0.85 MB, DCP's files) fits the 1200 KB disk, the second does not: said before it is
+    written (free space against this save's tensors), on both ranks; each exits 1."""
+    out = tmp_path / "run"
+    wrapper = tmp_path / "rank.sh"
+    # each rank's exit status, recorded by a shell that outlives torchrun's SIGTERM to the other rank once one fails
+    wrapper.write_text(f'trap ":" TERM\n"{sys.executable}" "$@"\ns=$?\necho $s > "{tmp_path}/status_$RANK"\nexit $s\n')
+    result = on_small_tmpfs("1200k", out, torchrun("--no-python", "sh", wrapper, SCRIPT, "--data", data, *RUN,
+                                                  "--arch", "gpt2", "--fsdp", "--out-dir", out, "--max-steps", "6",
+                                                  "--ckpt-every", "2"), tmp_path)
+    assert result.returncode != 0
+    status = [(tmp_path / f"status_{r}").read_text().strip() if (tmp_path / f"status_{r}").exists() else None
+              for r in (0, 1)]
+    # Both ranks raise the same error; whichever exits first makes torchrun SIGTERM the other (143) if it has not
+    # exited yet, so a rank says the line and exits 1, or is ended by torchrun: never 0, never a hang.
+    assert "1" in status and set(status) <= {"1", "143"}, (status, result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if "cannot save" in line]
+    assert status.count("1") <= len(lines) <= 2 and len(set(lines)) == 1, result.stderr[-3000:]  # the same line
+    assert re.fullmatch(rf"transformer.py: error: cannot save a checkpoint to {out}/step_000004.tmp: No space left on "
+                        r"device \(this save needs 0\.\d MiB per process or more, 0\.\d MiB free\)", lines[0]), lines[0]
+    assert 'transformer.py", line' not in result.stderr  # no traceback from a worker (torchrun prints its own)
+    left = tmp_path / "left"
+    assert sorted(os.listdir(left)) == ["metrics.jsonl", "step_000002"]  # the partial step_000004.tmp is gone
+    assert transformer.load_checkpoint(str(left))["step"] == 2
+
+
+def test_a_folder_that_refuses_the_write_is_one_line_naming_it(data, tmp_path, monkeypatch, one_line_error):
+    """The mocked twin of the full disks above, for what root cannot be refused on a real disk: EACCES."""
+    def refused(obj, f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", f.name)
+
+    monkeypatch.setattr(torch, "save", refused)
+    line = one_line_error(["--data", data, *RUN, "--out-dir", str(tmp_path), "--max-steps", "2"])
+    assert line.startswith(f"transformer.py: error: cannot save a checkpoint to {tmp_path}/ckpt.pt: Permission denied "
+                           "(this save needs 0.")

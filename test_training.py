@@ -635,6 +635,35 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(data, tmp_path, capsys,
     assert "no such checkpoint" in line
 
 
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_continues_with_one(data, tmp_path, capsys):
+    """What a requeued job runs every time: the same command line, --resume auto."""
+    train(data, tmp_path / "straight", "--max-steps", "4", "--dropout", "0.1")
+    out = tmp_path / "requeued"
+    os.makedirs(out / "step_000002.tmp")  # a save a kill cut short: never read
+    train(data, out, "--max-steps", "2", "--lr-decay-steps", "4", "--dropout", "0.1", "--resume", "auto")
+    assert "resumed" not in capsys.readouterr().out
+    train(data, out, "--max-steps", "4", "--dropout", "0.1", "--resume", "auto")
+    assert f"resumed {out / 'ckpt.pt'} at step 2" in capsys.readouterr().out
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "straight")]
+
+
+def test_resume_auto_falls_back_past_a_truncated_newest_sharded_checkpoint(data, tmp_path, capsys):
+    flags = ["--ckpt-format", "sharded", "--keep-checkpoints", "2", "--ckpt-every", "2", "--dropout", "0.1"]
+    train(data, tmp_path / "straight", *flags, "--max-steps", "6")
+    out = tmp_path / "run"
+    train(data, out, *flags, "--max-steps", "4", "--lr-decay-steps", "6")
+    assert sorted(os.listdir(out)) == ["loss.png", "metrics.jsonl", "step_000002", "step_000004"]  # the newest 2
+    shard = out / "step_000004" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a disk that lost the end of a file
+    capsys.readouterr()
+    train(data, out, *flags, "--max-steps", "6", "--resume", "auto")
+    said = capsys.readouterr().out
+    assert f"{out / 'step_000004'}: unreadable checkpoint (" in said
+    assert f"resuming from {out / 'step_000002'} instead" in said and f"resumed {out / 'step_000002'} at step 2" in said
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "straight")]  # exactly
+    assert sorted(os.listdir(out)) == ["loss.png", "metrics.jsonl", "step_000004", "step_000006"]  # rewritten
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     data, tmp_path, capsys, monkeypatch, one_line_error
 ):

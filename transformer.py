@@ -23,7 +23,7 @@ The file is a story, in this order:
    13. CLI          argparse and main()
 Beside it, companion files hold the tooling the story does not need first; they never import this file:
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
-    fsdp.py         --fsdp: sharding the model, gathering and scattering its state
+    fsdp.py         --fsdp: sharding the model, gathering and scattering its state; sharded checkpoints
     hellaswag.py    the HellaSwag benchmark: read, render, score
     metrics.py      MFU, metrics.jsonl, loss.png
     files.py        files that are whole or absent: atomic writes, downloads
@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convert
+import fsdp
 import hellaswag
 from files import atomic_open
 from flagtypes import ArgumentParser, at_least, device_name, in_range
@@ -823,7 +824,13 @@ class Distributed:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        torch.distributed.init_process_group(backend=backend, device_id=device_id)
+        # NOTE: torchrun --max-restarts keeps one store for every attempt, the killed attempt's keys still in it:
+        # a restarted gloo group reads a dead peer's address and hangs or fails. Each attempt gets its own keys.
+        store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and torch.distributed.PrefixStore(
+            f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}",
+            torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
+        torch.distributed.init_process_group(backend, store=store or None, rank=self.rank, world_size=self.world,
+                                             device_id=device_id)
         try:
             yield
             torch.distributed.barrier()
@@ -836,14 +843,6 @@ class Distributed:
         if self.enabled:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
-
-    def gather(self, obj):
-        # any picklable object from every process, in rank order (the RNG states a checkpoint keeps)
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
 
     def barrier(self):
         # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
@@ -868,17 +867,15 @@ class StopSignal:
         self.requested = True
 
 
-def wrap_model(model, args, dist, device, dtype):
-    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py);
-    compiled.
+def wrap_model(model, args, dist, device, dtype, init=None):
+    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py; a model
+    built inside init, an fsdp.DeferredInit, then initialised shard by shard); compiled.
 
     NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
     less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
     from the config, identical on every process, and need no broadcast each step."""
     if args.fsdp:
-        import fsdp  # only --fsdp needs it
-
-        fsdp.shard(model, dtype)
+        fsdp.shard(model, dtype, init, device)
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
@@ -911,13 +908,16 @@ def load_checkpoint(path):
     """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
     mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
     machine do not each copy the whole checkpoint into host RAM first."""
+    path = fsdp.newest(path) if os.path.isdir(path) else path  # a run's --out-dir: its newest complete checkpoint
+    if os.path.isdir(path):  # a sharded step folder: its weights read whole, in this one process
+        return {**fsdp.read_train_state(path), "model": fsdp.read_model_state(path)}
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
         reason = str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
+        raise fsdp.Unreadable(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
     return ckpt
@@ -928,12 +928,15 @@ def model_from_checkpoint(ckpt, path="the checkpoint"):
     return GPT.from_state_dict(GPTConfig(**ckpt["config"]), ckpt["model"], path)
 
 
-def check_same_architecture(saved, config, path):
-    ours = config.architecture()
-    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+def check_resumable(ckpt, config, optimizer, path):
+    """The same model config and optimizer, or resuming is refused before any weight is read."""
+    diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
+            if ckpt["config"].get(k) != v]
     if diff:
         raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
                          "use the same model flags to resume")
+    if ckpt["args"].get("optimizer", "adamw") != optimizer:
+        raise ValueError(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}: resume with the same one")
 
 
 def rng_state(device):
@@ -1121,9 +1124,6 @@ def train(args, dist, device, dtype):
         if dist.master:  # every process runs the loop; one speaks
             print(*lines, flush=True)
 
-    if args.fsdp:
-        import fsdp  # only --fsdp needs it
-
     # The data. An optimizer step sees B x T tokens per process per micro-step, over all processes and
     # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
     if args.data is None:  # the default run: tiny Shakespeare, prepared by rank 0 while the others wait
@@ -1131,9 +1131,11 @@ def train(args, dist, device, dtype):
         if dist.master:
             prepare_default_data(args.data)
         dist.barrier()
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if not args.resume and os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
+    # the complete checkpoints, newest first (a save cut short is never one); plain --resume insists on one
+    found = fsdp.find_checkpoints(args.out_dir) or [os.path.join(args.out_dir, "ckpt.pt")] * (args.resume is True)
+    if found and not args.resume:
+        raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
     meta = read_meta(args.data)
     tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
     B, T = args.batch_size, args.seq_len
@@ -1147,7 +1149,9 @@ def train(args, dist, device, dtype):
     # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
     # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
     # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
+    # --fsdp builds it on the meta device and each process initialises only its shards, to a whole build's values.
     torch.manual_seed(args.seed)
+    init = fsdp.DeferredInit(on=args.fsdp and not args.init_from)
     if args.init_from:
         raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
         c = raw_model.config
@@ -1155,10 +1159,13 @@ def train(args, dist, device, dtype):
             raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit "
                              f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
     else:
-        raw_model = GPT(model_config(args, meta["vocab_size"]))
+        with init:
+            raw_model = GPT(model_config(args, meta["vocab_size"]))
     raw_model.grad_checkpointing = args.grad_checkpointing
-    raw_model.to(device)
-    model = wrap_model(raw_model, args, dist, device, dtype)
+    model = wrap_model(raw_model if init.on else raw_model.to(device), args, dist, device, dtype, init)
+    if init.on:  # the position tables are computed, not drawn: on the meta device they were left unset
+        with device:
+            raw_model.transformer.wpe.make_tables()
     muon_lr = args.muon_lr if args.optimizer == "muon" else None
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: small gradients
@@ -1166,24 +1173,27 @@ def train(args, dist, device, dtype):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
 
-    # Resuming puts back everything the save at the bottom of the loop wrote, whatever wrote it (one process,
-    # DDP or FSDP: under FSDP every process reads the whole tensors and keeps its shard).
+    # Resuming puts back everything the save at the bottom of the loop wrote, whatever wrote it: ckpt.pt (one
+    # process, DDP or FSDP) or a sharded step folder, under any number of processes (fsdp.Checkpoints.load).
+    # --resume auto starts fresh when there is none yet; one that cannot be read gives way to the one before it.
+    checkpoints = fsdp.Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
+                                   dist.world, save_checkpoint)
     step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_same_architecture(ckpt["config"], raw_model.config, ckpt_path)
-        saved = ckpt["args"].get("optimizer", "adamw")
-        if saved != args.optimizer:
-            raise ValueError(f"{ckpt_path} was trained with --optimizer {saved}: resume with the same optimizer")
-        if args.fsdp:
-            fsdp.load_full_state(raw_model, optimizer, ckpt["model"], ckpt["optimizer"])
-        else:
-            raw_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+    for path in found if args.resume else []:
+        try:
+            ckpt = fsdp.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+            check_resumable(ckpt, raw_model.config, args.optimizer, path)
+            ckpt = checkpoints.load(path, ckpt, raw_model, optimizer, rng_state(device))
+            break
+        except fsdp.Unreadable as e:
+            if path == found[-1]:
+                raise
+            say(f"{e}: resuming from {found[found.index(path) + 1]} instead")
+    if ckpt is not None:
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step, val_loss = ckpt["step"], ckpt.get("val_loss")
-        say(f"resumed {ckpt_path} at step {step}")
+        say(f"resumed {path} at step {step}")
 
     # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
     # what is being trained.
@@ -1282,22 +1292,15 @@ def train(args, dist, device, dtype):
                 t0, step0 = time.perf_counter(), step
             log.write(record)
 
-            # Save everything resuming needs. Every process takes part: each one's RNG state is gathered
-            # (dropout continues exactly on each), and under FSDP every process gives its shards; rank 0
-            # writes, atomically: a kill -9 mid-write leaves the previous checkpoint.
+            # Save everything resuming needs, atomically: a kill -9 mid-write leaves the previous checkpoint. Every
+            # process takes part, with its RNG state (dropout continues exactly on each) and its shards: ckpt.pt
+            # gathers them whole for rank 0 to write, a sharded step folder gets each process's own (fsdp.py).
             if step % args.ckpt_every == 0 or last or stopping:
-                rngs = dist.gather(rng_state(device))
-                if args.fsdp:
-                    model_state, optimizer_state = fsdp.full_state(raw_model, optimizer)
-                else:
-                    model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
-                if dist.master:
-                    save_checkpoint(ckpt_path, {
-                        "format": CKPT_FORMAT, "model": model_state, "optimizer": optimizer_state,
-                        "scaler": scaler.state_dict(), "config": dataclasses.asdict(config), "args": vars(args),
-                        "step": step, "loader": train_loader.state_dict(), "rng": rngs,
-                        "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
-                    })
+                checkpoints.save(raw_model, optimizer, rng_state(device), {
+                    "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "config": dataclasses.asdict(config),
+                    "args": vars(args), "step": step, "loader": train_loader.state_dict(),
+                    "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
+                }, done=last or stopping)
             if stopping:
                 log.close()
                 say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
@@ -1569,8 +1572,13 @@ def logging_flags(p):
                    "(the default run: 9 points for loss.png, about 6%% of its time)")
     g.add_argument("--eval-iters", type=at_least(1), default=20)
     g.add_argument("--ckpt-every", type=at_least(1), default=1000)
+    g.add_argument("--ckpt-format", choices=["file", "sharded"], help="file: one ckpt.pt, gathered to rank 0; sharded: "
+                   "step_N/ folders, each process writing its own shards (default under --fsdp; any --ckpt reads both)")
+    g.add_argument("--keep-checkpoints", type=at_least(1), default=1, metavar="K", help="sharded: keep the newest K")
+    g.add_argument("--async-save", action="store_true", help="sharded: write in the background while training goes on")
     # a resumed run continues exactly where the last save left off, even after a kill -9
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    g.add_argument("--resume", nargs="?", const=True, choices=["auto"], help="continue from OUT_DIR's checkpoint; "
+                   "auto: if there is one, else start fresh (for torchrun --max-restarts and requeued jobs)")
     # extras for metrics.jsonl
     g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
                    help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
@@ -1593,7 +1601,7 @@ def system_flags(p):
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
-                   "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints keep the one format")
+                   "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints sharded by default")
 
 
 def inference_flags(p):
@@ -1605,7 +1613,7 @@ def inference_flags(p):
     mode.add_argument("--eval", action="store_true",
                       help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, "
                       "or --hellaswag")
-    g.add_argument("--ckpt", help="a checkpoint written by training")
+    g.add_argument("--ckpt", help="a checkpoint written by training: ckpt.pt, a step folder, or a run's --out-dir")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
     # how to sample: the temperature sharpens or flattens the distribution, top-k and top-p cut its tail
     g.add_argument("--num-samples", type=at_least(1), default=1)
@@ -1645,8 +1653,11 @@ def check_args(p, args):
     if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
         p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
                 "--fsdp ...")
-    if args.fsdp and args.optimizer == "muon":
-        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP")
+    args.ckpt_format = args.ckpt_format or ("sharded" if args.fsdp else "file")
+    if args.ckpt_format == "file" and (args.async_save or args.keep_checkpoints > 1):  # refused, not ignored
+        p.error("--async-save and --keep-checkpoints are for --ckpt-format sharded (the default under --fsdp)")
+    if args.optimizer == "muon" and args.ckpt_format == "sharded":  # and the Optimizers pair DCP does not know
+        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP, ckpt.pt")
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
