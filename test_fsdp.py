@@ -231,8 +231,8 @@ with dist.running(device):
 def shards(data, tmp_path_factory):
     """Each process's report, in rank order."""
     root = tmp_path_factory.mktemp("shards")
-    (root / "shards.py").write_text(SHARDS)
-    torchrun([root / "shards.py", data, root], root)
+    (root / "holdings.py").write_text(SHARDS)
+    torchrun([root / "holdings.py", data, root], root)
     return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
