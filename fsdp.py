@@ -12,8 +12,11 @@ path, so the ops it keeps in fp32 (layer_norm, pow, rsqrt, exp, ...) run in fp32
 from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE tables) to bf16, as
 torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard.
 
-A checkpoint is the same file whether one process, DDP or FSDP wrote it: full_state gathers the shards
-into whole tensors, load_full_state hands each process its shard of them.
+The model is built on the meta device and each process initialises only its own shards (DeferredInit), to
+the values a whole build has. Checkpoints come in two formats, both read by any number of processes
+(Checkpoints): the single file (ckpt.pt: full_state gathers the shards into whole tensors for rank 0,
+load_full_state hands each process its shard of them) and sharded step folders written by
+torch.distributed.checkpoint, each process its own shards, optionally in the background.
 """
 
 import contextlib
