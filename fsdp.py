@@ -12,8 +12,11 @@ path, so the ops it keeps in fp32 (layer_norm, pow, rsqrt, exp, ...) run in fp32
 from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE tables) to bf16, as
 torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard.
 
-A checkpoint is the same file whether one process, DDP or FSDP wrote it: full_state gathers the shards
-into whole tensors, load_full_state hands each process its shard of them.
+The model is built on the meta device and each process initialises only its own shards (DeferredInit), to
+the values a whole build has. Checkpoints come in two formats, both read by any number of processes
+(Checkpoints): the single file (ckpt.pt: full_state gathers the shards into whole tensors for rank 0,
+load_full_state hands each process its shard of them) and sharded step folders written by
+torch.distributed.checkpoint, each process its own shards, optionally in the background.
 """
 
 import contextlib
@@ -35,24 +38,31 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 
-def shard(model, dtype, init=None, device=None):
+def shard(model, dtype, init=None, device=None, hsdp=False):
     """Shard model in place over the processes of the default group, block by block, then the rest. A model built
-    on the meta device inside init (a DeferredInit) then gets its initial values, on device."""
+    on the meta device inside init (a DeferredInit) then gets its initial values, on device. hsdp: HSDP, each
+    weight sharded over the processes of a node (torchrun's LOCAL_WORLD_SIZE) and replicated across the nodes,
+    so that only gradients (an all-reduce of shards) cross between nodes, not every forward's gathers."""
     if dtype == torch.float16:
         raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is not shard-aware "
                          "here): pass --dtype bfloat16 or --dtype float32")
     policy = MixedPrecisionPolicy()  # fp32: nothing cast
     if dtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = None
+    if hsdp:
+        world, local = torch.distributed.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])
+        mesh = init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
     named = list(model.named_parameters())
     for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # what is left: embeddings, ln_f, lm_head
     if init is not None and init.on:
         init.materialize(model, named, device)
 

@@ -8,6 +8,7 @@ most of it in the compiled one."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -279,6 +280,29 @@ def compiled(runs, data):
 def test_compiled_fsdp_with_gradient_checkpointing_equals_one_eager_process(runs, compiled):
     root, *_ = runs
     assert losses(compiled) == pytest.approx(losses(root / "straight")[:2], abs=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# HSDP: 2 "nodes" (two torchrun launchers on this machine) x 2 processes
+
+
+def test_hsdp_on_two_nodes_of_two_processes_equals_one_process(runs, data):
+    """--fsdp hsdp: each weight sharded over a node's 2 processes, replicated across the 2 nodes."""
+    root, *_ = runs
+    out = root / "hsdp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=hsdp", SCRIPT, "--data", data, "--out-dir", str(out), *FLAGS,
+         "--fsdp", "hsdp", "--batch-size", "2", "--max-steps", "4"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
+    results = [p.communicate(timeout=START_UP_S) for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(err[-2000:] for _, err in results)
+    said = "".join(stdout for stdout, _ in results)
+    assert "2 x 16 tokens x 4 processes" in said and "rank 0 holds 17,088 of 34,176 parameters" in said  # a half
+    assert losses(out) == pytest.approx(losses(root / "straight")[:4], abs=1e-5)
 
 
 # -----------------------------------------------------------------------------

@@ -875,7 +875,7 @@ def wrap_model(model, args, dist, device, dtype, init=None):
     less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
     from the config, identical on every process, and need no broadcast each step."""
     if args.fsdp:
-        fsdp.shard(model, dtype, init, device)
+        fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
@@ -1600,8 +1600,9 @@ def system_flags(p):
                    "only when asked")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
-    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state over "
-                   "the processes (FSDP2) instead of a full copy on each (DDP); checkpoints sharded by default")
+    g.add_argument("--fsdp", nargs="?", const=True, choices=["hsdp"], help="under torchrun: shard weights, "
+                   "gradients and AdamW state over the processes (FSDP2) instead of a full copy on each (DDP); hsdp: "
+                   "shard within each node, replicate across nodes (a 2-D mesh); checkpoints sharded")
 
 
 def inference_flags(p):
