@@ -60,6 +60,8 @@ from dataclasses import dataclass
 
 import torch
 
+import convert
+import files
 import metrics
 import prepare_data
 import transformer
@@ -498,11 +500,11 @@ def write_check_data(c):
     tok_dir = os.path.join(c.work, "tokenizer")
     os.makedirs(folder)
     os.makedirs(tok_dir)
-    spelled = [transformer.byte_spelling()[b] for b in range(256)]
+    spelled = [convert.byte_spelling()[b] for b in range(256)]
     tokens = spelled + [f"<{i}>" for i in range(s.vocab - 257)] + ["<|endoftext|>"]  # no merges: ids stay apart
-    transformer.byte_level_tokenizer(tokens, [], s.vocab - 1).save(os.path.join(tok_dir, "tokenizer.json"))
-    transformer.write_json(os.path.join(tok_dir, "tokenizer_config.json"),
-                           {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    convert.byte_level_tokenizer(tokens, [], s.vocab - 1).save(os.path.join(tok_dir, "tokenizer.json"))
+    files.write_json(os.path.join(tok_dir, "tokenizer_config.json"),
+                     {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
     rng = np.random.default_rng(0)
     counts = {"train": (s.steps + 4) * s.batch * (s.seq_len + 1), "val": 4 * s.batch * (s.seq_len + 1)}
     for split, n in counts.items():
