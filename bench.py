@@ -510,7 +510,7 @@ def write_check_data(c):
     for split, n in counts.items():
         prepare_data.write_shard(os.path.join(folder, f"{split}_000000.bin"),
                                  rng.integers(0, s.vocab // 50, n).astype(np.uint16), s.vocab)
-    transformer.write_json(os.path.join(folder, "meta.json"), {
+    files.write_json(os.path.join(folder, "meta.json"), {
         "format_version": 1, "tokenizer": "hf:" + tok_dir, "vocab_size": s.vocab, "eot": s.vocab - 1,
         "splits": {split: {"tokens": n, "shards": 1} for split, n in counts.items()}})
     return folder
@@ -615,7 +615,7 @@ def check_checkpoints_travel(c):
     for device, more in legs:
         cli(*c.train_flags(folder, device, "--resume", "--max-steps", str(c.sizes.steps + more)))
         steps.append(json.loads(open(os.path.join(folder, "metrics.jsonl")).read().splitlines()[-1])["step"])
-    ok = steps == [c.sizes.steps + more - 1 for _, more in legs] and bool(text.strip())
+    ok = steps == [c.sizes.steps + more for _, more in legs] and bool(text.strip())  # steps completed
     return ok, (f"{c.device.type} checkpoint sampled on cpu; resumed "
                 + ", then its checkpoint ".join(f"on {device} to step {step}" for (device, _), step in zip(legs, steps))
                 ), dict(steps=steps, sample=text)
