@@ -360,3 +360,18 @@ def test_an_hf_tokenizer_folder_prepares_its_tokens_and_a_missing_one_is_one_lin
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("prepare_data.py: error: cannot load tokenizer hf:no_such_folder: ")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_bpe_model_refuses_data_of_another_bpe_of_the_same_size(tmp_path, one_line_error):
+    """Two bpe:300 trained on different texts share a name, not their ids: --eval and --resume on the other one's
+    data are one line each."""
+    (tmp_path / "a.txt").write_bytes(english_text(20_000, seed=1))
+    (tmp_path / "b.txt").write_bytes(english_text(20_000, seed=2)[::-1])  # the same letters, other pairs
+    a, _ = prepare(tmp_path / "a", "--input", str(tmp_path / "a.txt"), "--tokenizer", "bpe:300")
+    b, _ = prepare(tmp_path / "b", "--input", str(tmp_path / "b.txt"), "--tokenizer", "bpe:300")
+    transformer.main(["--data", str(a), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "1"])
+    line = one_line_error(["--eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--data", str(b)])
+    assert line.endswith("was tokenized with bpe:300, the model uses bpe:300 trained on another text")
+    line = one_line_error(["--data", str(b), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2",
+                           "--resume"])
+    assert "was trained on bpe:300 tokens, not on this --data's bpe:300 tokens" in line

@@ -928,8 +928,17 @@ def model_from_checkpoint(ckpt, path="the checkpoint"):
     return GPT.from_state_dict(GPTConfig(**ckpt["config"]), ckpt["model"], path)
 
 
-def check_resumable(ckpt, config, optimizer, path):
-    """The same model config and optimizer, or resuming is refused before any weight is read."""
+def tokenized_alike(meta, name, tokenizer_json):
+    """Whether a dataset's ids (its meta.json) mean what a model's tokenizer's ids mean: the same name and, for a
+    trained BPE, the same tokenizer.json (two bpe:4096 trained on different texts share a name, not their ids)."""
+    return meta["tokenizer"] == name and meta.get("tokenizer_json") == tokenizer_json
+
+
+def check_resumable(ckpt, config, optimizer, meta, path):
+    """The same model config, optimizer and tokenizer, or resuming is refused before any weight is read."""
+    if not tokenized_alike(meta, ckpt["tokenizer"], ckpt.get("tokenizer_json")):
+        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens, not on this --data's "
+                         f"{meta['tokenizer']} tokens: resume on data made with the same tokenizer")
     diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
             if ckpt["config"].get(k) != v]
     if diff:
@@ -1182,7 +1191,7 @@ def train(args, dist, device, dtype):
     for path in found if args.resume else []:
         try:
             ckpt = fsdp.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
-            check_resumable(ckpt, raw_model.config, args.optimizer, path)
+            check_resumable(ckpt, raw_model.config, args.optimizer, meta, path)
             ckpt = checkpoints.load(path, ckpt, raw_model, optimizer, rng_state(device))
             break
         except fsdp.Unreadable as e:
@@ -1427,8 +1436,9 @@ def evaluate(args):
         tokens, source, n_bytes = tokenizer.encode(text), args.text, len(text.encode("utf-8"))
     elif args.data:  # shards must hold the ids of the model's own tokenizer
         meta = read_meta(args.data)
-        if meta["tokenizer"] != tokenizer.name:
-            raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}")
+        if not tokenized_alike(meta, tokenizer.name, tokenizer.json):
+            raise ValueError(f"{args.data} was tokenized with {meta['tokenizer']}, the model uses {tokenizer.name}"
+                             f"{' trained on another text' if meta['tokenizer'] == tokenizer.name else ''}")
         files = find_shards(args.data, "val")
         tokens, source = np.concatenate([load_shard(f, meta["vocab_size"]) for f in files]), f"{args.data} (val split)"
         n_bytes = meta.get("splits", {}).get("val", {}).get("bytes")  # None: llm.c's shards, older datasets
