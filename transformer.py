@@ -1730,12 +1730,16 @@ def main(argv=None):
         else:
             train_and_sample(args)
     except ModuleNotFoundError as e:  # a package only some flags need
-        print(f"transformer.py: error: this needs the {e.name} package: pip install -r requirements-extras.txt",
-              file=sys.stderr)
-        sys.exit(1)
+        error = f"this needs the {e.name} package: pip install -r requirements-extras.txt"
     except (ValueError, OSError) as e:
-        print(f"transformer.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        error = str(e)
+    else:
+        return
+    # NOTE: one write, so the same line from every torchrun process on one stderr pipe stays whole lines (print
+    # writes the text and the newline apart, and another process's line could land between them)
+    sys.stderr.write(f"transformer.py: error: {error}\n")
+    sys.stderr.flush()
+    sys.exit(1)
 
 
 if __name__ == "__main__":
