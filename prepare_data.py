@@ -22,17 +22,21 @@ Tokenizers (--tokenizer, see transformer.get_tokenizer)
     hf:NAME  an HF tokenizer (a folder or a hub name), through transformers' AutoTokenizer;
              documents are preceded by its eos token.
     bpe:N    a byte-level BPE of N tokens (N >= 257) trained on the first
-             --tokenizer-train-bytes of the text itself (train_bpe), saved as tokenizer.json
-             beside the shards; documents are preceded by its <|endoftext|>.
+             --tokenizer-train-bytes of the train split, never on the val split (train_bpe),
+             saved as tokenizer.json beside the shards; documents are preceded by its
+             <|endoftext|>.
     A text file gets no separator: its tokens are exactly the tokens of the whole file
-    (for byte: the file's bytes).
+    (for byte: the file's bytes; for bpe:N, of each split, see Splits).
 
 Splits
     A text file's validation split is its last tokens (--val-fraction, default 0.1, or
     --val-tokens), so train shards followed by val shards concatenate to the whole text.
+    For bpe:N it is the file's last --val-fraction of bytes (the bytes that byte holds
+    out), cut before the BPE learns from the rest; the two parts are tokenized apart.
     A dataset's validation split is its first --val-tokens tokens (default: one shard),
     as in build-nanogpt; its size is unknown until it has been read, so --val-fraction
-    does not apply.
+    does not apply. For bpe:N the stream is read twice: first past the documents that
+    hold the val split, to the BPE's training text, then from the start to tokenize.
 
 Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2, data/input_bpe4096)
     train_000000.bin, train_000001.bin, ...  --shard-tokens tokens each (default 100M);
@@ -53,18 +57,17 @@ Output (--out DIR, default data/<source>_<tokenizer>, e.g. data/input_gpt2, data
 Text is tokenized once, and memory stays flat however large the corpus: a text file is
 read in 1 MiB pieces and a dataset is streamed, both tokenized about 16 MB of text at a
 time on all cores; besides that only the shard being filled (2 or 4 bytes a token) is held,
-and for bpe:N on a dataset the documents it trained on, until they are tokenized.
-A text file's val split starts at a token count known only at the end, so all its tokens
-go to train shards first; then the last ones are read back, one shard at a time, and
-written as val shards, and the train split is cut back: the shard the boundary falls in
-is rewritten with only its head, and those wholly past it are deleted. The extra disk
-this needs is the val split's size.
+and for bpe:N the text it trains on.
+A text file's val split starts at a token count known only at the end (bpe:N's, cut in bytes,
+does not), so all its tokens go to train shards first; then the last ones are read back, one
+shard at a time, and written as val shards, and the train split is cut back: the shard the
+boundary falls in is rewritten with only its head, and those wholly past it are deleted.
+The extra disk this needs is the val split's size.
 """
 
 import argparse
 import contextlib
 import glob
-import itertools
 import json
 import math
 import os
@@ -238,14 +241,17 @@ def piece_end(block):
     return end
 
 
-def read_text_file(path):
-    """Yield the text of a UTF-8 file in pieces of about PIECE_BYTES (see piece_end)."""
+def read_text_file(path, start=0, stop=None):
+    """Yield the text of a UTF-8 file, or of its bytes [start, stop) (each at a character boundary), in pieces of
+    about PIECE_BYTES (see piece_end)."""
     rest = b""
     try:
         with open(path, "rb") as f:
-            while piece := f.read(PIECE_BYTES):
+            left = (os.path.getsize(path) if stop is None else stop) - f.seek(start)  # bytes still to read
+            while piece := f.read(min(PIECE_BYTES, left)):
+                left -= len(piece)
                 block = rest + piece
-                end = piece_end(block) if len(piece) == PIECE_BYTES else len(block)  # short: the file's end
+                end = piece_end(block) if left else len(block)
                 rest = block[end:]
                 yield block[:end].decode("utf-8")
         yield rest.decode("utf-8")
@@ -315,21 +321,60 @@ def split_bytes(writer, tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# Training a byte-level BPE on the text itself ('bpe:<N>')
+# Training a byte-level BPE on the train split ('bpe:<N>')
+#
+# Whatever is fitted is fitted on train only: the BPE's merges are statistics of the text it learns from, and a val
+# split it had seen would compress better than unseen text does (bpe:4096 on tiny Shakespeare: 8% fewer tokens,
+# and words only the val split holds became tokens). A val split counted in tokens ends where the BPE's own
+# tokens say, so where it lies is settled before the BPE exists:
+#   - a text file's val split is its tail, cut in bytes (text_val_start); the BPE learns from the head;
+#   - a dataset's val split is its first tokens; every token lies within one piece of BPE_SPLIT, so the
+#     documents that hold that many pieces hold the val split, whatever the merges (skip_val_documents), and the
+#     BPE learns from the documents after them.
+
+
+def text_val_start(path, fraction):
+    """Where bpe:N's val split of a text file starts: its last `fraction` of bytes, the bytes that `--tokenizer byte`
+    holds out, moved forward to a character boundary. The train split before it is tokenized on its own."""
+    size = os.path.getsize(path)
+    start = size - round(size * fraction)
+    with open(path, "rb") as f:
+        f.seek(start)
+        head = f.read(3)
+    return start + next((i for i, b in enumerate(head) if not 0x80 <= b < 0xC0), len(head))  # not mid-character
+
+
+def bpe_split():
+    """The pre-tokenizer that cuts text into the pieces (BPE_SPLIT) a trained BPE merges within."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Split(Regex(BPE_SPLIT), behavior="isolated")
+
+
+def skip_val_documents(texts, n_tokens):
+    """Read past the documents of the iterator texts that hold a dataset's first n_tokens tokens, in any BPE's
+    tokens: a document takes its <|endoftext|> and at least one token per piece of BPE_SPLIT (merges never cross
+    pieces), so once the documents read hold n_tokens of those, the val split ends among them. Returns how many
+    documents were read: the val split's, and maybe a few of the train split's (their tokens go to train)."""
+    split, n_docs, held = bpe_split(), 0, 0
+    for text in texts:
+        n_docs, held = n_docs + 1, held + 1 + len(split.pre_tokenize_str(text))
+        if held >= n_tokens:
+            break
+    return n_docs
 
 
 def first_bytes(texts, n_bytes):
-    """Read documents from the iterator texts until they hold n_bytes of UTF-8. Returns (those documents,
-    their text cut at n_bytes: what a tokenizer trains on)."""
-    docs, sample = [], []
+    """Read texts from the iterator texts until they hold n_bytes of UTF-8, and return them cut at n_bytes: what a
+    tokenizer trains on."""
+    sample = []
     for text in texts:
-        docs.append(text)
         data = text.encode("utf-8")[:n_bytes]
         sample.append(data.decode("utf-8", errors="ignore"))  # a character cut in two at the limit is dropped
         n_bytes -= len(data)
         if n_bytes <= 0:
             break
-    return docs, sample
+    return sample
 
 
 def train_bpe(sample, vocab_size):
@@ -342,12 +387,11 @@ def train_bpe(sample, vocab_size):
     to vocab_size tokens. NOTE: one special token, <|endoftext|> (id 0), as nanochat keeps a <|bos|>: a
     dataset's documents are separated by it (one token where bytes need two newlines), the model learns
     where a document ends, and sampling stops there. A text file's tokens never include it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(BPE_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        bpe_split(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
@@ -400,25 +444,28 @@ def parse_args(argv):
     p.add_argument("--tokenizer", type=tokenizer_name, default="gpt2",
                    help="byte (UTF-8 bytes, vocab 256); a tiktoken encoding: gpt2 (the default, vocab 50257), "
                         "cl100k_base, o200k_base, ...; hf:<folder or hub name> (an HF tokenizer); or bpe:<N>, "
-                        "a byte-level BPE of N tokens trained on the text itself and saved as tokenizer.json")
+                        "a byte-level BPE of N tokens trained on the train split and saved as tokenizer.json")
     p.add_argument("--tokenizer-train-bytes", type=at_least(1), default=TOKENIZER_TRAIN_BYTES, metavar="N",
-                   help=f"bpe:<N> trains on the text's first N bytes (default: {TOKENIZER_TRAIN_BYTES})")
+                   help=f"bpe:<N> trains on the first N bytes of the train split (default: {TOKENIZER_TRAIN_BYTES})")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<source>_<tokenizer>)")
     p.add_argument("--shard-tokens", type=at_least(1), default=100_000_000, metavar="N",
                    help="tokens per shard (default: 100000000)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-fraction", type=in_range(0, 1, low_open=True, high_open=True), metavar="F",
-                     help="text file: hold out the last F of its tokens for validation "
-                          f"(default: {DEFAULT_VAL_FRACTION})")
+                     help="text file: hold out the last F of its tokens for validation (for bpe:<N>, of its "
+                          f"bytes) (default: {DEFAULT_VAL_FRACTION})")
     val.add_argument("--val-tokens", type=at_least(1), metavar="N",
-                     help="hold out N tokens for validation: a text file's last N, a dataset's first N "
-                          "(default for a dataset: --shard-tokens, one shard)")
+                     help="hold out N tokens for validation: a text file's last N (not for bpe:<N>), a dataset's "
+                          "first N (default for a dataset: --shard-tokens, one shard)")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out folder")
     args = p.parse_args(argv)
     if not args.dataset and (args.name or args.data_files):
         p.error("--name and --data-files need --dataset")
     if args.dataset and args.val_fraction is not None:
         p.error("--val-fraction needs the total token count, unknown while a dataset streams: use --val-tokens")
+    if not args.dataset and args.tokenizer.startswith("bpe:") and args.val_tokens:
+        p.error(f"--val-tokens: {args.tokenizer} is trained on a text file's train split, so the file is cut in two "
+                "before its tokens exist: give the val split as --val-fraction (of the bytes)")
     return args
 
 
@@ -448,6 +495,8 @@ def main(argv=None):
     if args.dataset:
         texts = open_dataset(args)
         source = {k: getattr(args, k) for k in ("dataset", "name", "split", "data_files", "text_field")}
+        # Documents are streamed; the val split is the first --val-tokens tokens.
+        first, boundary = "val", args.val_tokens or args.shard_tokens
     else:
         path = args.input or default_input()
         if not os.path.isfile(path):
@@ -455,27 +504,34 @@ def main(argv=None):
         if os.path.getsize(path) == 0:
             fail(f"{path} is empty")
         texts, source = read_text_file(path), {"input": path}
-    if tokenizer is None:
-        # NOTE: the BPE learns from the text's start, which holds a dataset's val split (its first tokens), and
-        # for a text file its val split too when the file is shorter than --tokenizer-train-bytes. Merges are
-        # statistics of frequent byte pairs, not the text itself; the val loss still measures unseen text.
-        docs, sample = first_bytes(texts, args.tokenizer_train_bytes)
-        if args.dataset:  # the stream is read once: the documents read so far come first again
-            texts = itertools.chain(docs, texts)
+        # The file is one document; the val split is its last tokens, which move there at the end.
+        first, boundary = "train", math.inf  # all to train for now
+    val_texts = trained_on = None  # bpe:N on a text file: the text of its val split, cut in bytes
+    if tokenizer is None:  # bpe:N learns from the train split only (see text_val_start)
+        if args.dataset:
+            skipped = skip_val_documents(texts, boundary)
+            sample = first_bytes(texts, args.tokenizer_train_bytes)
+            texts = open_dataset(args)  # the stream again, from its first document, to be tokenized
+            trained_on = {"split": "train", "after_documents": skipped}
         else:
-            texts = read_text_file(path)
+            cut = text_val_start(path, args.val_fraction or DEFAULT_VAL_FRACTION)
+            sample = first_bytes(read_text_file(path, stop=cut), args.tokenizer_train_bytes)
+            texts, val_texts = read_text_file(path, stop=cut), read_text_file(path, start=cut)
+            trained_on = {"split": "train"}
+        trained_on["bytes"] = sum(len(t.encode("utf-8")) for t in sample)
+        if not trained_on["bytes"]:
+            fail(f"--tokenizer {name}: the train split has no text to learn from" + (
+                f" after the {skipped:,} documents that hold the val split's {boundary:,} tokens; hold out fewer "
+                "with --val-tokens" if args.dataset else ""))
         trained = time.perf_counter()
         tokenizer_json = train_bpe(sample, int(name[4:]))
         tokenizer = get_tokenizer(name, tokenizer_json)
         trained = time.perf_counter() - trained
-        print(f"trained {name} on {sum(len(t.encode('utf-8')) for t in sample):,} bytes in {trained:.1f} s")
-    if args.dataset:
-        # Documents are streamed once; the val split is the first --val-tokens tokens.
+        print(f"trained {name} on {trained_on['bytes']:,} bytes of the train split in {trained:.1f} s")
+    if args.dataset:  # each document is preceded by the end-of-text token, or two newlines
         separator = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n\n")
-        first, boundary = "val", args.val_tokens or args.shard_tokens
     else:
-        # The file is one document; the val split is its last tokens, which move there at the end.
-        separator, first, boundary = [], "train", math.inf  # all to train for now
+        separator = []
 
     if args.overwrite:
         remove_dataset(out)
@@ -485,14 +541,22 @@ def main(argv=None):
             f.write(tokenizer.json.encode("utf-8"))
     batches = tokenize(texts, tokenizer, separator, "tokenizing")
     writers, text_bytes = write_splits(batches, out, first, boundary, args.shard_tokens, tokenizer.vocab_size)
+    if val_texts is not None:  # the val text after the cut, tokenized on its own
+        batches = tokenize(val_texts, tokenizer, separator, "tokenizing val")
+        written, val_text_bytes = write_splits(batches, out, "val", math.inf, args.shard_tokens, tokenizer.vocab_size)
+        writers["val"], text_bytes = written["val"], text_bytes + val_text_bytes
     total = sum(w.tokens for w in writers.values())
-    val_fraction = args.val_fraction or DEFAULT_VAL_FRACTION
-    n_val = boundary if args.dataset else args.val_tokens or round(total * val_fraction)
+    if args.dataset:
+        n_val = boundary
+    elif val_texts is not None:
+        n_val = writers["val"].tokens
+    else:
+        n_val = args.val_tokens or round(total * (args.val_fraction or DEFAULT_VAL_FRACTION))
     if not 0 < n_val < total:
         remove_dataset(out)  # leave the folder as empty as it was
         fail(f"{args.dataset or path} has {total} tokens: too few to hold out {n_val} for validation "
              "and train on the rest")
-    if not args.dataset:  # now that the file's length is known, its last n_val tokens become the val split
+    if not args.dataset and val_texts is None:  # the file's length is known: its last n_val tokens become val
         move_tail_to_val(writers["train"], writers["val"], n_val)
     val_bytes = split_bytes(writers["val"], tokenizer)
     n_bytes = {"train": text_bytes - val_bytes, "val": val_bytes}
@@ -509,8 +573,9 @@ def main(argv=None):
                    for split, w in writers.items()},
         "source": source,
     }
-    if tokenizer.json is not None:
+    if trained_on is not None:  # what the BPE learned from: --tokenizer-train-bytes asked, the text it had
         meta["tokenizer_train_bytes"] = args.tokenizer_train_bytes
+        meta["tokenizer_trained_on"] = trained_on
     with atomic_open(os.path.join(out, "meta.json")) as f:  # last: marks the dataset complete
         f.write(json.dumps(meta, indent=2).encode())
 

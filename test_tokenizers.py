@@ -89,7 +89,18 @@ def test_bpe_decodes_as_hf_tokenizers_own_decoder(bpe):
 
 
 def test_bpe_dataset_from_a_text_file_holds_the_files_tokens_and_its_tokenizer(tmp_path, monkeypatch):
-    text = english_text(30_000).decode() + ("ROMEO:\n" + UNSEEN) * 20  # a cut every 256 bytes or less
+    """The val split is the file's last 10% of bytes, as --tokenizer byte holds out (here moved past a character
+    cut in two); the BPE learned from the text before it, and each part holds that part's tokens."""
+    def text_of(n):  # ends with a cut every 256 bytes or less
+        return (english_text(n).decode() + ("ROMEO:\n" + UNSEEN) * 20).encode("utf-8")
+
+    def cut_of(data):  # where --tokenizer byte's val split starts
+        return len(data) - round(0.1 * len(data))
+
+    # a length at which that is the second byte of a two-byte character (ï, é or ß: 0b110xxxxx 0b10xxxxxx)
+    data = next(d for n in range(10_000, 11_000) if (d := text_of(n))[cut_of(d) - 1] & 0xE0 == 0xC0)
+    cut = cut_of(data) + 1  # the val split starts after that character
+    text = data.decode("utf-8")
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     monkeypatch.setattr(prepare_data, "PIECE_BYTES", 256)  # many cuts; none may change a token
     out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:500",
@@ -97,24 +108,99 @@ def test_bpe_dataset_from_a_text_file_holds_the_files_tokens_and_its_tokenizer(t
     assert (out / "tokenizer.json").exists()
     assert meta["tokenizer"] == "bpe:500" and meta["vocab_size"] == 500 and meta["eot"] == 0
     tok = transformer.get_tokenizer("bpe:500", (out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tok.json == prepare_data.train_bpe([data[:cut].decode()], 500)
+    assert meta["tokenizer_trained_on"] == {"split": "train", "bytes": cut}
     train, val = tokens_of(out, "train"), tokens_of(out, "val")
-    assert np.concatenate([train, val]).tolist() == tok.encode(text)  # the whole text's tokens
-    assert tok.decode_bytes(np.concatenate([train, val]).tolist()) == text.encode("utf-8")
-    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == len(text.encode("utf-8"))
+    assert train.tolist() == tok.encode(data[:cut].decode()) and val.tolist() == tok.encode(data[cut:].decode())
+    assert meta["splits"]["train"]["bytes"] == cut and meta["splits"]["val"]["bytes"] == len(data) - cut
     assert transformer.read_meta(str(out))["tokenizer_json"] == tok.json
 
 
-def test_bpe_trains_on_the_first_bytes_of_a_dataset_stream_read_once(tmp_path):
+def test_a_text_files_bpe_trains_on_the_first_bytes_of_its_train_split(tmp_path):
+    text = english_text(20_000).decode()
+    (tmp_path / "in.txt").write_text(text)
+    out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:300",
+                        "--tokenizer-train-bytes", "5000")
+    assert (out / "tokenizer.json").read_text(encoding="utf-8") == prepare_data.train_bpe([text[:5000]], 300)
+    assert meta["tokenizer_train_bytes"] == 5000 and meta["tokenizer_trained_on"] == {"split": "train", "bytes": 5000}
+
+
+def test_bpe_on_a_text_file_refuses_val_tokens_in_one_line(tmp_path):
+    """Its val split is cut before the BPE, and so its tokens, exist: in bytes, with --val-fraction."""
+    (tmp_path / "in.txt").write_bytes(english_text(5000))
+    result = cli(tmp_path, "--input", "in.txt", "--tokenizer", "bpe:300", "--val-tokens", "100")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "prepare_data.py: error: --val-tokens: bpe:300 is trained on a text file's train split, so the file is cut "
+        "in two before its tokens exist: give the val split as --val-fraction (of the bytes) (see --help)"]
+    assert sorted(os.listdir(tmp_path)) == ["in.txt"]
+
+
+def test_bpe_trains_on_a_dataset_after_the_documents_of_its_val_split(tmp_path):
+    """The first 500 tokens are the val split; the BPE learns from the first 2,000 bytes of the documents after
+    those that hold it (skip_val_documents: at most a few train documents more), and every document is
+    tokenized once, in order."""
     docs = [english_text(700, seed=i).decode() for i in range(12)] + ["naïve 🙂", UNSEEN]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out, meta = prepare(tmp_path, "--dataset", "json", "--data-files", str(tmp_path / "docs.jsonl"),
                         "--tokenizer", "bpe:300", "--tokenizer-train-bytes", "2000", "--shard-tokens", "500")
     tok = transformer.get_tokenizer("bpe:300", (out / "tokenizer.json").read_text(encoding="utf-8"))
-    assert tok.json == prepare_data.train_bpe(prepare_data.first_bytes(iter(docs), 2000)[1], 300)
-    stream = [t for d in docs for t in [tok.eot] + tok.encode(d)]  # every document once, in order
-    assert np.concatenate([tokens_of(out, "val"), tokens_of(out, "train")]).tolist() == stream
+    skipped = meta["tokenizer_trained_on"]["after_documents"]
+    assert tok.json == prepare_data.train_bpe(prepare_data.first_bytes(iter(docs[skipped:]), 2000), 300)
+    assert meta["tokenizer_trained_on"] == {"split": "train", "bytes": 2000, "after_documents": skipped}
+    stream = [[tok.eot] + tok.encode(d) for d in docs]  # every document once, in order
+    val = tokens_of(out, "val").tolist()
+    assert len(val) == 500 and val + tokens_of(out, "train").tolist() == sum(stream, [])
+    assert sum(len(d) for d in stream[:skipped]) >= 500  # the val split ends within the documents skipped
     assert meta["tokenizer_train_bytes"] == 2000
     assert meta["splits"]["val"]["bytes"] + meta["splits"]["train"]["bytes"] == sum(len(d.encode()) for d in docs)
+
+
+def test_a_dataset_too_small_for_its_val_split_leaves_the_bpe_nothing_to_learn_in_one_line(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": english_text(700, seed=i).decode()}) + "\n"
+                                                 for i in range(3)))
+    result = cli(tmp_path, "--dataset", "json", "--data-files", "docs.jsonl", "--tokenizer", "bpe:300",
+                 "--val-tokens", "100000")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "prepare_data.py: error: --tokenizer bpe:300: the train split has no text to learn from after the 3 "
+        "documents that hold the val split's 100,000 tokens; hold out fewer with --val-tokens"]
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
+
+
+# A word of letter pairs that no train text below holds (the tests check), repeated so that its pairs would be
+# among the most frequent merges of any BPE that saw it.
+VAL_ONLY_WORD = "zqxjv"
+VAL_ONLY_PAIRS = [VAL_ONLY_WORD[i : i + 2].encode() for i in range(len(VAL_ONLY_WORD) - 1)]
+
+
+def learned_pairs(out, pairs):
+    """The pairs among `pairs` that some token of the folder's trained BPE spells: merges it learned."""
+    tok = transformer.get_tokenizer(json.loads((out / "meta.json").read_text())["tokenizer"],
+                                    (out / "tokenizer.json").read_text(encoding="utf-8"))
+    return [p for p in pairs if any(p in piece for piece in tok.pieces)]
+
+
+def test_a_text_files_bpe_never_learns_a_word_only_its_val_split_holds(tmp_path):
+    train = english_text(18_500).decode()
+    assert not any(p.decode() in train for p in VAL_ONLY_PAIRS)
+    text = train + (VAL_ONLY_WORD + " ") * 250  # 1,500 bytes, all in the last 10% (2,000 bytes)
+    (tmp_path / "in.txt").write_text(text)
+    out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:300")
+    assert learned_pairs(out, VAL_ONLY_PAIRS) == []
+    assert meta["tokenizer_trained_on"] == {"split": "train", "bytes": 18_000}
+
+
+def test_a_datasets_bpe_never_learns_a_word_only_its_val_documents_hold(tmp_path):
+    """The val split is the stream's first tokens (by default one shard): here the first document, all of
+    VAL_ONLY_WORD (at most 601 tokens, whatever the BPE), and the head of the second."""
+    docs = [(VAL_ONLY_WORD + " ") * 100] + [english_text(700, seed=i).decode() for i in range(20)]
+    assert not any(p.decode() in d for p in VAL_ONLY_PAIRS for d in docs[1:])
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out, meta = prepare(tmp_path, "--dataset", "json", "--data-files", str(tmp_path / "docs.jsonl"),
+                        "--tokenizer", "bpe:300", "--tokenizer-train-bytes", "3000", "--shard-tokens", "1000")
+    assert meta["splits"]["val"]["bytes"] > len(docs[0])  # the val split holds the first document whole
+    assert learned_pairs(out, VAL_ONLY_PAIRS) == []
 
 
 def test_bpe_beyond_what_the_text_supports_is_one_line_saying_what_it_reached(tmp_path):
@@ -141,6 +227,26 @@ def test_bpe_training_time_on_tiny_shakespeare_is_seconds():
 def test_training_and_sampling_read_a_bpe_dataset_and_its_tokenizer(tmp_path, capsys):
     (tmp_path / "in.txt").write_bytes(english_text(20_000))
     out, _ = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:300")
+    transformer.main(["--data", str(out), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
+    printed = capsys.readouterr().out
+    assert "vocab 300 (padded to 320) (bpe:300)" in printed and "--- sample ---" in printed
+
+
+def test_a_bpe_dataset_prepared_before_the_bpe_learned_from_train_only_still_trains(tmp_path, capsys):
+    """Such a dataset's BPE learned from the whole file (val split included) and its meta.json does not say what
+    the BPE learned from; its shards and tokenizer.json are as they are now, so it trains and samples as before."""
+    text = english_text(20_000).decode()
+    (tmp_path / "in.txt").write_text(text)
+    out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:300")
+    old = transformer.get_tokenizer("bpe:300", prepare_data.train_bpe([text], 300))  # as it was trained before
+    tokens = old.encode(text)
+    n_val = round(0.1 * len(tokens))
+    for split, part in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
+        prepare_data.write_shard(str(out / f"{split}_000000.bin"), part, 300)
+        meta["splits"][split] = {"tokens": len(part), "shards": 1, "bytes": len(old.decode_bytes(part))}
+    del meta["tokenizer_trained_on"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "tokenizer.json").write_text(old.json, encoding="utf-8")
     transformer.main(["--data", str(out), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
     printed = capsys.readouterr().out
     assert "vocab 300 (padded to 320) (bpe:300)" in printed and "--- sample ---" in printed
@@ -239,16 +345,16 @@ def test_bits_per_byte_equals_total_bits_over_the_val_texts_bytes(tmp_path):
     text = english_text(20_000).decode()
     (tmp_path / "in.txt").write_text(text)
     out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:300",
-                        "--val-tokens", "33")
+                        "--val-fraction", "0.004")  # 80 bytes: one window of at most 80 tokens
     val = tokens_of(out, "val")
     torch.manual_seed(0)
-    model = transformer.GPT(transformer.GPTConfig(block_size=32, vocab_size=320, n_layer=1, n_head=2, n_embd=16))
+    model = transformer.GPT(transformer.GPTConfig(block_size=80, vocab_size=320, n_layer=1, n_head=2, n_embd=16))
     loss, n = transformer.evaluate_tokens(model, val, 1, torch.device("cpu"), torch.float32, 300, progress=False)
     bpb = transformer.bits_per_byte(loss, n, meta["splits"]["val"]["bytes"])
 
-    ids = torch.from_numpy(val.astype(np.int64))[None]  # (1, 33)
+    ids = torch.from_numpy(val.astype(np.int64))[None]  # (1, n)
     with torch.no_grad():
-        logits = model(ids[:, :-1])[0][..., :300]  # (1, 32, 300)
+        logits = model(ids[:, :-1])[0][..., :300]  # (1, n - 1, 300)
     total_bits = F.cross_entropy(logits.flatten(0, 1), ids[0, 1:], reduction="sum").item() / math.log(2)
     val_text = Tokenizer.from_file(str(out / "tokenizer.json")).decode(val.tolist())
     assert text.endswith(val_text)
@@ -261,7 +367,7 @@ def bpe_run(tmp_path_factory):
     Returns (folder, its meta.json, the run's folder, its stdout)."""
     tmp = tmp_path_factory.mktemp("bpe_run")
     (tmp / "in.txt").write_text(english_text(20_000).decode())
-    out, meta = prepare(tmp, "--input", str(tmp / "in.txt"), "--tokenizer", "bpe:300", "--val-tokens", "500")
+    out, meta = prepare(tmp, "--input", str(tmp / "in.txt"), "--tokenizer", "bpe:300", "--val-fraction", "0.05")
     result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--data", str(out), "--out-dir",
                              str(tmp / "run"), *TINY, "--max-steps", "2", "--eval-every", "2"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -6,7 +6,7 @@ A tokenizer is named by a string, which datasets (meta.json) and checkpoints rec
   - 'byte': UTF-8 bytes as ids (256 of them): on ASCII text, characters;
   - a tiktoken encoding: 'gpt2' (50,257 ids), 'cl100k_base', 'o200k_base', ...;
   - 'hf:<folder or hub name>': an HF tokenizer, as a checkpoint from the hub brings it;
-  - 'bpe:<N>': a byte-level BPE of N ids that prepare_data.py trained on the data itself, saved as
+  - 'bpe:<N>': a byte-level BPE of N ids that prepare_data.py trained on a dataset's train split, saved as
     tokenizer.json beside the shards; built from that file's text, which a checkpoint can carry.
 Every tokenizer has encode, encode_batch, decode, decode_bytes (ids -> the bytes they spell, special tokens
 none), vocab_size, eot (the end-of-text id, or None) and json (a trained BPE's tokenizer.json text, or None).
