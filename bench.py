@@ -28,8 +28,9 @@ Rows
                 against nanoGPT's CPU recipe run the same way: nanoGPT's own train.py when
                 NANOGPT_DIR points at a nanoGPT checkout, else that recipe in our trainer.
     6 tokenizers  the default run's model and budget on tiny Shakespeare tokenized as bytes and as
-                trained BPEs (bpe:512, bpe:1024, bpe:4096), all at once: which reaches nanoGPT's
-                CPU target, 1.8857 nats per character = 2.7205 bits per byte, first in wall time.
+                trained BPEs (bpe:512, bpe:1024, bpe:4096), one run after another: which reaches
+                nanoGPT's CPU target, 1.8857 nats per character = 2.7205 bits per byte, first in
+                wall time.
 
 Method
     Shared machines drift, by up to ~1.8x over minutes, so contenders are never timed one
@@ -54,7 +55,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -779,16 +779,28 @@ def run_nanogpt(folder, steps):
     return seconds, float(re.findall(r"val loss (\d+\.\d+)", result.stdout)[-1])
 
 
+def run_in_turn(commands):
+    """Run each command of {name: argv} to its end before the next one starts, so that no run shares the machine
+    with another. Returns {name: [(seconds from its start, a line it printed), ...]}, each line timed as it came."""
+    logs = {}
+    for name, argv in commands.items():
+        t0 = time.perf_counter()
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+            logs[name] = [(time.perf_counter() - t0, text) for text in proc.stdout]
+        if proc.returncode != 0:
+            raise RuntimeError(f"the run on {name} failed (exit status {proc.returncode})")
+    return logs
+
+
 def row_tokenizers(sizes, rounds, device):
     """The default run (its model, steps and val estimate) on tiny Shakespeare tokenized each way in sizes.race,
-    every run started at once and left to share the machine (one window: a drift slows all alike; each gets
-    an equal share of the cores as its threads). Each line: seconds from the start to the first logged val
-    estimate at or under nanoGPT's CPU target in bits per byte (every --eval-every steps, so to within 100
-    steps), and the run's end, measured by --eval on the whole val split. One race: minutes, not rounds."""
+    one run after another (run_in_turn), each with the machine to itself as the default run has it: started at
+    once, four runs oversubscribed a 2-core machine. Each line: seconds from the run's start to its first logged
+    val estimate at or under nanoGPT's CPU target in bits per byte (every --eval-every steps, so to within 100
+    steps), and the run's end, measured by --eval on the whole val split. One run each: minutes, not rounds."""
     target = transformer.NANOGPT_CPU_VAL_LOSS / math.log(2)  # nats per character; ASCII: a character is a byte
     source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
     steps = ["--max-steps", str(sizes.to_loss_steps)] if sizes.to_loss_steps else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(sizes.race)))}
     with tempfile.TemporaryDirectory() as d:
         prepared = {}
         for name in sizes.race:  # one after the other: the BPEs train in seconds
@@ -796,24 +808,9 @@ def row_tokenizers(sizes, rounds, device):
             subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), "--input", source, "--tokenizer",
                             name, "--out", os.path.join(d, name)], check=True, capture_output=True)
             prepared[name] = time.perf_counter() - t0
-        logs = {name: [] for name in sizes.race}  # (seconds since the start, line) as each run prints it
-
-        def follow(name, proc, t0):
-            for text in proc.stdout:
-                logs[name].append((time.perf_counter() - t0, text))
-
-        t0, runs = time.perf_counter(), {}
-        for name in sizes.race:
-            proc = subprocess.Popen([sys.executable, os.path.join(REPO, "transformer.py"), "--data",
-                                     os.path.join(d, name), "--out-dir", os.path.join(d, name, "out"), "--device",
-                                     device.type, *steps], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                    env=env)
-            runs[name] = (proc, threading.Thread(target=follow, args=(name, proc, t0)))
-            runs[name][1].start()
-        for name, (proc, reader) in runs.items():
-            reader.join()
-            if proc.wait() != 0:
-                raise RuntimeError(f"row 6: the run on {name} failed")
+        logs = run_in_turn({name: [sys.executable, os.path.join(REPO, "transformer.py"), "--data",
+                                   os.path.join(d, name), "--out-dir", os.path.join(d, name, "out"), "--device",
+                                   device.type, *steps] for name in sizes.race})
         for name in sizes.race:
             evals = [(t, int(m[1]), float(m[2])) for t, text in logs[name]
                      if (m := re.match(r"step +(\d+) .*\((\d+\.\d+) bits/byte\)", text))]

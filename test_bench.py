@@ -6,6 +6,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from bench import run_in_turn
 from conftest import english_text
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -92,3 +95,20 @@ def test_rows_runs_only_the_rows_named():
 def test_an_unknown_row_is_one_line_before_any_work():
     result = bench("--rows", "train,sprint", timeout=60)
     assert result.returncode == 2 and "unknown row 'sprint'" in result.stderr and result.stdout == ""
+
+
+def test_row_6_runs_its_training_runs_one_after_another(tmp_path):
+    """Started at once, row 6's four runs oversubscribed a 2-core machine: run_in_turn starts each only once the one
+    before has ended. Each command here notes its start and end in one file and prints two lines, which come back
+    in order with the seconds from its start; a failed run is an error that names it."""
+    notes = tmp_path / "notes"
+    script = ("import sys, time\n"
+              "note = lambda what: open(sys.argv[2], 'a').write(what + ' ' + sys.argv[1] + '\\n')\n"
+              "note('start'); print('first', flush=True); time.sleep(0.3); print('second'); note('end')\n")
+    logs = run_in_turn({name: [sys.executable, "-c", script, name, str(notes)] for name in ("A", "B", "C")})
+    assert notes.read_text().splitlines() == ["start A", "end A", "start B", "end B", "start C", "end C"]
+    assert list(logs) == ["A", "B", "C"]
+    for lines in logs.values():
+        assert [text for _, text in lines] == ["first\n", "second\n"] and 0 < lines[0][0] <= lines[1][0]
+    with pytest.raises(RuntimeError, match="the run on B failed"):
+        run_in_turn({"A": [sys.executable, "-c", "pass"], "B": [sys.executable, "-c", "raise SystemExit(3)"]})
