@@ -1,4 +1,4 @@
-"""Tokenizers (tokenizer.py, prepare_data.py --tokenizer): a BPE trained on the text itself, vocabularies
+"""Tokenizers (tokenizer.py, prepare_data.py --tokenizer): a BPE trained on the train split, vocabularies
 beyond uint16, and the byte counts bits per byte divides by. Offline and small: BPEs of a few hundred tokens trained
 on a few KB, and tiktoken encodings built here (conftest.register_encoding) where cl100k_base would be downloaded."""
 
@@ -104,7 +104,8 @@ def test_bpe_dataset_from_a_text_file_holds_the_files_tokens_and_its_tokenizer(t
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     monkeypatch.setattr(prepare_data, "PIECE_BYTES", 256)  # many cuts; none may change a token
     out, meta = prepare(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "bpe:500",
-                        "--shard-tokens", "1000")
+                        "--shard-tokens", "200")
+    assert meta["splits"]["train"]["shards"] > 1 and meta["splits"]["val"]["shards"] > 1
     assert (out / "tokenizer.json").exists()
     assert meta["tokenizer"] == "bpe:500" and meta["vocab_size"] == 500 and meta["eot"] == 0
     tok = transformer.get_tokenizer("bpe:500", (out / "tokenizer.json").read_text(encoding="utf-8"))
