@@ -864,7 +864,8 @@ def machine(device):
             f"{datetime.datetime.now().isoformat(' ', 'seconds')}")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line (test_docs.py parses every bench.py command the documents show)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: checks that every row runs")
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 5, --quick 2)")
@@ -878,7 +879,11 @@ def main(argv=None):
     p.add_argument("--out", metavar="DIR", help="--gpu-check: also write its summary to DIR/gpu_check.json")
     p.add_argument("--nanogpt", metavar="DIR", help="--gpu-check: a folder with nanoGPT's model.py (default "
                    "$NANOGPT_DIR) to time our training step beside")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.gpu_check:
         device = transformer.pick_device(args.device)
         if device.type != "cuda" and not args.quick:

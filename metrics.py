@@ -188,3 +188,15 @@ def plot_metrics(path, target_bpb=None, target_label="target"):
     out = os.path.join(os.path.dirname(path), "loss.png")
     fig.savefig(out, dpi=110)
     return out
+
+
+def small_png(png, out, colors=64):
+    """A copy of a picture small enough to commit (docs/img/loss.png): the same pixels on a palette of `colors`
+    (Pillow's octree, which keeps the few flat colours of a plot exact), compressed. loss.png's faint
+    every-step line blends into thousands of colours; on a palette the file is about a fifth as large."""
+    from PIL import Image  # matplotlib's own dependency: present wherever plot_metrics drew `png`
+
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with Image.open(png) as image:
+        image.convert("RGB").quantize(colors, method=Image.Quantize.FASTOCTREE).save(out, optimize=True)
+    return out

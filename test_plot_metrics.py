@@ -108,6 +108,18 @@ def test_a_run_on_tiny_shakespeare_draws_nanogpts_target_and_another_text_does_n
         assert (target_pixels(str(tmp_path / name / "loss.png")) > 0) == (name == "shakespeare"), name
 
 
+def test_small_png_keeps_the_picture_and_its_colours_in_a_fifth_of_the_bytes(tmp_path):
+    """docs/img/loss.png is loss.png through metrics.small_png: same size in pixels, a palette, far fewer
+    bytes, and the target line still in its own red (a palette that blended it away would show no target)."""
+    image = pytest.importorskip("PIL.Image")
+    png = metrics.plot_metrics(synthetic_run(tmp_path / "run"), target_bpb=1.8857 / math.log(2))
+    out = metrics.small_png(png, str(tmp_path / "docs" / "img" / "loss.png"))  # makes the folder
+    with image.open(png) as big, image.open(out) as small:
+        assert small.size == big.size and small.mode == "P"
+    assert os.path.getsize(out) < os.path.getsize(png) / 3
+    assert target_pixels(out) > 0.9 * target_pixels(png) > 1000
+
+
 def test_without_matplotlib_training_finishes_without_a_picture(tiny_data, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)

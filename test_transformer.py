@@ -722,10 +722,10 @@ def test_llama_variant_that_would_not_match_is_refused(tmp_path, variant):
 
 
 def test_readme_architecture_table_names_exist_in_transformer_py():
-    """README's architecture table points into transformer.py by name (`Positions`, `make_norm`, ...):
+    """The architecture table (docs/model.md) points into transformer.py by name (`Positions`, `make_norm`, ...):
     every name it gives must be defined there, so the reading guide cannot drift from the code."""
     repo = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(repo, "README.md")) as f:
+    with open(os.path.join(repo, "docs", "model.md")) as f:
         rows = [
             line
             for line in f
@@ -742,11 +742,12 @@ def test_readme_architecture_table_names_exist_in_transformer_py():
 
 
 def test_the_readme_python_example_runs(capsys):
-    """README's 'From Python' block is run as it is written."""
+    """The 'From Python' block of docs/model.md is run as it is written (test_docs.py runs every block; this one
+    checks what it prints)."""
     repo = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(repo, "README.md")) as f:
+    with open(os.path.join(repo, "docs", "model.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
-    assert blocks, "README has no python example"
+    assert blocks, "docs/model.md has no python example"
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "docs/model.md", "exec"), {})
     assert len(capsys.readouterr().out.splitlines()) >= 6  # the sample, then five streamed tokens
