@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import metrics as metrics_py
 import transformer
 from conftest import write_dataset
@@ -161,7 +162,7 @@ def test_ddp_keeps_gradients_in_its_buckets_and_does_not_broadcast_buffers(tmp_p
 
 def test_resuming_maps_the_checkpoint_instead_of_reading_it_into_memory(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    transformer.save_checkpoint(path, {"format": transformer.CKPT_FORMAT, "w": torch.zeros(4)})
+    checkpoint.save_checkpoint(path, {"format": transformer.CKPT_FORMAT, "w": torch.zeros(4)})
     seen, real = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: (seen.append(kw), real(*a, **kw))[1])
     transformer.load_checkpoint(path)

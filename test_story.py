@@ -15,8 +15,8 @@ import transformer
 from test_training import ENV, TINY, metrics
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-COMPANIONS = ["convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py", "metrics.py", "shards.py",
-              "tokenizer.py"]
+COMPANIONS = ["checkpoint.py", "convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py",
+              "metrics.py", "shards.py", "tokenizer.py"]
 
 
 def read(name):
@@ -43,7 +43,7 @@ def test_every_section_uses_only_what_earlier_sections_define():
                       if isinstance(n, ast.Name) and n.id in defined and n.id != node.name
                       and defined[n.id] > section[node.lineno - 1]})
     assert forward == []
-    assert max(section) == 13
+    assert max(section) == 14
 
 
 @pytest.mark.parametrize("companion", COMPANIONS)
@@ -52,6 +52,31 @@ def test_no_companion_imports_transformer(companion):
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"transformer", "prepare_data", "bench"}
+
+
+def test_a_one_process_run_never_imports_fsdp_or_dcp(tmp_path, data):
+    """Importing transformer loads neither FSDP nor torch.distributed.checkpoint (DCP); training, saving ckpt.pt,
+    resuming and sampling in one process then add none of them: they load where --fsdp or a sharded checkpoint
+    needs them. NOTE: torch.optim's constructors import torch._dynamo, which imports FSDP itself: that much is
+    torch's, loaded first here so that what this project's code loads is what the test sees."""
+    out = str(tmp_path / "out")
+    code = ("import sys\n"
+            "heavy = lambda: {m for m in sys.modules if m.startswith(('torch.distributed.fsdp', "
+            "'torch.distributed.checkpoint', 'fsdp'))}\n"
+            "import transformer\n"
+            "print('on import', sorted(heavy()))\n"
+            "import torch._dynamo\n"
+            "before = heavy()\n"
+            f"transformer.main({['--data', data, '--out-dir', out, *TINY, '--max-steps', '2']!r})\n"
+            f"transformer.main({['--data', data, '--out-dir', out, *TINY, '--max-steps', '3', '--resume']!r})\n"
+            f"transformer.main({['--sample', '--ckpt', out, '--device', 'cpu', '--max-new-tokens', '3']!r})\n"
+            f"transformer.main({['--eval', '--ckpt', out, '--data', data, '--device', 'cpu']!r})\n"
+            "print('by the runs', sorted(heavy() - before))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on import []" in result.stdout and "by the runs []" in result.stdout
+    assert "resumed" in result.stdout and "perplexity" in result.stdout
 
 
 def test_main_returns_under_a_gloo_process_group(tmp_path, data):

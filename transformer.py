@@ -22,8 +22,9 @@ The file is a story, in this order:
    12. Commands     train, sample, eval, export
    13. CLI          argparse and main()
 Beside it, companion files hold the tooling the story does not need first; they never import this file:
+    checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
-    fsdp.py         --fsdp: sharding the model, gathering and scattering its state; sharded checkpoints
+    fsdp.py         --fsdp: sharding the model over processes, gathering and scattering its state
     hellaswag.py    the HellaSwag benchmark: read, render, score
     metrics.py      MFU, metrics.jsonl, loss.png
     files.py        files that are whole or absent: atomic writes, downloads
@@ -53,9 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convert
-import fsdp
 import hellaswag
-from files import atomic_open
+from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
 from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
 from shards import find_shards, load_shard, read_meta
@@ -875,6 +875,8 @@ def wrap_model(model, args, dist, device, dtype, init=None):
     less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
     from the config, identical on every process, and need no broadcast each step."""
     if args.fsdp:
+        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
+
         fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
@@ -894,33 +896,6 @@ def wrap_model(model, args, dist, device, dtype, init=None):
 # loader's position, the step, and every process's RNG state, so a resumed run continues
 # exactly, even after a kill -9 (files.atomic_open: the old file or the new one, never half).
 # It is read back with weights_only=True: tensors and plain containers only, never code.
-
-
-CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
-
-
-def save_checkpoint(path, state):
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path):
-    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
-    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
-    machine do not each copy the whole checkpoint into host RAM first."""
-    path = fsdp.newest(path) if os.path.isdir(path) else path  # a run's --out-dir: its newest complete checkpoint
-    if os.path.isdir(path):  # a sharded step folder: its weights read whole, in this one process
-        return {**fsdp.read_train_state(path), "model": fsdp.read_model_state(path)}
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
-        reason = str(e).strip().splitlines()[0][:200]
-        raise fsdp.Unreadable(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
-    return ckpt
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint"):
@@ -1142,7 +1117,7 @@ def train(args, dist, device, dtype):
         dist.barrier()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
     # the complete checkpoints, newest first (a save cut short is never one); plain --resume insists on one
-    found = fsdp.find_checkpoints(args.out_dir) or [os.path.join(args.out_dir, "ckpt.pt")] * (args.resume is True)
+    found = find_checkpoints(args.out_dir) or [os.path.join(args.out_dir, "ckpt.pt")] * (args.resume is True)
     if found and not args.resume:
         raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
     meta = read_meta(args.data)
@@ -1160,7 +1135,10 @@ def train(args, dist, device, dtype):
     # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
     # --fsdp builds it on the meta device and each process initialises only its shards, to a whole build's values.
     torch.manual_seed(args.seed)
-    init = fsdp.DeferredInit(on=args.fsdp and not args.init_from)
+    deferred = bool(args.fsdp) and not args.init_from
+    if deferred:
+        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
+    init = fsdp.DeferredInit() if deferred else contextlib.nullcontext()
     if args.init_from:
         raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
         c = raw_model.config
@@ -1171,8 +1149,9 @@ def train(args, dist, device, dtype):
         with init:
             raw_model = GPT(model_config(args, meta["vocab_size"]))
     raw_model.grad_checkpointing = args.grad_checkpointing
-    model = wrap_model(raw_model if init.on else raw_model.to(device), args, dist, device, dtype, init)
-    if init.on:  # the position tables are computed, not drawn: on the meta device they were left unset
+    model = wrap_model(raw_model if deferred else raw_model.to(device), args, dist, device, dtype,
+                       init if deferred else None)
+    if deferred:  # the position tables are computed, not drawn: on the meta device they were left unset
         with device:
             raw_model.transformer.wpe.make_tables()
     muon_lr = args.muon_lr if args.optimizer == "muon" else None
@@ -1185,16 +1164,16 @@ def train(args, dist, device, dtype):
     # Resuming puts back everything the save at the bottom of the loop wrote, whatever wrote it: ckpt.pt (one
     # process, DDP or FSDP) or a sharded step folder, under any number of processes (fsdp.Checkpoints.load).
     # --resume auto starts fresh when there is none yet; one that cannot be read gives way to the one before it.
-    checkpoints = fsdp.Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
-                                   dist.world, save_checkpoint)
+    checkpoints = Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
+                              dist.world)
     step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
     for path in found if args.resume else []:
         try:
-            ckpt = fsdp.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+            ckpt = read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
             check_resumable(ckpt, raw_model.config, args.optimizer, meta, path)
             ckpt = checkpoints.load(path, ckpt, raw_model, optimizer, rng_state(device))
             break
-        except fsdp.Unreadable as e:
+        except Unreadable as e:
             if path == found[-1]:
                 raise
             say(f"{e}: resuming from {found[found.index(path) + 1]} instead")
