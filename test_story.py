@@ -15,7 +15,7 @@ import transformer
 from test_training import ENV, TINY, metrics
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-COMPANIONS = ["checkpoint.py", "convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py",
+COMPANIONS = ["checkpoint.py", "convert.py", "distributed.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py",
               "metrics.py", "shards.py", "tokenizer.py"]
 
 

@@ -24,6 +24,7 @@ The file is a story, in this order:
 Beside it, companion files hold the tooling the story does not need first; they never import this file:
     checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
+    distributed.py  the processes torchrun starts: rank, world size, the process group and its teardown
     fsdp.py         --fsdp: sharding the model over processes, gathering and scattering its state
     hellaswag.py    the HellaSwag benchmark: read, render, score
     metrics.py      MFU, metrics.jsonl, loss.png
@@ -56,6 +57,7 @@ import torch.nn.functional as F
 import convert
 import hellaswag
 from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
+from distributed import Distributed  # rank and world size; the process group under torchrun
 from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
 from shards import find_shards, load_shard, read_meta
@@ -751,9 +753,9 @@ def prepare_default_data(data_dir):
 # -----------------------------------------------------------------------------
 # 8. Processes
 # What a run needs around the model: a device and a dtype; under torchrun, the process
-# group every process joins (one process per GPU), the model wrapped so that backward
-# averages the gradients over the processes (DDP); and stop signals that end a run at a
-# step's end, not in the middle of one.
+# group every process joins (one process per GPU: distributed.Distributed, which knows its
+# rank and the world size), the model wrapped so that backward averages the gradients over
+# the processes (DDP); and stop signals that end a run at a step's end, not in the middle of one.
 
 
 def pick_device(name, local_rank=0):
@@ -785,69 +787,6 @@ def synchronize(device):
     """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class Distributed:
-    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
-
-    finished_on_gloo = False  # set when a gloo group was torn down after success: see running's NOTE
-
-    def __init__(self):
-        self.enabled = "RANK" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.master = self.rank == 0
-
-    @contextlib.contextmanager
-    def running(self, device):
-        """The process group for the block inside `with`: NCCL moves GPU tensors between GPUs directly, gloo
-        runs the same collectives on CPU tensors (tests). Alone, there is nothing to set up.
-
-        NOTE: a process that dies at exit fails the whole torchrun job, and gloo can make one die: a worker
-        thread of its freeing the tensors of a finished collective after Python has begun shutting down aborts
-        the process (SIGABRT, "terminate called without an active exception", 1 finished run in 20 to 40 on a
-        busy machine). Hence:
-        - FSDP (--fsdp uses it; transformers and torch.distributed.checkpoint import it) is imported before
-          the group exists: its ShardedGradScaler takes `group.WORLD` as a default argument, so imported
-          later it would keep the group, and its threads, alive after destroy_process_group.
-        - On success every process waits for the others before tearing down. After an error there is no
-          waiting: a peer may never arrive.
-        - On gloo (CPU) a finished process ends right after destroy_process_group, everything written, closed
-          and flushed, skipping Python's shutdown: under --fsdp torch's DTensor keeps the group and gloo's
-          threads alive regardless. The program's entry (the end of this file) does that, when running has set
-          Distributed.finished_on_gloo: library code never ends its caller's process."""
-        if not self.enabled:
-            yield
-            return
-        import torch.distributed.fsdp  # noqa: F401  (see the NOTE: before init_process_group)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        # NOTE: torchrun --max-restarts keeps one store for every attempt, the killed attempt's keys still in it:
-        # a restarted gloo group reads a dead peer's address and hangs or fails. Each attempt gets its own keys.
-        store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and torch.distributed.PrefixStore(
-            f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}",
-            torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
-        torch.distributed.init_process_group(backend, store=store or None, rank=self.rank, world_size=self.world,
-                                             device_id=device_id)
-        try:
-            yield
-            torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-        Distributed.finished_on_gloo = backend == "gloo"
-
-    def sum(self, t):
-        """Sum a tensor over processes, in place."""
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def barrier(self):
-        # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
-        if self.enabled:
-            torch.distributed.barrier()
 
 
 class StopSignal:
