@@ -13,14 +13,15 @@ The file is a story, in this order:
     3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
-    6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
+    6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained
     7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
     8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
     9. Checkpoints  everything a run needs to continue exactly, read back without running code
    10. Evaluation   the val loss the loop logs, perplexity over a whole text, HellaSwag accuracy
    11. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
-   12. Commands     train, sample, eval, export
-   13. CLI          argparse and main()
+   12. Generation   the KV cache, sampling, the loop that feeds the model its own output, the compiled step
+   13. Commands     train, sample, eval, export
+   14. CLI          the default run's recipe as flags, argparse and main()
 Beside it, companion files hold the tooling the story does not need first; they never import this file:
     checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
@@ -205,7 +206,7 @@ def attention_bias(q_pos, k_pos, alibi=None):
 
 class Positions(nn.Module):
     """What the model needs to know about positions, for T new tokens: at positions 0 .. T-1 attending to
-    each other, or, with a KV cache (section 9), at the positions it gives them attending to every key it holds:
+    each other, or, with a KV cache (section 12), at the positions it gives them attending to every key it holds:
         pos_emb (T, C)   added to the token embeddings (learned), else None
         rope             (cos, sin), each (T, hd), to rotate q and k by (rope), else None
         bias             the additive attention mask (attention_bias): None for plain causal
@@ -377,8 +378,8 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
-# from_pretrained reads HF checkpoints with convert.py's converters. The section ends with
-# generation: the model fed its own output one token at a time, with a KV cache.
+# from_pretrained reads HF checkpoints with convert.py's converters. Section 12 feeds the
+# model its own output, one token at a time, with a KV cache.
 
 
 class GPT(nn.Module):
@@ -462,14 +463,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, *, stream=False, **options):
-        """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
-        each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
-        generate_tokens, below). A bad prompt raises here, before any token."""
-        check_prompt(idx, self.config.block_size)
-        tokens = generate_tokens(self, idx, max_new_tokens, **options)
-        return tokens if stream else torch.cat([idx, *tokens], dim=1)
-
     @classmethod
     def from_state_dict(cls, config, state_dict, source):
         """A model holding exactly state_dict's weights (checked: names and shapes; source names them in errors).
@@ -506,139 +499,6 @@ class GPT(nn.Module):
         config_from_hf, weights_from_hf = convert.HF_LOADERS[hf.model_type]
         config = GPTConfig.preset("gpt2", hf.model_type, dropout=dropout, **config_from_hf(hf))
         return cls.from_state_dict(config, weights_from_hf(convert.read_hf_weights(path), config), name_or_path)
-
-
-# Generation feeds the model its own output one token at a time. Without a cache every
-# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
-# and each step computes only the new token's keys and values, attending to the stored
-# ones. The model only reads the cache (GPT.forward); this loop gives the new tokens their
-# places in it. The cache has one fixed shape, block_size slots a layer, written in place,
-# and attention is masked to the filled ones: every decode step then has the same shapes, so
-# --compile compiles it once (and on a GPU replays it as a CUDA graph), whatever the position.
-# Past block_size the cache slides: the newest token overwrites the oldest slot, and RoPE and
-# ALiBi, which only see distances, carry on. Learned positions end at block_size, so from
-# there every step re-encodes the last block_size tokens, as the uncached path does.
-
-
-class KVCache:
-    """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, size, head_dim),
-    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
-    (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
-    `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
-    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots."""
-
-    EMPTY = 2**62
-
-    def __init__(self, config, batch_size, device, size=None):
-        size = size or config.block_size  # fewer slots when generation ends before block_size (generate_tokens)
-        self.shape = (batch_size, config.n_kv_head, size, config.head_dim)
-        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer  # allocated at the first write
-        self.key_pos = torch.full((size,), self.EMPTY, device=device)  # (size,)
-        self.pos = 0
-
-    def make_room(self, T):
-        """Positions pos .. pos+T-1 for the next T tokens, in slots that overwrite the oldest once full."""
-        size = self.shape[2]
-        if T > size:
-            raise ValueError(f"{T} tokens at once do not fit the {size}-token cache")
-        self.positions = torch.arange(self.pos, self.pos + T, device=self.key_pos.device)  # (T,)
-        self.slots = self.positions % size  # (T,)
-        self.key_pos.index_copy_(0, self.slots, self.positions)
-        self.pos += T
-
-    def layer(self, i):
-        return LayerCache(self, i)
-
-
-class LayerCache:
-    """One layer's view of the KVCache, handed to its attention."""
-
-    def __init__(self, cache, i):
-        self.cache, self.i = cache, i
-
-    def update(self, k, v):  # k, v (B, nkv, T, hd) -> the layer's whole cache, each (B, nkv, block_size, hd)
-        c, i = self.cache, self.i
-        if c.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
-            c.k[i], c.v[i] = k.new_zeros(c.shape), v.new_zeros(c.shape)
-            for buf in (c.k[i], c.v[i]):  # one address for every step: a CUDA graph replays on these tensors
-                torch._dynamo.mark_static_address(buf)
-        c.k[i].index_copy_(2, c.slots, k)  # in place: the shapes never change
-        c.v[i].index_copy_(2, c.slots, v)
-        return c.k[i], c.v[i]
-
-
-def forward_step(model, idx, cache):
-    """The new tokens idx (B, T) through the model (and the cache, if any) -> the last one's logits (B, vocab)."""
-    logits, _ = model(idx, cache=cache)
-    return logits[:, -1]
-
-
-@functools.cache
-def compiled_step(cuda):
-    """forward_step under torch.compile, made once per process, for the one-token steps after the prefill:
-    their shapes never change, so it compiles once. On a GPU, mode="reduce-overhead" records the step as a
-    CUDA graph and replays it, one launch for the hundreds of small kernels a batch-1 step is made of."""
-    step = torch.compile(forward_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
-
-    def run(model, idx, cache):
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs (its logits) are no longer needed
-        return step(model, idx, cache)
-
-    return run
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits (B, vocab) -> (B, 1). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: finite for any temperature
-    if top_k is not None:  # keep the k most likely tokens
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # keep the fewest tokens whose probabilities add up to top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
-
-def check_prompt(idx, block_size):
-    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
-    if idx.size(1) == 0:
-        raise ValueError("empty prompt: give at least one token")
-    if idx.size(1) > block_size:
-        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
-
-
-@torch.inference_mode()
-def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                    compile=False, generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. compile=True runs
-    the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
-    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
-    fine-tuned on byte data, say)."""
-    block_size = model.config.block_size
-    # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
-    # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
-    size = min(block_size, 1 << (idx.size(1) + max_new_tokens - 1).bit_length())
-    cache = KVCache(model.config, idx.size(0), idx.device, size) if use_cache else None
-    step = compiled_step(idx.is_cuda) if compile else forward_step
-    new = idx  # (B, T): what the cache has not seen, the prompt at first, then the token sampled last
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
-            cache = None  # no position embedding beyond block_size: re-encode the window from here on
-        if cache is None:
-            logits = forward_step(model, idx[:, -block_size:], None)  # (B, vocab)
-        else:
-            prefill = cache.pos == 0
-            cache.make_room(new.size(1))
-            logits = (forward_step if prefill else step)(model, new, cache)  # (B, vocab)
-        new = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
-        idx = torch.cat((idx, new), dim=1)
-        yield new
 
 
 # -----------------------------------------------------------------------------
@@ -1238,7 +1098,151 @@ def train(args, dist, device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# 12. Commands
+# 12. Generation
+# Generation feeds the model its own output one token at a time. Without a cache every
+# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
+# and each step computes only the new token's keys and values, attending to the stored
+# ones. The model only reads the cache (GPT.forward); this loop gives the new tokens their
+# places in it. The cache has one fixed shape, block_size slots a layer, written in place,
+# and attention is masked to the filled ones: every decode step then has the same shapes, so
+# --compile compiles it once (and on a GPU replays it as a CUDA graph), whatever the position.
+# Past block_size the cache slides: the newest token overwrites the oldest slot, and RoPE and
+# ALiBi, which only see distances, carry on. Learned positions end at block_size, so from
+# there every step re-encodes the last block_size tokens, as the uncached path does.
+
+
+class KVCache:
+    """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, size, head_dim),
+    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
+    (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
+    `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
+    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots."""
+
+    EMPTY = 2**62
+
+    def __init__(self, config, batch_size, device, size=None):
+        size = size or config.block_size  # fewer slots when generation ends before block_size (generate_tokens)
+        self.shape = (batch_size, config.n_kv_head, size, config.head_dim)
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer  # allocated at the first write
+        self.key_pos = torch.full((size,), self.EMPTY, device=device)  # (size,)
+        self.pos = 0
+
+    def make_room(self, T):
+        """Positions pos .. pos+T-1 for the next T tokens, in slots that overwrite the oldest once full."""
+        size = self.shape[2]
+        if T > size:
+            raise ValueError(f"{T} tokens at once do not fit the {size}-token cache")
+        self.positions = torch.arange(self.pos, self.pos + T, device=self.key_pos.device)  # (T,)
+        self.slots = self.positions % size  # (T,)
+        self.key_pos.index_copy_(0, self.slots, self.positions)
+        self.pos += T
+
+    def layer(self, i):
+        return LayerCache(self, i)
+
+
+class LayerCache:
+    """One layer's view of the KVCache, handed to its attention."""
+
+    def __init__(self, cache, i):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):  # k, v (B, nkv, T, hd) -> the layer's whole cache, each (B, nkv, block_size, hd)
+        c, i = self.cache, self.i
+        if c.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
+            c.k[i], c.v[i] = k.new_zeros(c.shape), v.new_zeros(c.shape)
+            for buf in (c.k[i], c.v[i]):  # one address for every step: a CUDA graph replays on these tensors
+                torch._dynamo.mark_static_address(buf)
+        c.k[i].index_copy_(2, c.slots, k)  # in place: the shapes never change
+        c.v[i].index_copy_(2, c.slots, v)
+        return c.k[i], c.v[i]
+
+
+def forward_step(model, idx, cache):
+    """The new tokens idx (B, T) through the model (and the cache, if any) -> the last one's logits (B, vocab)."""
+    logits, _ = model(idx, cache=cache)
+    return logits[:, -1]
+
+
+@functools.cache
+def compiled_step(cuda):
+    """forward_step under torch.compile, made once per process, for the one-token steps after the prefill:
+    their shapes never change, so it compiles once. On a GPU, mode="reduce-overhead" records the step as a
+    CUDA graph and replays it, one launch for the hundreds of small kernels a batch-1 step is made of."""
+    step = torch.compile(forward_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+    def run(model, idx, cache):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs (its logits) are no longer needed
+        return step(model, idx, cache)
+
+    return run
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, vocab) -> (B, 1). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: finite for any temperature
+    if top_k is not None:  # keep the k most likely tokens
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # keep the fewest tokens whose probabilities add up to top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def check_prompt(idx, block_size):
+    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
+    if idx.size(1) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if idx.size(1) > block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
+
+
+@torch.inference_mode()
+def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                    compile=False, generator=None, vocab_size=None):
+    """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True runs
+    the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
+    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
+    fine-tuned on byte data, say)."""
+    block_size = model.config.block_size
+    # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
+    # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
+    size = min(block_size, 1 << (idx.size(1) + max_new_tokens - 1).bit_length())
+    cache = KVCache(model.config, idx.size(0), idx.device, size) if use_cache else None
+    step = compiled_step(idx.is_cuda) if compile else forward_step
+    new = idx  # (B, T): what the cache has not seen, the prompt at first, then the token sampled last
+    for _ in range(max_new_tokens):
+        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
+            cache = None  # no position embedding beyond block_size: re-encode the window from here on
+        if cache is None:
+            logits = forward_step(model, idx[:, -block_size:], None)  # (B, vocab)
+        else:
+            prefill = cache.pos == 0
+            cache.make_room(new.size(1))
+            logits = (forward_step if prefill else step)(model, new, cache)  # (B, vocab)
+        new = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, new), dim=1)
+        yield new
+
+
+def generate(model, idx, max_new_tokens, *, stream=False, **options):
+    """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
+    each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
+    generate_tokens). A bad prompt raises here, before any token."""
+    check_prompt(idx, model.config.block_size)
+    tokens = generate_tokens(model, idx, max_new_tokens, **options)
+    return tokens if stream else torch.cat([idx, *tokens], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# 13. Commands
 # What the command line runs: training (the default), --sample, --eval (perplexity or
 # HellaSwag) and --export-hf / --export-gguf. Each picks the device, loads what it needs
 # and hands over to the sections above.
@@ -1271,7 +1275,7 @@ def train_and_sample(args):
             prompt = torch.tensor([tokenizer.encode("\n")], device=device)
             model.eval()
             with autocast(device, dtype):
-                out = model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
+                out = generate(model, prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
             if dist.master:
                 print("--- sample ---\n" + tokenizer.decode(out[0].tolist()), flush=True)
 
@@ -1313,8 +1317,8 @@ def sample(args):
             # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
             new, shown = [], ""
             with autocast(device, dtype):
-                stream = model.generate(
-                    torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
+                stream = generate(
+                    model, torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
                     compile=bool(args.compile), generator=generator, vocab_size=tokenizer.vocab_size,
                 )
@@ -1411,7 +1415,7 @@ def export(args):
 
 
 # -----------------------------------------------------------------------------
-# 13. CLI
+# 14. CLI
 # One entry point, main(). The defaults are the default run's recipe: a small LLaMA-style
 # model (--size mini) on tiny Shakespeare characters, sized so a 2-core CPU beats
 # nanoGPT's CPU recipe in about half its time (README: "Results"). Every value is
@@ -1563,7 +1567,7 @@ def inference_flags(p):
 
 
 def export_flags(p):
-    """Writing a trained model for other tools (section 10). Both exports can run in one command."""
+    """Writing a trained model for other tools (section 13). Both exports can run in one command."""
     g = p.add_argument_group("export (of --ckpt or --init-from)")
     g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
                    "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
