@@ -600,14 +600,17 @@ class DataLoaderLite:
 DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
 
 
-def prepare_default_data(data_dir):
-    """The default run's data: tiny Shakespeare at byte (= character) level, prepared on first use by
-    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+def prepare_default_data(dist):
+    """The default run's data, DEFAULT_DATA: tiny Shakespeare at byte (= character) level, prepared on first use
+    by prepare_data.py, run as a program (it imports this file; this file never imports it), by rank 0 alone
+    under torchrun while the others wait."""
+    if dist.master and not os.path.exists(os.path.join(DEFAULT_DATA, "meta.json")):
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
+        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", DEFAULT_DATA, "--overwrite"])
         if done.returncode != 0:
             raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+    dist.barrier()
+    return DEFAULT_DATA
 
 
 # -----------------------------------------------------------------------------
@@ -677,6 +680,9 @@ def wrap_model(model, args, dist, device, dtype, init=None):
         import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
 
         fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
+        if init is not None:  # built on the meta device: the position tables, computed not drawn, are still unset
+            with device:
+                model.transformer.wpe.make_tables()
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
@@ -742,6 +748,35 @@ def seed_rng(ckpt, seed, dist, device):
         return
     # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
     torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
+
+
+def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoints):
+    """Put back everything the loop's save wrote (section 11), whatever wrote it: ckpt.pt (one process, DDP or
+    FSDP) or a sharded step folder, under any number of processes. Returns the checkpoint's train state, or None
+    for a new run. Without --resume a checkpoint in --out-dir is refused, never overwritten; --resume insists on
+    one, --resume auto starts fresh without one; a checkpoint that cannot be read gives way to the one before."""
+    found = find_checkpoints(args.out_dir)  # the complete ones, newest first: a save cut short is never one
+    if found and not args.resume:
+        raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
+    if not found and args.resume is True:
+        raise ValueError(f"{os.path.join(args.out_dir, 'ckpt.pt')}: no such checkpoint")
+    for path in found if args.resume else []:
+        try:
+            ckpt = read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+            check_resumable(ckpt, model.config, args.optimizer, meta, path)
+            ckpt = checkpoints.load(path, ckpt, model, optimizer, rng_state(device))
+        except Unreadable as e:
+            if path == found[-1]:
+                raise
+            if dist.master:
+                print(f"{e}: resuming from {found[found.index(path) + 1]} instead", flush=True)
+            continue
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+        if dist.master:
+            print(f"resumed {path} at step {ckpt['step']}", flush=True)
+        return ckpt
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -898,6 +933,24 @@ def model_config(args, vocab_size):
                             dropout=args.dropout, **overrides)
 
 
+def run_summary(model, meta, args, dist, device, dtype, grad_accum, peak, peak_source):
+    """The lines a run prints before its first step: the model, the batch, the sharding, the MFU's yardstick."""
+    c, B, T = model.config, args.batch_size, args.seq_len
+    vocab = f"vocab {meta['vocab_size']}"
+    vocab += f" (padded to {c.vocab_size})" if c.vocab_size != meta["vocab_size"] else ""
+    lines = [f"model: {model.num_params():,} parameters | {c.pos} positions, {c.norm}, {c.mlp}, "
+             f"{c.n_layer} layers x {c.n_head} heads x {c.n_embd} wide | {vocab} ({meta['tokenizer']})",
+             f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = "
+             f"{B * T * dist.world * grad_accum:,} tokens/step | device {device}, {str(dtype).removeprefix('torch.')}"
+             f"{', compiled' if args.compile else ''}"]
+    if args.fsdp:
+        local = sum(p.to_local().numel() for p in model.parameters())
+        lines.append(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
+                     f"rank 0 holds {local:,} of {model.num_params():,} parameters")
+    lines.append("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
+    return lines
+
+
 def train(args, dist, device, dtype):
     """A training run, top to bottom. Every process under torchrun runs all of it, on its own share of each
     batch. Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after
@@ -905,20 +958,11 @@ def train(args, dist, device, dtype):
 
     def say(*lines):
         if dist.master:  # every process runs the loop; one speaks
-            print(*lines, flush=True)
+            print(*lines, sep="\n", flush=True)
 
     # The data. An optimizer step sees B x T tokens per process per micro-step, over all processes and
     # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
-    if args.data is None:  # the default run: tiny Shakespeare, prepared by rank 0 while the others wait
-        args.data = DEFAULT_DATA
-        if dist.master:
-            prepare_default_data(args.data)
-        dist.barrier()
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
-    # the complete checkpoints, newest first (a save cut short is never one); plain --resume insists on one
-    found = find_checkpoints(args.out_dir) or [os.path.join(args.out_dir, "ckpt.pt")] * (args.resume is True)
-    if found and not args.resume:
-        raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
+    args.data = args.data or prepare_default_data(dist)
     meta = read_meta(args.data)
     tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
     B, T = args.batch_size, args.seq_len
@@ -950,9 +994,6 @@ def train(args, dist, device, dtype):
     raw_model.grad_checkpointing = args.grad_checkpointing
     model = wrap_model(raw_model if deferred else raw_model.to(device), args, dist, device, dtype,
                        init if deferred else None)
-    if deferred:  # the position tables are computed, not drawn: on the meta device they were left unset
-        with device:
-            raw_model.transformer.wpe.make_tables()
     muon_lr = args.muon_lr if args.optimizer == "muon" else None
     optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: small gradients
@@ -960,27 +1001,12 @@ def train(args, dist, device, dtype):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
 
-    # Resuming puts back everything the save at the bottom of the loop wrote, whatever wrote it: ckpt.pt (one
-    # process, DDP or FSDP) or a sharded step folder, under any number of processes (fsdp.Checkpoints.load).
-    # --resume auto starts fresh when there is none yet; one that cannot be read gives way to the one before it.
+    # A new run, or the one in --out-dir continued where its last save left off (section 9).
     checkpoints = Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
                               dist.world)
-    step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
-    for path in found if args.resume else []:
-        try:
-            ckpt = read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
-            check_resumable(ckpt, raw_model.config, args.optimizer, meta, path)
-            ckpt = checkpoints.load(path, ckpt, raw_model, optimizer, rng_state(device))
-            break
-        except Unreadable as e:
-            if path == found[-1]:
-                raise
-            say(f"{e}: resuming from {found[found.index(path) + 1]} instead")
-    if ckpt is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        step, val_loss = ckpt["step"], ckpt.get("val_loss")
-        say(f"resumed {path} at step {step}")
+    ckpt = resume(args, raw_model, optimizer, scaler, train_loader, meta, dist, device, checkpoints)
+    step, val_loss = (ckpt["step"], ckpt.get("val_loss")) if ckpt else (0, None)  # step: optimizer steps completed
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
 
     # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
     # what is being trained.
@@ -988,19 +1014,7 @@ def train(args, dist, device, dtype):
     examples = load_hellaswag(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
-    config = raw_model.config
-    vocab = f"vocab {meta['vocab_size']}"
-    vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
-    say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
-        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
-    say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = "
-        f"{tokens_per_step:,} tokens/step | device {device}, {str(dtype).removeprefix('torch.')}"
-        f"{', compiled' if args.compile else ''}")
-    if args.fsdp:
-        local = sum(p.to_local().numel() for p in raw_model.parameters())
-        say(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
-            f"rank 0 holds {local:,} of {raw_model.num_params():,} parameters")
-    say("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
+    say(*run_summary(raw_model, meta, args, dist, device, dtype, grad_accum, peak, peak_source))
     # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
     # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
     seed_rng(ckpt, args.seed, dist, device)
@@ -1081,11 +1095,11 @@ def train(args, dist, device, dtype):
 
             # Save everything resuming needs, atomically: a kill -9 mid-write leaves the previous checkpoint. Every
             # process takes part, with its RNG state (dropout continues exactly on each) and its shards: ckpt.pt
-            # gathers them whole for rank 0 to write, a sharded step folder gets each process's own (fsdp.py).
+            # gathers them whole for rank 0 to write, a sharded step folder gets each process's own (checkpoint.py).
             if step % args.ckpt_every == 0 or last or stopping:
                 checkpoints.save(raw_model, optimizer, rng_state(device), {
-                    "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "config": dataclasses.asdict(config),
-                    "args": vars(args), "step": step, "loader": train_loader.state_dict(),
+                    "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "args": vars(args), "step": step,
+                    "config": dataclasses.asdict(raw_model.config), "loader": train_loader.state_dict(),
                     "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
                 }, done=last or stopping)
             if stopping:
