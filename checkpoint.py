@@ -23,7 +23,7 @@ from files import atomic_open
 
 CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
 # Tensors renamed since a checkpoint was written, old name -> new: old checkpoints still sample, evaluate, resume.
-RENAMED = {}
+RENAMED = {"transformer.wpe.weight": "positions.weight"}
 
 
 def save_checkpoint(path, state):

@@ -88,15 +88,18 @@ def gpt2_config_from_hf(hf):
 
 
 GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
+GPT2_RENAMED = {"transformer.wpe.weight": "positions.weight"}  # HF's name -> ours: the learned Positions' table
 
 
 def gpt2_weights_from_hf(sd, config):
-    """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
+    """HF GPT-2 names match ours up to a 'transformer.' prefix (and wpe, our positions); its Conv1D stores weights
+    as (in, out)."""
     out = {}
     for k, v in sd.items():
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old checkpoints store the causal mask as a buffer
         k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+        k = GPT2_RENAMED.get(k, k)
         if k.endswith(GPT2_CONV1D):
             v = v.t()
         out[k] = v
@@ -186,7 +189,8 @@ def hf_tensors(model, family, vocab_size):
 
 def gpt2_weights_to_hf(sd):
     """The inverse of gpt2_weights_from_hf: Conv1D matrices as (in, out), and zero biases where we have none."""
-    out = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
+    hf_names = {ours: hf for hf, ours in GPT2_RENAMED.items()}
+    out = {hf_names.get(k, k): v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
     for k, v in list(out.items()):
         if k.startswith(("transformer.h.", "transformer.ln_f.")) and k.endswith("weight"):
             out.setdefault(k.removesuffix("weight") + "bias", torch.zeros(v.shape[-1]))  # (out features,)

@@ -215,7 +215,7 @@ with dist.running(device):
         with fsdp.DeferredInit() as init:
             meta = transformer.GPT(config)
         fsdp.shard(meta, torch.float32, init, device)
-        meta.transformer.wpe.make_tables()
+        meta.positions.make_tables()
         x = buf[:, :-1] % 65
         report[f"{arch}_meta_init"] = {
             "bit_equal": all(torch.equal(p.full_tensor(), whole.get_parameter(n)) for n, p in meta.named_parameters()),

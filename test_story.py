@@ -5,12 +5,14 @@ counted as completed, checkpoints loaded without a random init, no in-house jarg
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import checkpoint
 import transformer
 from test_training import ENV, TINY, metrics
 
@@ -142,3 +144,50 @@ def test_a_missing_optional_package_is_one_line_naming_the_extras(tmp_path, monk
     (tmp_path / "hf").mkdir()
     line = one_line_error(["--sample", "--init-from", str(tmp_path / "hf")])
     assert "needs the transformers package: pip install -r requirements-extras.txt" in line
+
+
+def as_before_positions_were_renamed(out):
+    """Rewrite out's checkpoint (ckpt.pt or step folders) as it was written when the learned position table was
+    GPT-2's transformer.wpe."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    old = {"positions.weight": "transformer.wpe.weight"}
+    if (out / "ckpt.pt").exists():
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        torch.save({**ckpt, "model": {old.get(k, k): v for k, v in ckpt["model"].items()}}, out / "ckpt.pt")
+    for folder in out.glob("step_*"):
+        dcp_to_torch_save(folder, out / "whole.pt")
+        state = torch.load(out / "whole.pt", weights_only=True)
+        assert "positions.weight" in state["model"]
+        torch.save(checkpoint.renamed(state, old), out / "whole.pt")
+        torch_save_to_dcp(out / "whole.pt", out / "old")
+        for name in ("train.pt", "COMPLETE"):
+            shutil.copy(folder / name, out / "old" / name)
+        shutil.rmtree(folder)
+        os.replace(out / "old", folder)
+        os.remove(out / "whole.pt")
+
+
+@pytest.mark.parametrize("fmt", ["file", "sharded"])
+def test_a_checkpoint_from_before_positions_were_renamed_samples_evaluates_and_resumes(data, tmp_path, capsys, fmt):
+    """The learned position table was GPT-2's transformer.wpe until the story named it GPT.positions: a checkpoint
+    written then still samples, evaluates and resumes (checkpoint.py maps the old name), to the same numbers."""
+    flags = [*TINY, "--arch", "gpt2", "--ckpt-format", fmt]
+    new, old = tmp_path / "new", tmp_path / "old"
+    transformer.main(["--data", data, "--out-dir", str(new), *flags, "--max-steps", "2"])
+    shutil.copytree(new, old)
+    as_before_positions_were_renamed(old)
+    assert any(b"transformer.wpe.weight" in p.read_bytes() for p in old.rglob("*") if p.is_file())
+    loaded = transformer.load_checkpoint(str(old))["model"]
+    assert torch.equal(loaded["positions.weight"], transformer.load_checkpoint(str(new))["model"]["positions.weight"])
+    outputs = []
+    for out in (new, old):
+        capsys.readouterr()
+        transformer.main(["--sample", "--ckpt", str(out), "--device", "cpu", "--temperature", "0",
+                          "--max-new-tokens", "8"])
+        transformer.main(["--eval", "--ckpt", str(out), "--data", data, "--device", "cpu"])
+        outputs.append(capsys.readouterr().out.replace(str(out), "OUT"))  # the sample and the loss
+        transformer.main(["--data", data, "--out-dir", str(out), *flags, "--max-steps", "3", "--resume"])
+        assert "resumed" in capsys.readouterr().out
+    assert outputs[0] == outputs[1] and "perplexity" in outputs[0]
+    assert [(r["loss"], r["grad_norm"]) for r in metrics(new)] == [(r["loss"], r["grad_norm"]) for r in metrics(old)]

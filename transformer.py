@@ -211,8 +211,8 @@ class Positions(nn.Module):
         rope             (cos, sin), each (T, hd), to rotate q and k by (rope), else None
         bias             the additive attention mask (attention_bias): None for plain causal
                          attention, else (1, nh or 1, T, S), with ALiBi's distance penalty (alibi)
-    GPT keeps it under GPT-2's name for its learned position embedding, transformer.wpe, so that
-    GPT-2 checkpoints load unchanged; only the learned scheme has a weight."""
+    Only the learned scheme has a weight: GPT.positions.weight, GPT-2's transformer.wpe (convert.py maps
+    the names)."""
 
     def __init__(self, config):
         super().__init__()
@@ -394,7 +394,7 @@ class GPT(nn.Module):
                 ln_f=make_norm(config),
             )
         )
-        self.transformer["wpe"] = Positions(config)  # after ln_f, where GPT-2's wpe was: the same init order
+        self.positions = Positions(config)  # registered after ln_f, where GPT-2's wpe was: the same init order
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False
@@ -409,7 +409,7 @@ class GPT(nn.Module):
         """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
         --sample. RoPE and ALiBi see only distances, so any length runs (how well is what --eval
         measures); learned position vectors exist only for the positions trained."""
-        positions = self.transformer.wpe
+        positions = self.positions
         if block_size > positions.max_len:
             raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
                              f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
@@ -444,7 +444,7 @@ class GPT(nn.Module):
         positions in it.
         """
         B, T = idx.size()
-        pos_emb, rope, bias = self.transformer.wpe(T, idx.device, cache)
+        pos_emb, rope, bias = self.positions(T, idx.device, cache)
         x = self.transformer.wte(idx)  # (B, T, C)
         if pos_emb is not None:
             x = x + pos_emb  # (T, C) broadcast over the batch
@@ -472,7 +472,7 @@ class GPT(nn.Module):
             model = cls(config)
         model.to_empty(device="cpu")  # real storage, left uninitialised; this unties weights, so tie them again
         model.tie_weights()
-        model.transformer.wpe.make_tables()
+        model.positions.make_tables()
         expected = model.state_dict()
         missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         if missing or extra:
@@ -682,7 +682,7 @@ def wrap_model(model, args, dist, device, dtype, init=None):
         fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
         if init is not None:  # built on the meta device: the position tables, computed not drawn, are still unset
             with device:
-                model.transformer.wpe.make_tables()
+                model.positions.make_tables()
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
@@ -1233,7 +1233,7 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
     step = compiled_step(idx.is_cuda) if compile else forward_step
     new = idx  # (B, T): what the cache has not seen, the prompt at first, then the token sampled last
     for _ in range(max_new_tokens):
-        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
+        if cache is not None and cache.pos >= model.positions.max_len:
             cache = None  # no position embedding beyond block_size: re-encode the window from here on
         if cache is None:
             logits = forward_step(model, idx[:, -block_size:], None)  # (B, vocab)
