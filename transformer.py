@@ -8,7 +8,8 @@ transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many,
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo)
+    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl), architectures (gpt2, llama, olmo); the
+                    default run's RECIPE
     2. Positions    learned, RoPE or ALiBi, decided in one place (Positions), and the attention mask
     3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
@@ -21,7 +22,7 @@ The file is a story, in this order:
    11. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
    12. Generation   the KV cache, sampling, the loop that feeds the model its own output, the compiled step
    13. Commands     train, sample, eval, export
-   14. CLI          the default run's recipe as flags, argparse and main()
+   14. CLI          argparse (each default from RECIPE or a preset) and main()
 Beside it, companion files hold the tooling the story does not need first; they never import this file:
     checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
@@ -141,6 +142,19 @@ ARCHS = {
     # NOTE: AI2's released OLMo models use RoPE, not ALiBi
     "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
 }
+
+
+# The default run, as nanoGPT's train.py opens with its defaults: a small LLaMA-style model on tiny Shakespeare's
+# characters (prepared on first use), sized so that a 2-core CPU beats nanoGPT's CPU recipe in about half its time
+# (README: "Results"). The command line (section 14) takes its defaults from here; each flag overrides one.
+RECIPE = dict(
+    arch="llama", size="mini",  # the model: GPTConfig.preset(size, arch); T = the size's block_size, 64
+    batch_size=12, max_steps=850,  # B = 12 windows of 64 characters a step, 850 steps
+    lr=2e-3, min_lr=2e-4, warmup_steps=50,  # AdamW's lr: a short linear warmup, then a cosine to a tenth of it
+    muon_lr=0.02, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
+    log_every=100, eval_every=100, eval_iters=20, ckpt_every=1000,  # eval: 9 points for loss.png, ~6% of the time
+    seed=1337,  # the initial weights, the data order and dropout all follow from it
+)
 
 
 # -----------------------------------------------------------------------------
@@ -929,7 +943,7 @@ def model_config(args, vocab_size):
     cannot exist (ValueError)."""
     flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
-    return GPTConfig.preset(args.size or "mini", args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
+    return GPTConfig.preset(args.size or RECIPE["size"], args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
                             dropout=args.dropout, **overrides)
 
 
@@ -1433,9 +1447,8 @@ def export(args):
 
 # -----------------------------------------------------------------------------
 # 14. CLI
-# One entry point, main(). The defaults are the default run's recipe: a small LLaMA-style
-# model (--size mini) on tiny Shakespeare characters, sized so a 2-core CPU beats
-# nanoGPT's CPU recipe in about half its time (README: "Results"). Every value is
+# One entry point, main(). The model's numbers default to the --size preset (model_config
+# leaves them to it), training's to the default run's RECIPE (section 1). Every value is
 # checked here, before any work: a bad one is one line and exit status 2.
 
 
@@ -1456,10 +1469,6 @@ def parse_args(argv=None):
     return args
 
 
-# The flags by group. The model's numbers default to the --size preset (model_config leaves them to it), so
-# GPTConfig's presets are the one source of defaults; training's defaults are the default run's recipe.
-
-
 def data_and_model_flags(p):
     """What to train on and what to train: an --arch preset (the kind of model) and a --size preset (how big),
     each open to single overrides. --pos, --norm and --mlp are the switches of the architecture table."""
@@ -1468,7 +1477,7 @@ def data_and_model_flags(p):
                    f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
     g = p.add_argument_group("model")
     # the kind of model (ARCHS), then single switches on top of it
-    g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
+    g.add_argument("--arch", default=RECIPE["arch"], choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
@@ -1482,33 +1491,32 @@ def data_and_model_flags(p):
     g.add_argument("--block-size", type=at_least(1), help="the model's context; default --seq-len, else the size's. "
                    "--sample/--eval: a longer context than trained, for RoPE and ALiBi, which see only distances")
     g.add_argument("--seq-len", type=at_least(1), help="T, the tokens of one training sequence; default --block-size")
-    g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=0.0, help="in [0, 1)")
+    g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=RECIPE["dropout"], help="in [0, 1)")
     g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint folder")
 
 
 def training_flags(p):
-    """The optimization. The defaults are the default run's, measured on a 2-core CPU (README: "Results"): AdamW
-    at 2e-3 with a short warmup and a cosine to a tenth of it, 850 steps of 12 x 64 characters. For GPT-2
-    on FineWeb, nanoGPT's numbers are the place to start (README: "Recipes")."""
+    """The optimization, RECIPE's by default. For GPT-2 on FineWeb, start from nanoGPT's (README: "Recipes")."""
     g = p.add_argument_group("training")
     # the batch: B sequences of T tokens on each process; accumulation micro-steps make up the rest
-    g.add_argument("--batch-size", type=at_least(1), default=12, help="B, sequences per process per micro-step")
+    g.add_argument("--batch-size", type=at_least(1), default=RECIPE["batch_size"],
+                   help="B, sequences per process per micro-step")
     g.add_argument("--total-batch-tokens", type=at_least(1),
                    help="tokens per optimizer step; default B x T x processes (no accumulation)")
-    g.add_argument("--max-steps", type=at_least(1), default=850)
+    g.add_argument("--max-steps", type=at_least(1), default=RECIPE["max_steps"])
     # the optimizers and their peak learning rates, all on one schedule: linear warmup, then a cosine
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon for the blocks' matrices (--muon-lr), AdamW for the rest (--lr); torch >= 2.9")
-    g.add_argument("--lr", type=in_range(0, low_open=True), default=2e-3, help="AdamW's peak lr")
-    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=0.02, help="Muon's peak lr (--optimizer muon)")
-    g.add_argument("--min-lr", type=in_range(0), default=2e-4, help="the cosine ends here; <= --lr")
-    g.add_argument("--warmup-steps", type=at_least(0), default=50)
+    g.add_argument("--lr", type=in_range(0, low_open=True), default=RECIPE["lr"], help="AdamW's peak lr")
+    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=RECIPE["muon_lr"],
+                   help="Muon's peak lr (--optimizer muon)")
+    g.add_argument("--min-lr", type=in_range(0), default=RECIPE["min_lr"], help="the cosine ends here; <= --lr")
+    g.add_argument("--warmup-steps", type=at_least(0), default=RECIPE["warmup_steps"])
     g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
-    # regularization and stability
-    g.add_argument("--weight-decay", type=in_range(0), default=0.1)
-    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=1.0, help="max global gradient norm")
-    # the initial weights, the data order and dropout all follow from it
-    g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=1337)
+    g.add_argument("--weight-decay", type=in_range(0), default=RECIPE["weight_decay"])
+    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=RECIPE["grad_clip"],
+                   help="max global gradient norm")
+    g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=RECIPE["seed"])
 
 
 def logging_flags(p):
@@ -1516,11 +1524,11 @@ def logging_flags(p):
     Logged steps cost a host-device sync; evaluation costs --eval-iters forward passes."""
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
-    g.add_argument("--log-every", type=at_least(1), default=100)
-    g.add_argument("--eval-every", type=at_least(1), default=100, help="val loss every N steps and at the end "
-                   "(the default run: 9 points for loss.png, about 6%% of its time)")
-    g.add_argument("--eval-iters", type=at_least(1), default=20)
-    g.add_argument("--ckpt-every", type=at_least(1), default=1000)
+    g.add_argument("--log-every", type=at_least(1), default=RECIPE["log_every"])
+    g.add_argument("--eval-every", type=at_least(1), default=RECIPE["eval_every"],
+                   help="val loss every N steps and at the end")
+    g.add_argument("--eval-iters", type=at_least(1), default=RECIPE["eval_iters"])
+    g.add_argument("--ckpt-every", type=at_least(1), default=RECIPE["ckpt_every"])
     g.add_argument("--ckpt-format", choices=["file", "sharded"], help="file: one ckpt.pt, gathered to rank 0; sharded: "
                    "step_N/ folders, each process writing its own shards (default under --fsdp; any --ckpt reads both)")
     g.add_argument("--keep-checkpoints", type=at_least(1), default=1, metavar="K", help="sharded: keep the newest K")
