@@ -515,3 +515,27 @@ def export_gguf(model, vocab, path, dtype="f16"):
         w.write_tensors_to_file()
         w.close()
 
+
+def check_new_output(path, folder):
+    """Export never overwrites: a file must be new, a folder new or empty."""
+    if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
+        raise ValueError(f"{path} already exists{' and is not an empty folder' if folder else ''}: "
+                         f"export writes only to a new {'folder (or an empty one)' if folder else 'file'}")
+
+
+def export(model, tokenizer, hf_dir=None, gguf_path=None, gguf_dtype="f16"):
+    """transformer.py's --export-hf DIR and --export-gguf FILE: check everything first (a family HF computes, a
+    tokenizer GGUF can hold, outputs that are new), then write each output whole, and say what was written."""
+    family = hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
+    if gguf_path:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
+        vocab = gguf_vocab(tokenizer)
+    for path, folder in ((hf_dir, True), (gguf_path, False)):
+        if path:
+            check_new_output(path, folder)
+    what = f"{HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
+    if hf_dir:
+        export_hf(model, tokenizer, hf_dir)
+        print(f"wrote {hf_dir}: {what}")
+    if gguf_path:
+        export_gguf(model, vocab, gguf_path, gguf_dtype)
+        print(f"wrote {gguf_path}: {what}, {gguf_dtype}")

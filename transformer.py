@@ -518,21 +518,16 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # 7. Data
 # Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
-# waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py): a 1 KiB header,
-# then the tokens as uint16 while the vocabulary fits in 65,536 ids, else uint32,
-# memory-mapped as they lie on disk; llm.c's shards read as they are. meta.json names the
-# tokenizer and counts each split's tokens and the UTF-8 bytes they spell, so a loss per
-# token also reads as bits per byte, the scale on which tokenizers compare.
+# waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py, llm.c's read as
+# they are), memory-mapped as uint16 or uint32. meta.json names the tokenizer and counts
+# each split's tokens and the UTF-8 bytes they spell: a loss per token also reads as bits
+# per byte, the scale on which tokenizers compare.
 
 
 def bits_per_byte(loss, n_tokens, n_bytes):
     """A mean loss (nats per token) over n_tokens tokens that spell n_bytes UTF-8 bytes, in bits per byte
-    (nanochat's val_bpb): the text's total loss is loss * n_tokens nats, and a nat is 1/ln 2 bits. Models with
-    different tokenizers compare on this scale, not per token.
-
-    --eval's loss covers a whole text or val split (meta.json's splits.val.bytes), every token but the first,
-    so it divides by exactly the bytes predicted. NOTE: the training log's val loss is an estimate from
-    --eval-iters random windows, not the whole split; it is converted at the whole val split's tokens per byte."""
+    (nanochat's val_bpb): the total loss is loss * n_tokens nats, and a nat is 1/ln 2 bits. NOTE: the training
+    log's val loss is an estimate from --eval-iters windows, converted at the whole val split's tokens per byte."""
     return loss * n_tokens / (n_bytes * math.log(2))
 
 
@@ -540,15 +535,11 @@ class DataLoaderLite:
     """Batches of B windows of T + 1 tokens, (B, T+1) int64, from one split's shards: x = buf[:, :-1] and
     the targets y = buf[:, 1:] are the same window shifted by one.
 
-    Each epoch cuts every shard into windows of T + 1 tokens starting at a random offset and visits
-    the windows in a random order, both drawn from (seed, epoch) alone. The unit of reading is one
-    optimizer step: B x num_processes x grad_accum consecutive windows of that order. Micro-step m
-    of rank r takes windows (m * num_processes + r) * B ... + B - 1 of the step's block.
-
-    NOTE: so any split of the same total batch (8 processes x B, or 1 process x B x 8 accumulation
-    steps, ...) reads the same windows in the same steps, the epoch boundary included (the tail
-    that does not fill a whole step is dropped); the optimizer sees the same mean gradient, and a
-    checkpoint written under one split resumes under another. (epoch, step) is the whole state.
+    Each epoch cuts every shard into windows at a random offset and visits them in a random order, both
+    drawn from (seed, epoch) alone. One optimizer step reads B x num_processes x grad_accum consecutive
+    windows of that order; micro-step m of rank r takes windows (m * num_processes + r) * B ... + B - 1.
+    NOTE: so any split of the same total batch (8 processes x B, or 1 x B x 8 accumulation steps) reads
+    the same windows in the same steps: a checkpoint written under one resumes under another.
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, grad_accum=1, seed=0, pin_memory=False):
@@ -615,9 +606,8 @@ DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run
 
 
 def prepare_default_data(dist):
-    """The default run's data, DEFAULT_DATA: tiny Shakespeare at byte (= character) level, prepared on first use
-    by prepare_data.py, run as a program (it imports this file; this file never imports it), by rank 0 alone
-    under torchrun while the others wait."""
+    """The default run's data: tiny Shakespeare's bytes (= characters), prepared on first use by rank 0 running
+    prepare_data.py as a program (it imports this file, never the other way round), while the others wait."""
     if dist.master and not os.path.exists(os.path.join(DEFAULT_DATA, "meta.json")):
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
         done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", DEFAULT_DATA, "--overwrite"])
@@ -629,10 +619,10 @@ def prepare_default_data(dist):
 
 # -----------------------------------------------------------------------------
 # 8. Processes
-# What a run needs around the model: a device and a dtype; under torchrun, the process
-# group every process joins (one process per GPU: distributed.Distributed, which knows its
-# rank and the world size), the model wrapped so that backward averages the gradients over
-# the processes (DDP); and stop signals that end a run at a step's end, not in the middle of one.
+# What a run needs around the model: a device and a dtype; under torchrun, one process per
+# GPU (distributed.Distributed: rank, world size, the process group), the model wrapped so
+# that backward averages the gradients over them (DDP); and stop signals that end a run at a
+# step's end.
 
 
 def pick_device(name, local_rank=0):
@@ -684,12 +674,10 @@ class StopSignal:
 
 
 def wrap_model(model, args, dist, device, dtype, init=None):
-    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py; a model
-    built inside init, an fsdp.DeferredInit, then initialised shard by shard); compiled.
-
-    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
-    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
-    from the config, identical on every process, and need no broadcast each step."""
+    """What runs the steps: the model, compiled, and under torchrun inside DDP or, with --fsdp, sharded in place
+    (fsdp.py; a model built inside init, an fsdp.DeferredInit, is then initialised shard by shard).
+    NOTE: gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy); broadcast_buffers=False:
+    our only buffers (RoPE, ALiBi) are computed from the config, the same on every process."""
     if args.fsdp:
         import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
 
@@ -700,8 +688,8 @@ def wrap_model(model, args, dist, device, dtype, init=None):
     if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
         model = torch.compile(model)
     if dist.enabled and not args.fsdp:
-        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
+        with warnings.catch_warnings():  # newer torch prefers forward_sync_buffers, which older ones lack
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 gradient_as_bucket_view=True, broadcast_buffers=False,
@@ -711,10 +699,15 @@ def wrap_model(model, args, dist, device, dtype, init=None):
 
 # -----------------------------------------------------------------------------
 # 9. Checkpoints
-# A checkpoint holds all of a run's state: weights, optimizer state, loss scale, the data
-# loader's position, the step, and every process's RNG state, so a resumed run continues
-# exactly, even after a kill -9 (files.atomic_open: the old file or the new one, never half).
-# It is read back with weights_only=True: tensors and plain containers only, never code.
+# A checkpoint holds all of a run's state, so that a resumed run continues exactly, even
+# after a kill -9. The loop's save (section 11) writes:
+#     model, optimizer      the weights and the optimizer's moments
+#     scaler, step, loader  fp16's loss scale, the steps completed, the data loader's place
+#     rng                   every process's RNG state: dropout continues where it was
+#     config, args          the model's shape and the command line that trained it
+#     tokenizer(_json)      what its ids mean; val_loss; format: CKPT_FORMAT
+# checkpoint.py writes it whole or never (ckpt.pt, or a step folder of shards under --fsdp)
+# and reads it with weights_only=True: tensors and plain containers, never code.
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint"):
@@ -751,10 +744,7 @@ def rng_state(device):
 
 def seed_rng(ckpt, seed, dist, device):
     """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
-    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
-
-    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
-    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
+    so its masks continue exactly; a new run seeds each process differently, so their masks differ."""
     if ckpt is not None and len(ckpt["rng"]) == dist.world:
         torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
         if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
@@ -765,10 +755,9 @@ def seed_rng(ckpt, seed, dist, device):
 
 
 def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoints):
-    """Put back everything the loop's save wrote (section 11), whatever wrote it: ckpt.pt (one process, DDP or
-    FSDP) or a sharded step folder, under any number of processes. Returns the checkpoint's train state, or None
-    for a new run. Without --resume a checkpoint in --out-dir is refused, never overwritten; --resume insists on
-    one, --resume auto starts fresh without one; a checkpoint that cannot be read gives way to the one before."""
+    """Put back all the loop's save wrote, whatever wrote it (one process, DDP or FSDP; either format), under any
+    number of processes; returns the checkpoint, or None for a new run. Without --resume a checkpoint is refused,
+    never overwritten; --resume auto starts fresh without one; an unreadable one gives way to the one before."""
     found = find_checkpoints(args.out_dir)  # the complete ones, newest first: a save cut short is never one
     if found and not args.resume:
         raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
@@ -818,9 +807,8 @@ def estimate_val_loss(model, loader, iters, device, dtype, dist):
 
 @torch.no_grad()
 def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
-    """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
-    that overlap by one, so every token after the first is predicted exactly once.
-    Returns (mean loss, number of tokens predicted)."""
+    """(mean next-token loss, tokens predicted) over a whole token stream, in windows of block_size + 1
+    tokens that overlap by one: every token after the first is predicted exactly once."""
     from tqdm import tqdm
 
     T = model.config.block_size
@@ -844,8 +832,7 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
 
 
 def load_hellaswag(path, dist):
-    """The examples of --hellaswag FILE, or of the official validation set when path is hellaswag.URL:
-    downloaded once into the cache, by rank 0 alone under torchrun."""
+    """The examples of --hellaswag FILE, or of the official val set (hellaswag.URL, downloaded once by rank 0)."""
     if dist.master:
         hellaswag.local_copy(path)
     dist.barrier()
@@ -863,18 +850,15 @@ def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_si
 # -----------------------------------------------------------------------------
 # 11. Training
 # AdamW with weight decay on matrices only (or Muon for the blocks' matrices), linear
-# warmup then cosine decay, gradient accumulation to reach a large batch in small
-# steps, gradient clipping, bf16 autocast on GPUs. Under torchrun every process runs
-# this same code on its slice of each batch (section 8 wraps the model for DDP, fsdp.py
-# shards it for FSDP). train() is the whole run in the order it happens: set-up, resume,
-# then the loop, whose every step is forward/backward, update, log, evaluate and save.
+# warmup then cosine decay, gradient accumulation to reach a large batch in small steps,
+# gradient clipping, bf16 autocast on GPUs. Under torchrun every process runs this same
+# code on its slice of each batch. train() is the whole run in the order it happens:
+# set-up, resume, then the loop: forward/backward, update, log, evaluate and save.
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
     """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights. With muon_lr, the
-    blocks' matrices (attention and MLP projections) go to Muon instead, and AdamW keeps the embeddings,
-    the head, the norms and the biases. train_step scales each optimizer's own lr (its defaults["lr"])
-    by the schedule."""
+    blocks' matrices (attention and MLP projections) go to Muon instead, AdamW keeping the rest."""
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2} if muon_lr else set()
     rest = [p for p in params if id(p) not in hidden]
@@ -892,15 +876,13 @@ def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95),
 
 
 # Muon (Jordan et al. 2024, as modded-nanogpt and nanochat use it) updates a weight matrix with its
-# momentum made orthogonal: a few Newton-Schulz iterations push every singular value of the momentum
-# towards 1, so the update moves the matrix by the same amount in every direction its gradient points,
-# instead of mostly along the few largest ones. That only means something for a matrix that maps one
-# hidden space to another, so the embeddings (a lookup table), the head, norms and biases stay with
-# AdamW. NOTE: our c_attn (q, k, v) and SwiGLU's c_fc (gate, up) are fused, so Muon orthogonalises
-# each fused matrix as one, where nanochat orthogonalises q, k and v apart.
+# momentum made orthogonal: Newton-Schulz iterations push every singular value of the momentum towards 1,
+# so the update moves the matrix as much in every direction its gradient points, not mostly along the
+# largest few. That only means something for a matrix from one hidden space to another: embeddings, head,
+# norms and biases stay with AdamW. NOTE: our fused c_attn (q, k, v) and SwiGLU c_fc (gate, up) are each
+# orthogonalised as one matrix, where nanochat orthogonalises q, k and v apart.
 class Optimizers:
-    """Several torch optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): the
-    parts of torch.optim.Optimizer that training uses, and one state_dict holding each one's."""
+    """Several torch optimizers stepped as one: what training uses of torch.optim.Optimizer, one state_dict."""
 
     def __init__(self, *optimizers):
         self.optimizers = optimizers
@@ -936,11 +918,9 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
 
 
 def model_config(args, vocab_size):
-    """The model the command line describes: an --arch and a --size preset, any single flag on top. The
-    embedding and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT
-    does: GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
-    logits down, and sampling and evaluation only look at the tokenizer's ids. GPTConfig refuses a shape that
-    cannot exist (ValueError)."""
+    """The model the command line describes: an --arch and a --size preset, any single flag on top (GPTConfig
+    refuses a shape that cannot exist). The vocabulary is padded to a multiple of 64 (GPT-2's 50,257 -> 50,304)
+    as nanoGPT does, for whole GPU tiles; sampling and evaluation never look at the padded ids."""
     flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     return GPTConfig.preset(args.size or RECIPE["size"], args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
@@ -988,9 +968,8 @@ def train(args, dist, device, dtype):
     val_split = meta.get("splits", {}).get("val", {})  # its tokens and bytes turn val losses into bits per byte
 
     # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
-    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
-    # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
-    # --fsdp builds it on the meta device and each process initialises only its shards, to a whole build's values.
+    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, which
+    # the optimizer must hold. --fsdp builds it on the meta device, each process initialising only its shards.
     torch.manual_seed(args.seed)
     deferred = bool(args.fsdp) and not args.init_from
     if deferred:
@@ -1022,8 +1001,7 @@ def train(args, dist, device, dtype):
     step, val_loss = (ckpt["step"], ckpt.get("val_loss")) if ckpt else (0, None)  # step: optimizer steps completed
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
 
-    # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
-    # what is being trained.
+    # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, what is trained.
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), step, dist.master, args.wandb, vars(args))
     examples = load_hellaswag(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
     peak, peak_source = peak_flops(device)
@@ -1052,9 +1030,7 @@ def train(args, dist, device, dtype):
                 x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
                 # The processes average their gradients once, in the last micro-step's backward (DDP's
                 # all-reduce, FSDP's reduce-scatter into each one's shard); before it each adds up its own.
-                # NOTE: under FSDP the skipped syncs cost memory: until the last micro-step every process holds
-                # whole, unsharded gradients. Syncing every micro-step would keep only shards, at grad_accum
-                # times the traffic.
+                # NOTE: under FSDP that holds whole gradients until then: less traffic, more memory.
                 sync = micro == grad_accum - 1
                 if args.fsdp:
                     raw_model.set_requires_gradient_sync(sync)
@@ -1107,9 +1083,8 @@ def train(args, dist, device, dtype):
                 t0, step0 = time.perf_counter(), step
             log.write(record)
 
-            # Save everything resuming needs, atomically: a kill -9 mid-write leaves the previous checkpoint. Every
-            # process takes part, with its RNG state (dropout continues exactly on each) and its shards: ckpt.pt
-            # gathers them whole for rank 0 to write, a sharded step folder gets each process's own (checkpoint.py).
+            # Save everything resuming needs (section 9), atomically: a kill -9 mid-write leaves the previous
+            # checkpoint. Every process takes part, with its RNG state and its shards (checkpoint.py).
             if step % args.ckpt_every == 0 or last or stopping:
                 checkpoints.save(raw_model, optimizer, rng_state(device), {
                     "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "args": vars(args), "step": step,
@@ -1127,16 +1102,13 @@ def train(args, dist, device, dtype):
 
 # -----------------------------------------------------------------------------
 # 12. Generation
-# Generation feeds the model its own output one token at a time. Without a cache every
-# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
-# and each step computes only the new token's keys and values, attending to the stored
-# ones. The model only reads the cache (GPT.forward); this loop gives the new tokens their
-# places in it. The cache has one fixed shape, block_size slots a layer, written in place,
-# and attention is masked to the filled ones: every decode step then has the same shapes, so
-# --compile compiles it once (and on a GPU replays it as a CUDA graph), whatever the position.
-# Past block_size the cache slides: the newest token overwrites the oldest slot, and RoPE and
-# ALiBi, which only see distances, carry on. Learned positions end at block_size, so from
-# there every step re-encodes the last block_size tokens, as the uncached path does.
+# The trained model fed its own output, one token at a time. Without a cache every step
+# re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill) and each
+# step computes only the new token's keys and values, attending to the stored ones. The model
+# only reads the cache (GPT.forward); this loop gives the new tokens their places in it. The
+# cache has one fixed shape, written in place and masked to the filled slots, so every decode
+# step has the same shapes: --compile compiles it once (a CUDA graph on a GPU). Past block_size
+# the cache slides (RoPE and ALiBi see only distances); learned positions re-encode the window.
 
 
 class KVCache:
@@ -1224,12 +1196,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-def check_prompt(idx, block_size):
-    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
-    if idx.size(1) == 0:
-        raise ValueError("empty prompt: give at least one token")
-    if idx.size(1) > block_size:
-        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
 
 
 @torch.inference_mode()
@@ -1263,8 +1229,12 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
 def generate(model, idx, max_new_tokens, *, stream=False, **options):
     """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
     each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
-    generate_tokens). A bad prompt raises here, before any token."""
-    check_prompt(idx, model.config.block_size)
+    generate_tokens). A bad prompt (1 <= T <= block_size) raises here, before any token."""
+    if idx.size(1) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if idx.size(1) > model.config.block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context "
+                         f"(block_size={model.config.block_size})")
     tokens = generate_tokens(model, idx, max_new_tokens, **options)
     return tokens if stream else torch.cat([idx, *tokens], dim=1)
 
@@ -1420,29 +1390,10 @@ def evaluate_hellaswag(args):
             print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
 
 
-def check_new_output(path, folder):
-    """Export never overwrites: a file must be new, a folder new or empty."""
-    if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
-        raise ValueError(f"{path} already exists{' and is not an empty folder' if folder else ''}: "
-                         f"export writes only to a new {'folder (or an empty one)' if folder else 'file'}")
-
-
 def export(args):
-    """--export-hf and --export-gguf: check everything first, then write each output whole."""
+    """--export-hf and --export-gguf (convert.py): everything checked first, then each output written whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
-    family = convert.hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
-    if args.export_gguf:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
-        vocab = convert.gguf_vocab(tokenizer)
-    for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
-        if path:
-            check_new_output(path, folder)
-    what = f"{convert.HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
-    if args.export_hf:
-        convert.export_hf(model, tokenizer, args.export_hf)
-        print(f"wrote {args.export_hf}: {what}")
-    if args.export_gguf:
-        convert.export_gguf(model, vocab, args.export_gguf, args.gguf_dtype)
-        print(f"wrote {args.export_gguf}: {what}, {args.gguf_dtype}")
+    convert.export(model, tokenizer, args.export_hf, args.export_gguf, args.gguf_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -1461,17 +1412,7 @@ def parse_args(argv=None):
         "or export it (--export-hf, --export-gguf).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add_flags in (data_and_model_flags, training_flags, logging_flags, system_flags, inference_flags,
-                      export_flags):
-        add_flags(p)
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
-
-
-def data_and_model_flags(p):
-    """What to train on and what to train: an --arch preset (the kind of model) and a --size preset (how big),
-    each open to single overrides. --pos, --norm and --mlp are the switches of the architecture table."""
+    # What to train on, and what to train: an --arch preset and a --size preset, each open to single overrides.
     g = p.add_argument_group("data")
     g.add_argument("--data", help="directory of shards from prepare_data.py or llm.c (default: tiny "
                    f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
@@ -1494,9 +1435,7 @@ def data_and_model_flags(p):
     g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=RECIPE["dropout"], help="in [0, 1)")
     g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint folder")
 
-
-def training_flags(p):
-    """The optimization, RECIPE's by default. For GPT-2 on FineWeb, start from nanoGPT's (README: "Recipes")."""
+    # The optimization, RECIPE's by default. For GPT-2 on FineWeb, start from nanoGPT's (README: "Recipes").
     g = p.add_argument_group("training")
     # the batch: B sequences of T tokens on each process; accumulation micro-steps make up the rest
     g.add_argument("--batch-size", type=at_least(1), default=RECIPE["batch_size"],
@@ -1518,10 +1457,7 @@ def training_flags(p):
                    help="max global gradient norm")
     g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=RECIPE["seed"])
 
-
-def logging_flags(p):
-    """Where the run writes (ckpt.pt, metrics.jsonl, loss.png) and how often it logs, evaluates and saves.
-    Logged steps cost a host-device sync; evaluation costs --eval-iters forward passes."""
+    # Where the run writes and how often it logs (a host-device sync), evaluates and saves.
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
     g.add_argument("--log-every", type=at_least(1), default=RECIPE["log_every"])
@@ -1536,17 +1472,13 @@ def logging_flags(p):
     # a resumed run continues exactly where the last save left off, even after a kill -9
     g.add_argument("--resume", nargs="?", const=True, choices=["auto"], help="continue from OUT_DIR's checkpoint; "
                    "auto: if there is one, else start fresh (for torchrun --max-restarts and requeued jobs)")
-    # extras for metrics.jsonl
     g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
                    help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
                         "from --hellaswag FILE, else the official val set")
     g.add_argument("--wandb", metavar="PROJECT",
                    help="also log every step's metrics to Weights & Biases (pip install wandb)")
 
-
-def system_flags(p):
-    """How the run uses the machine. 'auto' picks what is right for the device found: bf16 autocast and
-    torch.compile on a GPU, fp32 and eager on a CPU (where compiling a small model costs more than it saves)."""
+    # How the run uses the machine: bf16 autocast and torch.compile on a GPU, fp32 and eager on a CPU by default.
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", type=device_name,
                    help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
@@ -1561,11 +1493,8 @@ def system_flags(p):
                    "gradients and AdamW state over the processes (FSDP2) instead of a full copy on each (DDP); hsdp: "
                    "shard within each node, replicate across nodes (a 2-D mesh); checkpoints sharded")
 
-
-def inference_flags(p):
-    """--sample and --eval read a checkpoint (--ckpt) or HF weights (--init-from) and never train."""
+    # --sample and --eval read a checkpoint (--ckpt) or HF weights (--init-from) and never train.
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
-    # the command, and what to load
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
     mode.add_argument("--eval", action="store_true",
@@ -1590,9 +1519,7 @@ def inference_flags(p):
                    help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
                    "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
 
-
-def export_flags(p):
-    """Writing a trained model for other tools (section 13). Both exports can run in one command."""
+    # Writing a trained model for other tools (section 13). Both exports can run in one command.
     g = p.add_argument_group("export (of --ckpt or --init-from)")
     g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
                    "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
@@ -1601,6 +1528,9 @@ def export_flags(p):
                    "`pip install gguf`); FILE must be new")
     g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
                    help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
 
 
 def check_args(p, args):
