@@ -154,6 +154,20 @@ HF_LOADERS = {
 }
 
 
+def read_hf(name_or_path):
+    """An HF checkpoint, a hub name or a local folder: (its model_type, which is also our --arch; the GPTConfig
+    fields its config.json gives; a function of our config that reads its weights under our names)."""
+    from transformers import AutoConfig  # only reading HF checkpoints needs transformers
+
+    path = hf_folder(name_or_path)
+    hf = AutoConfig.from_pretrained(path)
+    if hf.model_type not in HF_LOADERS:
+        raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
+                         f"(supported: {', '.join(HF_LOADERS)})")
+    config_from_hf, weights_from_hf = HF_LOADERS[hf.model_type]
+    return hf.model_type, config_from_hf(hf), lambda config: weights_from_hf(read_hf_weights(path), config)
+
+
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 

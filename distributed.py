@@ -1,14 +1,48 @@
 """
-distributed.py: the processes torchrun starts, and the process group they join. A companion of transformer.py,
-which imports it; it never imports transformer.py. What the story needs is Distributed's rank, world size, sum
-and barrier; the rest of this file is the plumbing that makes a group start and end cleanly (gloo's teardown,
-TorchElastic's stores), each workaround beside what it works around.
+distributed.py: the processes a run is made of. A companion of transformer.py, which imports it; it never imports
+transformer.py. Each process's device (pick_device), the process group torchrun's processes join (Distributed:
+what the story uses is its rank, world size, sum and barrier; the rest is the plumbing that makes a group start
+and end cleanly, gloo's teardown and TorchElastic's stores, each workaround beside what it works around), the
+signals that ask a run to stop (StopSignal), and waiting for the GPU (synchronize).
 """
 
 import contextlib
 import os
+import signal
 
 import torch
+
+
+def pick_device(name, local_rank=0):
+    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
+    becomes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StopSignal:
+    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
+    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
 
 
 class Distributed:

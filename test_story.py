@@ -18,7 +18,7 @@ from test_training import ENV, TINY, metrics
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 COMPANIONS = ["checkpoint.py", "convert.py", "distributed.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py",
-              "metrics.py", "shards.py", "tokenizer.py"]
+              "metrics.py", "optimizers.py", "shards.py", "tokenizer.py"]
 
 
 def read(name):

@@ -8,28 +8,28 @@ transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many,
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl), architectures (gpt2, llama, olmo); the
-                    default run's RECIPE
+    1. Config       GPTConfig: sizes (tiny ... gpt2-xl), architectures (gpt2, llama, olmo), the default RECIPE
     2. Positions    learned, RoPE or ALiBi, decided in one place (Positions), and the attention mask
     3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained
     7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
-    8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
-    9. Checkpoints  everything a run needs to continue exactly, read back without running code
+    8. Processes    device and dtype, the model wrapped for DDP or FSDP
+    9. Checkpoints  what a checkpoint holds, and how a run resumes from one
    10. Evaluation   the val loss the loop logs, perplexity over a whole text, HellaSwag accuracy
    11. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
-   12. Generation   the KV cache, sampling, the loop that feeds the model its own output, the compiled step
+   12. Generation   the KV cache, sampling, the generation loop, the compiled decode step
    13. Commands     train, sample, eval, export
    14. CLI          argparse (each default from RECIPE or a preset) and main()
-Beside it, companion files hold the tooling the story does not need first; they never import this file:
+Beside it, companion files hold what the story does not need first; they never import this file:
     checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
-    convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
-    distributed.py  the processes torchrun starts: rank, world size, the process group and its teardown
+    convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files; the exports
+    distributed.py  the processes: device, rank, world size, the process group and its teardown, stop signals
     fsdp.py         --fsdp: sharding the model over processes, gathering and scattering its state
     hellaswag.py    the HellaSwag benchmark: read, render, score
-    metrics.py      MFU, metrics.jsonl, loss.png
+    metrics.py      MFU, the lines a run prints, metrics.jsonl, loss.png
+    optimizers.py   Muon and AdamW stepped as one
     files.py        files that are whole or absent: atomic writes, downloads
     flagtypes.py    argparse types that check every value, errors on one line
     tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
@@ -44,7 +44,6 @@ import importlib.util
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -59,9 +58,10 @@ import torch.nn.functional as F
 import convert
 import hellaswag
 from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
-from distributed import Distributed  # rank and world size; the process group under torchrun
+from distributed import Distributed, StopSignal, pick_device, synchronize
 from flagtypes import ArgumentParser, at_least, device_name, in_range
-from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
+from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
+from optimizers import Optimizers
 from shards import find_shards, load_shard, read_meta
 from tokenizer import get_tokenizer
 
@@ -180,23 +180,18 @@ def rope_cos_sin(head_dim, positions, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, nh, T, hd) by cos/sin (T, hd).
-
-    This is HF's 'half-split' layout: dimension i is paired with i + hd/2, so HF Llama
-    checkpoints load unchanged. Meta's original code pairs neighbours (2i, 2i+1) instead;
-    its q/k weights are the same up to a permutation of their rows.
-    """
+    """Rotate x (B, nh, T, hd) by cos/sin (T, hd), in HF's 'half-split' layout: dimension i is paired with
+    i + hd/2, so HF Llama checkpoints load unchanged. Meta's original code pairs neighbours (2i, 2i+1)
+    instead; its q/k weights are the same up to a permutation of their rows."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hd/2) each: the two halves that form pairs
     rotated = torch.cat((-x2, x1), dim=-1)  # rotate each (x1, x2) pair by 90 degrees
     return (x * cos + rotated * sin).to(x.dtype)
 
 
 def alibi_slopes(n_head):
-    """Per-head slopes of ALiBi (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ...
-
-    For a head count that is not a power of two, the paper takes the slopes of the
-    closest power of two below it, then every other slope of the next power up.
-    """
+    """Per-head slopes of ALiBi (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ... For a head
+    count that is not a power of two, the paper takes the slopes of the closest power of two below it, then
+    every other slope of the next power up."""
 
     def power_of_2(n):
         return [2 ** (-8 * (i + 1) / n) for i in range(n)]
@@ -392,8 +387,7 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
-# from_pretrained reads HF checkpoints with convert.py's converters. Section 12 feeds the
-# model its own output, one token at a time, with a KV cache.
+# from_pretrained reads HF checkpoints (convert.py).
 
 
 class GPT(nn.Module):
@@ -451,12 +445,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None).
-
-        targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a
-        KVCache (below), idx holds only the new tokens and the cache supplies the keys and
-        values before them; the generation loop, not the model, gives the new tokens their
-        positions in it.
-        """
+        targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a KVCache (section 12),
+        idx holds only the new tokens, and the cache the keys and values before them, and their positions."""
         B, T = idx.size()
         pos_emb, rope, bias = self.positions(T, idx.device, cache)
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -503,16 +493,9 @@ class GPT(nn.Module):
         models from the hub, or any local directory holding an HF GPT2LMHeadModel or
         LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
         tokenizer its ids mean: convert.hf_tokenizer_name."""
-        from transformers import AutoConfig  # only this function needs transformers
-
-        path = convert.hf_folder(name_or_path)
-        hf = AutoConfig.from_pretrained(path)
-        if hf.model_type not in convert.HF_LOADERS:
-            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
-                             f"(supported: {', '.join(convert.HF_LOADERS)})")
-        config_from_hf, weights_from_hf = convert.HF_LOADERS[hf.model_type]
-        config = GPTConfig.preset("gpt2", hf.model_type, dropout=dropout, **config_from_hf(hf))
-        return cls.from_state_dict(config, weights_from_hf(convert.read_hf_weights(path), config), name_or_path)
+        arch, fields, weights = convert.read_hf(name_or_path)  # HF's config and weights under our names
+        config = GPTConfig.preset("gpt2", arch, dropout=dropout, **fields)
+        return cls.from_state_dict(config, weights(config), name_or_path)
 
 
 # -----------------------------------------------------------------------------
@@ -543,10 +526,8 @@ class DataLoaderLite:
     """
 
     def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, grad_accum=1, seed=0, pin_memory=False):
-        files = find_shards(data_dir, split)
-        meta_path = os.path.join(data_dir, "meta.json")
-        vocab_size = read_meta(data_dir)["vocab_size"] if os.path.exists(meta_path) else None
-        self.shards = [load_shard(f, vocab_size) for f in files]
+        meta = read_meta(data_dir) if os.path.exists(os.path.join(data_dir, "meta.json")) else {}
+        self.shards = [load_shard(f, meta.get("vocab_size")) for f in find_shards(data_dir, split)]
         self.B, self.T, self.rank, self.world, self.grad_accum = B, T, process_rank, num_processes, grad_accum
         self.seed, self.pin_memory = seed, pin_memory  # pinned host memory: the copy to the GPU can overlap compute
         self.step_windows = B * num_processes * grad_accum
@@ -620,18 +601,10 @@ def prepare_default_data(dist):
 # -----------------------------------------------------------------------------
 # 8. Processes
 # What a run needs around the model: a device and a dtype; under torchrun, one process per
-# GPU (distributed.Distributed: rank, world size, the process group), the model wrapped so
-# that backward averages the gradients over them (DDP); and stop signals that end a run at a
-# step's end.
-
-
-def pick_device(name, local_rank=0):
-    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
-    becomes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+# GPU, the model wrapped so that backward averages the gradients over them (DDP). The
+# plumbing is distributed.py's: pick_device (cuda:LOCAL_RANK under torchrun), Distributed
+# (rank, world size, the process group), StopSignal (SIGINT/SIGTERM end a run at a step's
+# end, after a save), synchronize (wait for the GPU, for honest timings).
 
 
 def pick_dtype(name, device):
@@ -648,29 +621,6 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def synchronize(device):
-    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class StopSignal:
-    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
-    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 def wrap_model(model, args, dist, device, dtype, init=None):
@@ -786,7 +736,8 @@ def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoin
 # 10. Evaluation
 # How good a model is, measured three ways: the val loss the training loop logs (the same
 # few batches every time, so the points of a run compare), the loss over every token of a
-# whole text (--eval: perplexity), and HellaSwag's multiple choice (hellaswag.py).
+# whole text (--eval: perplexity), and HellaSwag's multiple choice (hellaswag.accuracy:
+# each process scores its share of the examples, the counts are added up).
 
 
 @torch.no_grad()
@@ -831,22 +782,6 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
     return total / (len(tokens) - 1), len(tokens) - 1
 
 
-def load_hellaswag(path, dist):
-    """The examples of --hellaswag FILE, or of the official val set (hellaswag.URL, downloaded once by rank 0)."""
-    if dist.master:
-        hellaswag.local_copy(path)
-    dist.barrier()
-    return hellaswag.read_examples(hellaswag.local_copy(path))
-
-
-def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_size, progress=False):
-    """(acc, acc_norm, n) over all examples: each process scores its share, the counts are added up."""
-    with autocast(device, dtype):
-        counts = hellaswag.scores(model, examples, tokenizer, device, dist.rank, dist.world, batch_size, progress)
-    correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
-    return correct / n, correct_norm / n, n
-
-
 # -----------------------------------------------------------------------------
 # 11. Training
 # AdamW with weight decay on matrices only (or Muon for the blocks' matrices), linear
@@ -856,6 +791,12 @@ def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_si
 # set-up, resume, then the loop: forward/backward, update, log, evaluate and save.
 
 
+# Muon (Jordan et al. 2024, as modded-nanogpt and nanochat use it) updates a weight matrix with its
+# momentum made orthogonal: Newton-Schulz iterations push every singular value of the momentum towards 1,
+# so the update moves the matrix as much in every direction its gradient points, not mostly along the
+# largest few. That only means something for a matrix from one hidden space to another: embeddings, head,
+# norms and biases stay with AdamW. NOTE: our fused c_attn (q, k, v) and SwiGLU c_fc (gate, up) are each
+# orthogonalised as one matrix, where nanochat orthogonalises q, k and v apart.
 def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
     """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights. With muon_lr, the
     blocks' matrices (attention and MLP projections) go to Muon instead, AdamW keeping the rest."""
@@ -872,39 +813,7 @@ def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95),
         return adamw
     matrices = [p for p in params if id(p) in hidden]
     muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay)
-    return Optimizers(muon, adamw)
-
-
-# Muon (Jordan et al. 2024, as modded-nanogpt and nanochat use it) updates a weight matrix with its
-# momentum made orthogonal: Newton-Schulz iterations push every singular value of the momentum towards 1,
-# so the update moves the matrix as much in every direction its gradient points, not mostly along the
-# largest few. That only means something for a matrix from one hidden space to another: embeddings, head,
-# norms and biases stay with AdamW. NOTE: our fused c_attn (q, k, v) and SwiGLU c_fc (gate, up) are each
-# orthogonalised as one matrix, where nanochat orthogonalises q, k and v apart.
-class Optimizers:
-    """Several torch optimizers stepped as one: what training uses of torch.optim.Optimizer, one state_dict."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):  # read anew each time: load_state_dict replaces each optimizer's groups
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {type(o).__name__: o.state_dict() for o in self.optimizers}
-
-    def load_state_dict(self, state):
-        for o in self.optimizers:
-            o.load_state_dict(state[type(o).__name__])
+    return Optimizers(muon, adamw)  # stepped, zeroed and saved as one (optimizers.py)
 
 
 def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
@@ -927,32 +836,11 @@ def model_config(args, vocab_size):
                             dropout=args.dropout, **overrides)
 
 
-def run_summary(model, meta, args, dist, device, dtype, grad_accum, peak, peak_source):
-    """The lines a run prints before its first step: the model, the batch, the sharding, the MFU's yardstick."""
-    c, B, T = model.config, args.batch_size, args.seq_len
-    vocab = f"vocab {meta['vocab_size']}"
-    vocab += f" (padded to {c.vocab_size})" if c.vocab_size != meta["vocab_size"] else ""
-    lines = [f"model: {model.num_params():,} parameters | {c.pos} positions, {c.norm}, {c.mlp}, "
-             f"{c.n_layer} layers x {c.n_head} heads x {c.n_embd} wide | {vocab} ({meta['tokenizer']})",
-             f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = "
-             f"{B * T * dist.world * grad_accum:,} tokens/step | device {device}, {str(dtype).removeprefix('torch.')}"
-             f"{', compiled' if args.compile else ''}"]
-    if args.fsdp:
-        local = sum(p.to_local().numel() for p in model.parameters())
-        lines.append(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
-                     f"rank 0 holds {local:,} of {model.num_params():,} parameters")
-    lines.append("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
-    return lines
-
-
 def train(args, dist, device, dtype):
-    """A training run, top to bottom. Every process under torchrun runs all of it, on its own share of each
-    batch. Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after
-    a save)."""
+    """A training run, top to bottom; under torchrun every process runs all of it, on its share of each batch.
+    Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after a save)."""
 
-    def say(*lines):
-        if dist.master:  # every process runs the loop; one speaks
-            print(*lines, sep="\n", flush=True)
+    say = functools.partial(print, sep="\n", flush=True) if dist.master else lambda *lines: None  # one speaks
 
     # The data. An optimizer step sees B x T tokens per process per micro-step, over all processes and
     # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
@@ -1003,7 +891,7 @@ def train(args, dist, device, dtype):
 
     # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, what is trained.
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), step, dist.master, args.wandb, vars(args))
-    examples = load_hellaswag(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
+    examples = hellaswag.examples(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
     say(*run_summary(raw_model, meta, args, dist, device, dtype, grad_accum, peak, peak_source))
@@ -1077,8 +965,9 @@ def train(args, dist, device, dtype):
                     if "bytes" in val_split:  # llm.c's shards and datasets prepared before byte counts have none
                         record["val_bpb"] = bits_per_byte(val_loss, val_split["tokens"], val_split["bytes"])
                 if scoring:
-                    _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(raw_model, examples, tokenizer, device,
-                                                                            dtype, dist, B)
+                    with autocast(device, dtype):
+                        _, record["hellaswag_acc_norm"], _ = hellaswag.accuracy(raw_model, examples, tokenizer,
+                                                                                device, dist, B)
                 say(log_line(record))
                 t0, step0 = time.perf_counter(), step
             log.write(record)
@@ -1245,16 +1134,14 @@ GPT.generate = generate  # and as a method, as in nanoGPT: model.generate(idx, 1
 # -----------------------------------------------------------------------------
 # 13. Commands
 # What the command line runs: training (the default), --sample, --eval (perplexity or
-# HellaSwag) and --export-hf / --export-gguf. Each picks the device, loads what it needs
-# and hands over to the sections above.
+# HellaSwag) and --export-hf / --export-gguf, each handing over to the sections above.
 
 
 NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
 def train_and_sample(args):
-    """The default command: train (alone or under torchrun: every process runs this same function, and
-    Distributed tells it which one it is), then draw the losses (loss.png) and print a sample."""
+    """The default command: train (alone, or as one of torchrun's processes), draw loss.png, print a sample."""
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     dtype = pick_dtype(args.dtype, device)
@@ -1282,8 +1169,7 @@ def train_and_sample(args):
 
 
 def load_for_inference(args, device):
-    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the
-    weights."""
+    """(model in eval mode, tokenizer) from --ckpt or --init-from, with the tokenizer recorded beside the weights."""
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         model, tokenizer_name = model_from_checkpoint(ckpt, args.ckpt), ckpt["tokenizer"]
@@ -1301,8 +1187,7 @@ def load_for_inference(args, device):
 
 
 def sample(args):
-    """--sample: print --num-samples continuations of --prompt (with --interactive, of each prompt typed),
-    token by token as they are drawn."""
+    """--sample: print --num-samples continuations of --prompt (--interactive: of each prompt typed), streamed."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load_for_inference(args, device)
@@ -1376,16 +1261,16 @@ def evaluate(args):
 
 
 def evaluate_hellaswag(args):
-    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
-    scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
+    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from, shared out under torchrun."""
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     dtype = pick_dtype(args.dtype, device)
     with dist.running(device):
         model, tokenizer = load_for_inference(args, device)
-        examples = load_hellaswag(args.hellaswag, dist)
-        acc, acc_norm, n = hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, args.batch_size,
-                                              progress=dist.master)
+        examples = hellaswag.examples(args.hellaswag, dist)
+        with autocast(device, dtype):
+            acc, acc_norm, n = hellaswag.accuracy(model, examples, tokenizer, device, dist, args.batch_size,
+                                                  progress=dist.master)
         if dist.master:
             print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
 
@@ -1404,8 +1289,7 @@ def export(args):
 
 
 def parse_args(argv=None):
-    """The command line, checked: argparse types check each value (at_least, in_range, device_name) and
-    check_args the flags that must agree. --help lists the flags by group, with their defaults."""
+    """The command line, checked: argparse types check each value, check_args the flags that must agree."""
     p = ArgumentParser(
         prog="transformer.py",
         description="Train a GPT (default), sample from one (--sample), measure its perplexity (--eval) "
@@ -1414,16 +1298,14 @@ def parse_args(argv=None):
     )
     # What to train on, and what to train: an --arch preset and a --size preset, each open to single overrides.
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="directory of shards from prepare_data.py or llm.c (default: tiny "
-                   f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
+    g.add_argument("--data", help=f"shards from prepare_data.py or llm.c (default: {DEFAULT_DATA}, made on first use)")
     g = p.add_argument_group("model")
-    # the kind of model (ARCHS), then single switches on top of it
     g.add_argument("--arch", default=RECIPE["arch"], choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
-    # how big (SIZES), then single numbers: left None here, check_args fills them in from the preset
+    # the size's numbers are left None here: model_config leaves them to the preset
     g.add_argument("--size", choices=list(SIZES), help="size preset (SIZES): depth, width, context; default mini")
     g.add_argument("--n-layer", type=at_least(1), help="override the size's depth")
     g.add_argument("--n-head", type=at_least(1), help="override the size's heads")
@@ -1437,58 +1319,46 @@ def parse_args(argv=None):
 
     # The optimization, RECIPE's by default. For GPT-2 on FineWeb, start from nanoGPT's (README: "Recipes").
     g = p.add_argument_group("training")
-    # the batch: B sequences of T tokens on each process; accumulation micro-steps make up the rest
-    g.add_argument("--batch-size", type=at_least(1), default=RECIPE["batch_size"],
-                   help="B, sequences per process per micro-step")
-    g.add_argument("--total-batch-tokens", type=at_least(1),
-                   help="tokens per optimizer step; default B x T x processes (no accumulation)")
+    g.add_argument("--batch-size", type=at_least(1), default=RECIPE["batch_size"], help="B, per process and micro-step")
+    g.add_argument("--total-batch-tokens", type=at_least(1), help="tokens a step; default B x T x processes")
     g.add_argument("--max-steps", type=at_least(1), default=RECIPE["max_steps"])
-    # the optimizers and their peak learning rates, all on one schedule: linear warmup, then a cosine
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon for the blocks' matrices (--muon-lr), AdamW for the rest (--lr); torch >= 2.9")
     g.add_argument("--lr", type=in_range(0, low_open=True), default=RECIPE["lr"], help="AdamW's peak lr")
-    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=RECIPE["muon_lr"],
-                   help="Muon's peak lr (--optimizer muon)")
+    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=RECIPE["muon_lr"], help="Muon's peak lr")
     g.add_argument("--min-lr", type=in_range(0), default=RECIPE["min_lr"], help="the cosine ends here; <= --lr")
     g.add_argument("--warmup-steps", type=at_least(0), default=RECIPE["warmup_steps"])
     g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
     g.add_argument("--weight-decay", type=in_range(0), default=RECIPE["weight_decay"])
-    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=RECIPE["grad_clip"],
-                   help="max global gradient norm")
+    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=RECIPE["grad_clip"], help="max grad norm")
     g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=RECIPE["seed"])
 
     # Where the run writes and how often it logs (a host-device sync), evaluates and saves.
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
     g.add_argument("--log-every", type=at_least(1), default=RECIPE["log_every"])
-    g.add_argument("--eval-every", type=at_least(1), default=RECIPE["eval_every"],
-                   help="val loss every N steps and at the end")
+    g.add_argument("--eval-every", type=at_least(1), default=RECIPE["eval_every"], help="every N steps and at the end")
     g.add_argument("--eval-iters", type=at_least(1), default=RECIPE["eval_iters"])
     g.add_argument("--ckpt-every", type=at_least(1), default=RECIPE["ckpt_every"])
     g.add_argument("--ckpt-format", choices=["file", "sharded"], help="file: one ckpt.pt, gathered to rank 0; sharded: "
                    "step_N/ folders, each process writing its own shards (default under --fsdp; any --ckpt reads both)")
     g.add_argument("--keep-checkpoints", type=at_least(1), default=1, metavar="K", help="sharded: keep the newest K")
     g.add_argument("--async-save", action="store_true", help="sharded: write in the background while training goes on")
-    # a resumed run continues exactly where the last save left off, even after a kill -9
     g.add_argument("--resume", nargs="?", const=True, choices=["auto"], help="continue from OUT_DIR's checkpoint; "
                    "auto: if there is one, else start fresh (for torchrun --max-restarts and requeued jobs)")
     g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
                    help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
                         "from --hellaswag FILE, else the official val set")
-    g.add_argument("--wandb", metavar="PROJECT",
-                   help="also log every step's metrics to Weights & Biases (pip install wandb)")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb)")
 
     # How the run uses the machine: bf16 autocast and torch.compile on a GPU, fp32 and eager on a CPU by default.
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", type=device_name,
-                   help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
+    g.add_argument("--device", default="auto", type=device_name, help="auto: cuda > mps > cpu (torchrun: LOCAL_RANK)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on for CUDA only); --sample compiles its decode step, "
-                   "only when asked")
+                   help="torch.compile (default: on CUDA only); --sample compiles its decode step when asked")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
     g.add_argument("--fsdp", nargs="?", const=True, choices=["hsdp"], help="under torchrun: shard weights, "
                    "gradients and AdamW state over the processes (FSDP2) instead of a full copy on each (DDP); hsdp: "
                    "shard within each node, replicate across nodes (a 2-D mesh); checkpoints sharded")
@@ -1498,22 +1368,18 @@ def parse_args(argv=None):
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
     mode.add_argument("--eval", action="store_true",
-                      help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, "
-                      "or --hellaswag")
+                      help="loss and perplexity of --ckpt or --init-from on --data's val split, --text or --hellaswag")
     g.add_argument("--ckpt", help="a checkpoint written by training: ckpt.pt, a step folder, or a run's --out-dir")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
-    # how to sample: the temperature sharpens or flattens the distribution, top-k and top-p cut its tail
     g.add_argument("--num-samples", type=at_least(1), default=1)
     g.add_argument("--max-new-tokens", type=at_least(1), default=500)
     g.add_argument("--temperature", type=in_range(0), default=0.8, help="0 is greedy")
     g.add_argument("--top-k", type=at_least(1), default=200, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=in_range(0, 1, low_open=True),
-                   help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
+    g.add_argument("--top-p", type=in_range(0, 1, low_open=True), help="sample among the fewest tokens of mass p")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--interactive", action="store_true", help="--sample each prompt typed on the terminal (or piped "
                    "in), one a line, streaming its continuation; an empty line or Ctrl-D ends")
-    # what to evaluate on
     g.add_argument("--text", help="--eval on this text file instead of --data")
     g.add_argument("--hellaswag", nargs="?", const=hellaswag.URL, metavar="FILE",
                    help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
@@ -1521,9 +1387,8 @@ def parse_args(argv=None):
 
     # Writing a trained model for other tools (section 13). Both exports can run in one command.
     g = p.add_argument_group("export (of --ckpt or --init-from)")
-    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
-                   "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
-                   "or empty")
+    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config, safetensors, "
+                   "tokenizer) for AutoModelForCausalLM and AutoTokenizer; DIR must be new or empty")
     g.add_argument("--export-gguf", metavar="FILE", help="write a GGUF file for llama.cpp and ollama (needs "
                    "`pip install gguf`); FILE must be new")
     g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
@@ -1592,8 +1457,7 @@ def check_args(p, args):
 
 def main(argv=None):
     """Parse (a bad flag exits 2 with one line), then run one command. The errors a user can cause (a missing
-    file, a wrong checkpoint, no network) are ValueError or OSError: one line and exit status 1, no traceback.
-    Anything else is a bug, and its traceback is what to report."""
+    file, a wrong checkpoint, no network) are ValueError or OSError: one line, exit status 1; the rest are bugs."""
     args = parse_args(argv)
     try:
         if args.export_hf or args.export_gguf:
