@@ -1346,9 +1346,8 @@ def parse_args(argv=None):
     g.add_argument("--async-save", action="store_true", help="sharded: write in the background while training goes on")
     g.add_argument("--resume", nargs="?", const=True, choices=["auto"], help="continue from OUT_DIR's checkpoint; "
                    "auto: if there is one, else start fresh (for torchrun --max-restarts and requeued jobs)")
-    g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
-                   help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
-                        "from --hellaswag FILE, else the official val set")
+    g.add_argument("--hellaswag-every", type=at_least(1), metavar="N", help="HellaSwag acc_norm every N steps and "
+                   "at the end, into metrics.jsonl; on --hellaswag FILE, else the official val set")
     g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb)")
 
     # How the run uses the machine: bf16 autocast and torch.compile on a GPU, fp32 and eager on a CPU by default.
@@ -1389,10 +1388,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("export (of --ckpt or --init-from)")
     g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config, safetensors, "
                    "tokenizer) for AutoModelForCausalLM and AutoTokenizer; DIR must be new or empty")
-    g.add_argument("--export-gguf", metavar="FILE", help="write a GGUF file for llama.cpp and ollama (needs "
-                   "`pip install gguf`); FILE must be new")
-    g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
-                   help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
+    g.add_argument("--export-gguf", metavar="FILE", help="write a new GGUF file for llama.cpp (pip install gguf)")
+    g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"], help="the matrices'; the rest stays f32")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
