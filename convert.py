@@ -88,15 +88,18 @@ def gpt2_config_from_hf(hf):
 
 
 GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF GPT-2 stores these as (in, out)
+GPT2_RENAMED = {"transformer.wpe.weight": "positions.weight"}  # HF's name -> ours: the learned Positions' table
 
 
 def gpt2_weights_from_hf(sd, config):
-    """HF GPT-2 names match ours up to a 'transformer.' prefix; its Conv1D stores weights as (in, out)."""
+    """HF GPT-2 names match ours up to a 'transformer.' prefix (and wpe, our positions); its Conv1D stores weights
+    as (in, out)."""
     out = {}
     for k, v in sd.items():
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old checkpoints store the causal mask as a buffer
         k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+        k = GPT2_RENAMED.get(k, k)
         if k.endswith(GPT2_CONV1D):
             v = v.t()
         out[k] = v
@@ -151,6 +154,20 @@ HF_LOADERS = {
 }
 
 
+def read_hf(name_or_path):
+    """An HF checkpoint, a hub name or a local folder: (its model_type, which is also our --arch; the GPTConfig
+    fields its config.json gives; a function of our config that reads its weights under our names)."""
+    from transformers import AutoConfig  # only reading HF checkpoints needs transformers
+
+    path = hf_folder(name_or_path)
+    hf = AutoConfig.from_pretrained(path)
+    if hf.model_type not in HF_LOADERS:
+        raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
+                         f"(supported: {', '.join(HF_LOADERS)})")
+    config_from_hf, weights_from_hf = HF_LOADERS[hf.model_type]
+    return hf.model_type, config_from_hf(hf), lambda config: weights_from_hf(read_hf_weights(path), config)
+
+
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
@@ -186,7 +203,8 @@ def hf_tensors(model, family, vocab_size):
 
 def gpt2_weights_to_hf(sd):
     """The inverse of gpt2_weights_from_hf: Conv1D matrices as (in, out), and zero biases where we have none."""
-    out = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
+    hf_names = {ours: hf for hf, ours in GPT2_RENAMED.items()}
+    out = {hf_names.get(k, k): v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd.items()}
     for k, v in list(out.items()):
         if k.startswith(("transformer.h.", "transformer.ln_f.")) and k.endswith("weight"):
             out.setdefault(k.removesuffix("weight") + "bias", torch.zeros(v.shape[-1]))  # (out features,)
@@ -511,3 +529,27 @@ def export_gguf(model, vocab, path, dtype="f16"):
         w.write_tensors_to_file()
         w.close()
 
+
+def check_new_output(path, folder):
+    """Export never overwrites: a file must be new, a folder new or empty."""
+    if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
+        raise ValueError(f"{path} already exists{' and is not an empty folder' if folder else ''}: "
+                         f"export writes only to a new {'folder (or an empty one)' if folder else 'file'}")
+
+
+def export(model, tokenizer, hf_dir=None, gguf_path=None, gguf_dtype="f16"):
+    """transformer.py's --export-hf DIR and --export-gguf FILE: check everything first (a family HF computes, a
+    tokenizer GGUF can hold, outputs that are new), then write each output whole, and say what was written."""
+    family = hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
+    if gguf_path:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
+        vocab = gguf_vocab(tokenizer)
+    for path, folder in ((hf_dir, True), (gguf_path, False)):
+        if path:
+            check_new_output(path, folder)
+    what = f"{HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
+    if hf_dir:
+        export_hf(model, tokenizer, hf_dir)
+        print(f"wrote {hf_dir}: {what}")
+    if gguf_path:
+        export_gguf(model, vocab, gguf_path, gguf_dtype)
+        print(f"wrote {gguf_path}: {what}, {gguf_dtype}")

@@ -1,6 +1,8 @@
 """
-fsdp.py: what --fsdp needs beyond DDP. A companion of transformer.py, which imports it only under --fsdp;
-it never imports transformer.py.
+fsdp.py: sharding a model over the processes of a torchrun job (--fsdp), and gathering and scattering its state
+for checkpoint.py. A companion of transformer.py, which imports it where --fsdp needs it (and checkpoint.py where
+a sharded model is saved or loaded); it never imports transformer.py. Importing it loads FSDP (~0.6 s), which a
+one-process run never does.
 
 FSDP (fully_shard, FSDP2) shards each Block, then the root (embeddings, final norm, head), so a
 forward gathers one block's weights at a time and frees them after; the weights become DTensors, each
@@ -13,34 +15,23 @@ from DDP is that FSDP casts each block's inputs (the residual stream, the RoPE t
 torchtitan does. fp16 is refused: its GradScaler would have to find an inf in any process's shard.
 
 The model is built on the meta device and each process initialises only its own shards (DeferredInit), to
-the values a whole build has. Checkpoints come in two formats, both read by any number of processes
-(Checkpoints): the single file (ckpt.pt: full_state gathers the shards into whole tensors for rank 0,
-load_full_state hands each process its shard of them) and sharded step folders written by
-torch.distributed.checkpoint, each process its own shards, optionally in the background.
+the values a whole build has. For ckpt.pt, full_state gathers the shards into whole tensors for rank 0 and
+load_full_state hands each process its shard of them; the sharded step folders are checkpoint.py's.
 """
 
-import contextlib
-import errno
-import glob
 import os
-import shutil
-import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
-    set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 
@@ -159,7 +150,7 @@ def full_state(model, optimizer):
 
 def load_full_state(model, optimizer, model_state, optimizer_state):
     """full_state's other half: every process reads the whole tensors (mapped from the file, see
-    transformer.load_checkpoint) and keeps its own shard of each."""
+    checkpoint.load_checkpoint) and keeps its own shard of each."""
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=full)
     names = optimizer_param_names(model, optimizer)  # torch.optim's ids -> the names FSDP's loader expects
@@ -173,248 +164,3 @@ def optimizer_param_names(model, optimizer):
     """The name of each parameter the optimizer updates, in the order of its state_dict() ids 0, 1, 2, ..."""
     names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-# -----------------------------------------------------------------------------
-# Sharded checkpoints (--ckpt-format sharded, the default under --fsdp): torch.distributed.checkpoint (DCP) writes
-# each process's own shards, so no process ever holds the whole state, and reads them back under any number of
-# processes (it reshards on load: the keys are parameter names, whatever the layout). A save is a folder:
-#   OUT_DIR/step_000010/  __0_0.distcp __1_0.distcp .metadata   weights, AdamW state, each process's RNG state
-#                         train.pt                              rank 0: step, loader, config, args (plain values)
-#                         COMPLETE                              written last, then the folder is renamed
-# written as step_000010.tmp/ first: a kill at any moment leaves a .tmp folder, which is never read, and the last
-# complete folder. --keep-checkpoints K keeps the newest K.
-
-
-def find_checkpoints(out_dir):
-    """The complete checkpoints in out_dir, newest first: step_* folders with their COMPLETE marker and ckpt.pt (a
-    run may change formats on resuming: the one written last comes first)."""
-    found = [os.path.join(f, "COMPLETE") for f in glob.glob(os.path.join(glob.escape(out_dir), "step_*[0-9]"))]
-    found = [f for f in [*found, os.path.join(out_dir, "ckpt.pt")] if os.path.isfile(f)]
-    return [f.removesuffix(os.sep + "COMPLETE") for f in sorted(found, key=os.path.getmtime, reverse=True)]
-
-
-def newest(path):
-    """A step folder as it is; a run's --out-dir: its newest complete checkpoint, a step folder or ckpt.pt."""
-    found = [path] if os.path.isfile(os.path.join(path, "COMPLETE")) else find_checkpoints(path)
-    if not found:
-        raise ValueError(f"{path}: no complete checkpoint in this folder (step_*/COMPLETE or ckpt.pt)")
-    return found[0]
-
-
-class Unreadable(ValueError):
-    """A checkpoint that is there but cannot be read (truncated, corrupt): resuming falls back to an older one."""
-
-
-def read_train_state(folder):
-    """The plain values of a sharded checkpoint (as ckpt.pt holds them, less tensors): weights_only, no code."""
-    try:
-        return torch.load(os.path.join(folder, "train.pt"), map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, or asking for code
-        raise Unreadable(f"{folder}: unreadable checkpoint ({str(e).strip().splitlines()[0][:200]})") from None
-
-
-def read_model_state(folder):
-    """One process, no process group: the checkpoint's weights as whole tensors, {name: tensor}, sized from DCP's
-    metadata; the optimizer's state is not read at all (--sample, --eval, the exports)."""
-    reader = dcp.FileSystemReader(folder)
-    try:
-        meta = reader.read_metadata().state_dict_metadata
-        state = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
-                 for k, m in meta.items() if k.startswith("model.")}
-        with quiet():
-            dcp.load({"model": state}, storage_reader=reader, no_dist=True)
-    except (Exception, CheckpointException) as e:
-        raise Unreadable(f"{folder}: unreadable checkpoint ({first_line(e)})") from None
-    return state
-
-
-@contextlib.contextmanager
-def quiet():
-    """DCP in one process (no_dist) warns at every call that it assumes one process: it is the intent here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is .*single process")
-        yield
-
-
-def first_line(e):
-    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
-    e = next(iter(failures.values()))[0] if failures else e
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-class Checkpoints:
-    """A run's saves, in either format, and its loads. Every process calls save and load together. Sharded saves
-    can be asynchronous: DCP copies the state to host memory (the step waits for that), then writes on a
-    background thread while training goes on; the folder is completed at the next save or at wait().
-
-    NOTE: DCP's collectives (plans, the gathered write results) run on a gloo group of their own: on a background
-    thread they would otherwise interleave with the training loop's collectives on the default group, in a
-    different order on each process (torchtitan does the same)."""
-
-    def __init__(self, out_dir, format, keep, asynchronous, rank, world, write_file):
-        self.out_dir, self.format, self.keep, self.asynchronous = out_dir, format, keep, asynchronous
-        self.rank, self.world, self.write_file = rank, world, write_file
-        self.group = torch.distributed.new_group(backend="gloo") if torch.distributed.is_initialized() else None
-        self.pending = None  # (future, tmp folder, folder, bytes) of the save in flight
-
-    def state(self, model, optimizer, rng):
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # this process's shards, keyed by name
-        return {"model": model_state, "optim": optimizer_state, f"rng_{self.rank}_of_{self.world}": rng}
-
-    def save(self, model, optimizer, rng, train_state, done=False):
-        """Save the model, the optimizer, this process's RNG state and the train state (plain values). done: the
-        run's last save, completed before returning even when asynchronous. A failure (a full disk, a folder that
-        cannot be written) is the same one line on every process, the previous checkpoint intact."""
-        if self.format == "file":
-            return self.save_file(model, optimizer, rng, train_state)
-        self.wait()
-        folder = os.path.join(self.out_dir, f"step_{train_state['step']:06d}")
-        tmp, state = folder + ".tmp", self.state(model, optimizer, rng)
-        size = sum(t.to_local().nbytes if isinstance(t, DTensor) else t.nbytes for t in tensors(state))
-        error = None
-        if self.rank == 0:  # the folder, and the plain values; a full disk is said before anything big is written
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)  # a save a kill cut short: never read, replaced
-                os.makedirs(tmp)
-                if shutil.disk_usage(tmp).free < size * self.world:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                torch.save(train_state, os.path.join(tmp, "train.pt"))
-            except (OSError, RuntimeError) as e:
-                error = save_error_line(e, tmp, size, self.world)
-        if error := self.gather(error)[0]:  # every process learns it (and the folder exists once they have)
-            self.remove(tmp)
-            raise ValueError(error)
-        kw = {"checkpoint_id": tmp, "process_group": self.group, "no_dist": self.group is None}
-        try:
-            with quiet():
-                future = dcp.async_save(state, **kw) if self.asynchronous else dcp.save(state, **kw)
-        except (Exception, CheckpointException) as e:
-            self.fail(e, tmp, size)
-        self.pending = (future if self.asynchronous else None, tmp, folder, size)
-        if done or not self.asynchronous:
-            self.wait()
-
-    def save_file(self, model, optimizer, rng, train_state):
-        """ckpt.pt: every weight and AdamW moment whole (gathered from the shards under FSDP), every process's RNG
-        state; rank 0 writes it (write_file: atomically)."""
-        state = {**train_state, "rng": self.gather(rng)}
-        if sharded(model):
-            state["model"], state["optimizer"] = full_state(model, optimizer)
-        else:
-            state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
-        path, error = os.path.join(self.out_dir, "ckpt.pt"), None
-        if self.rank == 0:
-            try:
-                self.write_file(path, state)
-            except (OSError, RuntimeError) as e:  # torch's zip writer raises a RuntimeError when the disk fills
-                error = save_error_line(e, path, state_bytes(state))
-        if error := self.gather(error)[0]:
-            raise ValueError(error)
-
-    def gather(self, obj):
-        """obj from every process, in rank order."""
-        if self.group is None:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def fail(self, e, tmp, size):
-        """Every process raises the same line: DCP gathers each process's failure and raises them on all."""
-        self.remove(tmp)  # the previous checkpoint is untouched: only tmp was written
-        raise ValueError(save_error_line(e, tmp, size, self.world)) from None
-
-    def remove(self, tmp):
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def wait(self):
-        """Complete the save in flight. When rank 0's DCP save returns every process's shards are on disk (it
-        gathers their write results before it writes .metadata), so rank 0 marks and renames with no barrier."""
-        if self.pending is None:
-            return
-        future, tmp, folder, size = self.pending
-        self.pending = None
-        try:
-            if future is not None:
-                future.result()
-        except (Exception, CheckpointException) as e:
-            self.fail(e, tmp, size)
-        if self.rank != 0:
-            return
-        with open(os.path.join(tmp, "COMPLETE"), "wb") as f:
-            os.fsync(f.fileno())
-        shutil.rmtree(folder, ignore_errors=True)  # the same step saved again after a restart
-        os.replace(tmp, folder)
-        fd = os.open(self.out_dir, os.O_RDONLY)
-        os.fsync(fd)  # the rename itself, durable
-        os.close(fd)
-        for old in [f for f in find_checkpoints(self.out_dir) if os.path.isdir(f)][self.keep:]:
-            os.remove(os.path.join(old, "COMPLETE"))  # first: a kill inside rmtree leaves no "complete" half
-            shutil.rmtree(old, ignore_errors=True)
-
-    def load(self, path, ckpt, model, optimizer, rng):
-        """Fill model and optimizer (sharded or not) from path, a step folder or ckpt.pt (its contents: ckpt, with
-        whole tensors that each process takes its shard of); returns the train state, with this process's RNG
-        state under "rng" when the number of processes is the one that saved (else seed_rng seeds afresh).
-        rng: this process's RNG state now, for its shape."""
-        if not os.path.isdir(path):
-            if sharded(model):
-                load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
-            else:
-                model.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-            return ckpt
-        folder, train_state = path, ckpt
-        state = self.state(model, optimizer, rng)
-        key = f"rng_{self.rank}_of_{self.world}"
-        try:
-            if not any(k.startswith(key) for k in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata):
-                del state[key]  # saved by another number of processes
-            with quiet():
-                dcp.load(state, checkpoint_id=folder, process_group=self.group, no_dist=self.group is None)
-        except (Exception, CheckpointException) as e:
-            raise Unreadable(f"{folder}: unreadable checkpoint ({first_line(e)})") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        train_state["rng"] = [state[key]] * self.world if key in state else []
-        return train_state
-
-
-def sharded(model):
-    return isinstance(model, FSDPModule)  # (a parameter can be whole for a while: FSDP swaps them in and out)
-
-
-def tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict | list | tuple):
-        for v in obj.values() if isinstance(obj, dict) else obj:
-            yield from tensors(v)
-
-
-def state_bytes(state):
-    """What a state takes on disk: each tensor's storage once (a tied weight is one tensor under two names)."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors(state)}.values())
-
-
-def save_error_line(e, path, size, world=1):
-    """A failed save in one line: the path, the reason (an OSError found anywhere in the chain, or in any process's
-    failure under DCP; torch's zip writer raises a RuntimeError with none when the disk fills), the space needed."""
-    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
-    chain = [f[0] for f in failures.values()] if failures else [e]
-    reason = None
-    while chain and reason is None:
-        e = chain.pop(0)
-        if isinstance(e, OSError) and e.errno:
-            reason = os.strerror(e.errno)
-        chain += [c for c in (e.__cause__, e.__context__) if c is not None]
-    parent = path
-    while not os.path.isdir(parent):
-        parent = os.path.dirname(parent) or "."
-    free = shutil.disk_usage(parent).free
-    if reason is None:
-        reason = "No space left on device" if free < size * world else first_line(e)
-    each = " per process" if world > 1 else ""
-    return f"cannot save a checkpoint to {path}: {reason} (this save needs {size / 2**20:.1f} MiB{each} or more, " \
-           f"{free / 2**20:.1f} MiB free)"

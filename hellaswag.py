@@ -122,3 +122,19 @@ def local_copy(path):
     """path itself, or for URL the official validation set (10,042 examples), downloaded once into
     ~/.cache/transformer.py/."""
     return cached_download(path, hint="pass a local copy: --hellaswag FILE") if path == URL else path
+
+
+def examples(path, dist):
+    """The examples of a HellaSwag file, or of the official val set when path is URL: downloaded once into the
+    cache, by the master process alone while the others wait (dist: transformer.py's Distributed)."""
+    if dist.master:
+        local_copy(path)
+    dist.barrier()
+    return read_examples(local_copy(path))
+
+
+def accuracy(model, examples, tokenizer, device, dist, batch_size, progress=False):
+    """(acc, acc_norm, n) over all examples: each process scores its share, dist.sum adds up the counts."""
+    counts = scores(model, examples, tokenizer, device, dist.rank, dist.world, batch_size, progress)
+    correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
+    return correct / n, correct_norm / n, n

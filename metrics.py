@@ -2,6 +2,7 @@
 metrics.py: what a training run reports. A companion of transformer.py, which imports it; it never imports
 transformer.py.
   - MFU, model FLOPs utilisation: the FLOPs a step needs / the time it took / the device's peak.
+  - run_summary: the lines a run prints before its first step; log_line: the line of a logged step.
   - MetricsLog: every step's record as a line of metrics.jsonl (and, with --wandb, in Weights & Biases).
   - plot_metrics: loss.png, drawn from metrics.jsonl at the end of a run.
 """
@@ -100,6 +101,25 @@ class MetricsLog:
     def close(self):
         if self.wandb:
             self.wandb.finish()
+
+
+def run_summary(model, meta, args, dist, device, dtype, grad_accum, peak, peak_source):
+    """The lines a run prints before its first step: the model, the batch, the sharding, the MFU's yardstick
+    (transformer.py's GPT, its data's meta.json, its flags, its Distributed)."""
+    c, B, T = model.config, args.batch_size, args.seq_len
+    vocab = f"vocab {meta['vocab_size']}"
+    vocab += f" (padded to {c.vocab_size})" if c.vocab_size != meta["vocab_size"] else ""
+    lines = [f"model: {model.num_params():,} parameters | {c.pos} positions, {c.norm}, {c.mlp}, "
+             f"{c.n_layer} layers x {c.n_head} heads x {c.n_embd} wide | {vocab} ({meta['tokenizer']})",
+             f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = "
+             f"{B * T * dist.world * grad_accum:,} tokens/step | device {device}, {str(dtype).removeprefix('torch.')}"
+             f"{', compiled' if args.compile else ''}"]
+    if args.fsdp:
+        local = sum(p.to_local().numel() for p in model.parameters())
+        lines.append(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
+                     f"rank 0 holds {local:,} of {model.num_params():,} parameters")
+    lines.append("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
+    return lines
 
 
 def log_line(r):

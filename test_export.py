@@ -21,6 +21,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import checkpoint
 import convert
 import prepare_data
 import transformer
@@ -46,7 +47,7 @@ TEXTS = [
 
 def save_ckpt(path, model, tokenizer="byte"):
     """A checkpoint as training writes it, reduced to what --ckpt reads."""
-    transformer.save_checkpoint(str(path), {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
+    checkpoint.save_checkpoint(str(path), {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
                                             "config": dataclasses.asdict(model.config), "tokenizer": tokenizer})
     return str(path)
 
@@ -461,7 +462,7 @@ def tokenizer_export(request, tmp_path_factory):
         tok = transformer.get_tokenizer(name, tokenizer_json)
         model = random_model(tiny("llama", vocab_size=tok.vocab_size))
         ckpt = str(tmp / "ckpt.pt")
-        transformer.save_checkpoint(ckpt, {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
+        checkpoint.save_checkpoint(ckpt, {"format": transformer.CKPT_FORMAT, "model": model.state_dict(),
                                            "config": dataclasses.asdict(model.config), "tokenizer": name,
                                            "tokenizer_json": tokenizer_json})
         transformer.main(["--ckpt", ckpt, "--export-hf", str(tmp / "hf"), "--export-gguf", str(tmp / "m.gguf"),

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-import fsdp
+import checkpoint
 import transformer
 from conftest import torchrun_leaving
 from test_training import ENV, SCRIPT, TINY, metrics, train
@@ -148,7 +148,7 @@ def test_an_fsdp_sharded_checkpoint_resumes_in_one_process_where_it_left_off(run
     train(data, out, *FLAGS, *ONE, "--max-steps", "6", "--resume")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert losses(out) == pytest.approx(losses(root / "straight"), abs=1e-5)
-    assert fsdp.find_checkpoints(str(out)) == [str(out / "ckpt.pt"), str(out / "step_000004")]  # the newest first
+    assert checkpoint.find_checkpoints(str(out)) == [str(out / "ckpt.pt"), str(out / "step_000004")]  # the newest first
 
 
 @pytest.mark.parametrize("source, batch", [
@@ -215,7 +215,7 @@ with dist.running(device):
         with fsdp.DeferredInit() as init:
             meta = transformer.GPT(config)
         fsdp.shard(meta, torch.float32, init, device)
-        meta.transformer.wpe.make_tables()
+        meta.positions.make_tables()
         x = buf[:, :-1] % 65
         report[f"{arch}_meta_init"] = {
             "bit_equal": all(torch.equal(p.full_tensor(), whole.get_parameter(n)) for n, p in meta.named_parameters()),

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import metrics as metrics_py
 import transformer
 from conftest import write_dataset
@@ -78,7 +79,7 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
 def test_positions_keep_nothing_that_changes_after_the_first_forward():
     """What a compiled graph reads must not change under it: ALiBi's slopes exist from the start, and RoPE's
     cos/sin are computed from the positions, so generating far past block_size grows no table."""
-    assert GPT(GPTConfig.preset("tiny", "gpt2", pos="alibi", n_head=4)).transformer.wpe.alibi.shape == (4,)
+    assert GPT(GPTConfig.preset("tiny", "gpt2", pos="alibi", n_head=4)).positions.alibi.shape == (4,)
     model = GPT(GPTConfig.preset("tiny", "llama", block_size=16)).eval()
     model.generate(torch.zeros(1, 1, dtype=torch.long), 40, temperature=0)
     assert dict(model.named_buffers()) == {}
@@ -161,7 +162,7 @@ def test_ddp_keeps_gradients_in_its_buckets_and_does_not_broadcast_buffers(tmp_p
 
 def test_resuming_maps_the_checkpoint_instead_of_reading_it_into_memory(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    transformer.save_checkpoint(path, {"format": transformer.CKPT_FORMAT, "w": torch.zeros(4)})
+    checkpoint.save_checkpoint(path, {"format": transformer.CKPT_FORMAT, "w": torch.zeros(4)})
     seen, real = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: (seen.append(kw), real(*a, **kw))[1])
     transformer.load_checkpoint(path)

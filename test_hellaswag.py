@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import checkpoint
 import convert
 import hellaswag
 import transformer
@@ -162,7 +163,7 @@ def test_a_checkpoint_is_scored_with_its_own_tokenizer(tmp_path, capsys):
     """--ckpt of a byte-level model: the longer contexts are cropped to its 64 bytes; the line keeps its format."""
     torch.manual_seed(0)
     config = GPTConfig.preset("tiny", "gpt2", block_size=64)
-    transformer.save_checkpoint(str(tmp_path / "ckpt.pt"), {
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt.pt"), {
         "format": transformer.CKPT_FORMAT, "model": GPT(config).state_dict(), "config": dataclasses.asdict(config),
         "tokenizer": "byte"})
     file = write_jsonl(tmp_path / "hs.jsonl", EXAMPLES)

@@ -5,18 +5,20 @@ counted as completed, checkpoints loaded without a random init, no in-house jarg
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import checkpoint
 import transformer
 from test_training import ENV, TINY, metrics
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-COMPANIONS = ["convert.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py", "metrics.py", "shards.py",
-              "tokenizer.py"]
+COMPANIONS = ["checkpoint.py", "convert.py", "distributed.py", "files.py", "flagtypes.py", "fsdp.py", "hellaswag.py",
+              "metrics.py", "optimizers.py", "shards.py", "tokenizer.py"]
 
 
 def read(name):
@@ -36,14 +38,15 @@ def test_every_section_uses_only_what_earlier_sections_define():
     defined = {}
     for node in tree.body:
         targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            [n.id for t in getattr(node, "targets", []) for n in ast.walk(t) if isinstance(n, ast.Name)]
+            [n.id for t in getattr(node, "targets", []) for n in ast.walk(t) if isinstance(n, ast.Name)
+             and isinstance(n.ctx, ast.Store)]  # the names it binds: `GPT.generate = generate` binds none
         defined.update({name: section[node.lineno - 1] for name in targets})
     units = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     forward = sorted({f"{node.name} -> {n.id}" for node in units for n in ast.walk(node)
                       if isinstance(n, ast.Name) and n.id in defined and n.id != node.name
                       and defined[n.id] > section[node.lineno - 1]})
     assert forward == []
-    assert max(section) == 13
+    assert max(section) == 14
 
 
 @pytest.mark.parametrize("companion", COMPANIONS)
@@ -52,6 +55,31 @@ def test_no_companion_imports_transformer(companion):
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"transformer", "prepare_data", "bench"}
+
+
+def test_a_one_process_run_never_imports_fsdp_or_dcp(tmp_path, data):
+    """Importing transformer loads neither FSDP nor torch.distributed.checkpoint (DCP); training, saving ckpt.pt,
+    resuming and sampling in one process then add none of them: they load where --fsdp or a sharded checkpoint
+    needs them. NOTE: torch.optim's constructors import torch._dynamo, which imports FSDP itself: that much is
+    torch's, loaded first here so that what this project's code loads is what the test sees."""
+    out = str(tmp_path / "out")
+    code = ("import sys\n"
+            "heavy = lambda: {m for m in sys.modules if m.startswith(('torch.distributed.fsdp', "
+            "'torch.distributed.checkpoint', 'fsdp'))}\n"
+            "import transformer\n"
+            "print('on import', sorted(heavy()))\n"
+            "import torch._dynamo\n"
+            "before = heavy()\n"
+            f"transformer.main({['--data', data, '--out-dir', out, *TINY, '--max-steps', '2']!r})\n"
+            f"transformer.main({['--data', data, '--out-dir', out, *TINY, '--max-steps', '3', '--resume']!r})\n"
+            f"transformer.main({['--sample', '--ckpt', out, '--device', 'cpu', '--max-new-tokens', '3']!r})\n"
+            f"transformer.main({['--eval', '--ckpt', out, '--data', data, '--device', 'cpu']!r})\n"
+            "print('by the runs', sorted(heavy() - before))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on import []" in result.stdout and "by the runs []" in result.stdout
+    assert "resumed" in result.stdout and "perplexity" in result.stdout
 
 
 def test_main_returns_under_a_gloo_process_group(tmp_path, data):
@@ -117,3 +145,50 @@ def test_a_missing_optional_package_is_one_line_naming_the_extras(tmp_path, monk
     (tmp_path / "hf").mkdir()
     line = one_line_error(["--sample", "--init-from", str(tmp_path / "hf")])
     assert "needs the transformers package: pip install -r requirements-extras.txt" in line
+
+
+def as_before_positions_were_renamed(out):
+    """Rewrite out's checkpoint (ckpt.pt or step folders) as it was written when the learned position table was
+    GPT-2's transformer.wpe."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    old = {"positions.weight": "transformer.wpe.weight"}
+    if (out / "ckpt.pt").exists():
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        torch.save({**ckpt, "model": {old.get(k, k): v for k, v in ckpt["model"].items()}}, out / "ckpt.pt")
+    for folder in out.glob("step_*"):
+        dcp_to_torch_save(folder, out / "whole.pt")
+        state = torch.load(out / "whole.pt", weights_only=True)
+        assert "positions.weight" in state["model"]
+        torch.save(checkpoint.renamed(state, old), out / "whole.pt")
+        torch_save_to_dcp(out / "whole.pt", out / "old")
+        for name in ("train.pt", "COMPLETE"):
+            shutil.copy(folder / name, out / "old" / name)
+        shutil.rmtree(folder)
+        os.replace(out / "old", folder)
+        os.remove(out / "whole.pt")
+
+
+@pytest.mark.parametrize("fmt", ["file", "sharded"])
+def test_a_checkpoint_from_before_positions_were_renamed_samples_evaluates_and_resumes(data, tmp_path, capsys, fmt):
+    """The learned position table was GPT-2's transformer.wpe until the story named it GPT.positions: a checkpoint
+    written then still samples, evaluates and resumes (checkpoint.py maps the old name), to the same numbers."""
+    flags = [*TINY, "--arch", "gpt2", "--ckpt-format", fmt]
+    new, old = tmp_path / "new", tmp_path / "old"
+    transformer.main(["--data", data, "--out-dir", str(new), *flags, "--max-steps", "2"])
+    shutil.copytree(new, old)
+    as_before_positions_were_renamed(old)
+    assert any(b"transformer.wpe.weight" in p.read_bytes() for p in old.rglob("*") if p.is_file())
+    loaded = transformer.load_checkpoint(str(old))["model"]
+    assert torch.equal(loaded["positions.weight"], transformer.load_checkpoint(str(new))["model"]["positions.weight"])
+    outputs = []
+    for out in (new, old):
+        capsys.readouterr()
+        transformer.main(["--sample", "--ckpt", str(out), "--device", "cpu", "--temperature", "0",
+                          "--max-new-tokens", "8"])
+        transformer.main(["--eval", "--ckpt", str(out), "--data", data, "--device", "cpu"])
+        outputs.append(capsys.readouterr().out.replace(str(out), "OUT"))  # the sample and the loss
+        transformer.main(["--data", data, "--out-dir", str(out), *flags, "--max-steps", "3", "--resume"])
+        assert "resumed" in capsys.readouterr().out
+    assert outputs[0] == outputs[1] and "perplexity" in outputs[0]
+    assert [(r["loss"], r["grad_norm"]) for r in metrics(new)] == [(r["loss"], r["grad_norm"]) for r in metrics(old)]

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import prepare_data
 import transformer
 from conftest import english_text, signal_after, write_dataset
@@ -329,7 +330,7 @@ def test_two_processes_under_torchrun_equal_one_process(data, tmp_path):
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    transformer.save_checkpoint(path, tiny_state(step=1, w=torch.arange(1000.0)))
+    checkpoint.save_checkpoint(path, tiny_state(step=1, w=torch.arange(1000.0)))
     before = read_bytes(path)
     real_save = torch.save
 
@@ -341,7 +342,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError, match="No space"):
-        transformer.save_checkpoint(path, tiny_state(step=2, w=torch.zeros(1000)))
+        checkpoint.save_checkpoint(path, tiny_state(step=2, w=torch.zeros(1000)))
     monkeypatch.undo()
     assert read_bytes(path) == before  # nothing written at the final path
     ckpt = transformer.load_checkpoint(path)
@@ -349,13 +350,13 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monke
     # and a first checkpoint that never completed leaves no ckpt at all
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError):
-        transformer.save_checkpoint(str(tmp_path / "first.pt"), tiny_state())
+        checkpoint.save_checkpoint(str(tmp_path / "first.pt"), tiny_state())
     assert not (tmp_path / "first.pt").exists()
 
 
 def test_a_crash_before_the_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    transformer.save_checkpoint(path, tiny_state(step=1))
+    checkpoint.save_checkpoint(path, tiny_state(step=1))
     before = read_bytes(path)
 
     def power_cut(fd):
@@ -363,7 +364,7 @@ def test_a_crash_before_the_rename_leaves_the_previous_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(os, "fsync", power_cut)
     with pytest.raises(OSError, match="simulated"):
-        transformer.save_checkpoint(path, tiny_state(step=2))
+        checkpoint.save_checkpoint(path, tiny_state(step=2))
     monkeypatch.undo()
     assert read_bytes(path) == before and transformer.load_checkpoint(path)["step"] == 1
 

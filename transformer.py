@@ -8,24 +8,28 @@ transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many,
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo)
+    1. Config       GPTConfig: sizes (tiny ... gpt2-xl), architectures (gpt2, llama, olmo), the default RECIPE
     2. Positions    learned, RoPE or ALiBi, decided in one place (Positions), and the attention mask
     3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
     4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
-    6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
+    6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained
     7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
-    8. Processes    device and dtype, the processes torchrun starts (DDP), stop signals
-    9. Checkpoints  everything a run needs to continue exactly, read back without running code
+    8. Processes    device and dtype, the model wrapped for DDP or FSDP
+    9. Checkpoints  what a checkpoint holds, and how a run resumes from one
    10. Evaluation   the val loss the loop logs, perplexity over a whole text, HellaSwag accuracy
    11. Training     AdamW (or Muon), the lr schedule, and the loop: step, log, evaluate, save
-   12. Commands     train, sample, eval, export
-   13. CLI          argparse and main()
-Beside it, companion files hold the tooling the story does not need first; they never import this file:
-    convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files
-    fsdp.py         --fsdp: sharding the model, gathering and scattering its state; sharded checkpoints
+   12. Generation   the KV cache, sampling, the generation loop, the compiled decode step
+   13. Commands     train, sample, eval, export
+   14. CLI          argparse (each default from RECIPE or a preset) and main()
+Beside it, companion files hold what the story does not need first; they never import this file:
+    checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
+    convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files; the exports
+    distributed.py  the processes: device, rank, world size, the process group and its teardown, stop signals
+    fsdp.py         --fsdp: sharding the model over processes, gathering and scattering its state
     hellaswag.py    the HellaSwag benchmark: read, render, score
-    metrics.py      MFU, metrics.jsonl, loss.png
+    metrics.py      MFU, the lines a run prints, metrics.jsonl, loss.png
+    optimizers.py   Muon and AdamW stepped as one
     files.py        files that are whole or absent: atomic writes, downloads
     flagtypes.py    argparse types that check every value, errors on one line
     tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
@@ -40,7 +44,6 @@ import importlib.util
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -53,11 +56,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convert
-import fsdp
 import hellaswag
-from files import atomic_open
+from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
+from distributed import Distributed, StopSignal, pick_device, synchronize
 from flagtypes import ArgumentParser, at_least, device_name, in_range
-from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
+from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
+from optimizers import Optimizers
 from shards import find_shards, load_shard, read_meta
 from tokenizer import get_tokenizer
 
@@ -140,6 +144,19 @@ ARCHS = {
 }
 
 
+# The default run, as nanoGPT's train.py opens with its defaults: a small LLaMA-style model on tiny Shakespeare's
+# characters (prepared on first use), sized so that a 2-core CPU beats nanoGPT's CPU recipe in about half its time
+# (README: "Results"). The command line (section 14) takes its defaults from here; each flag overrides one.
+RECIPE = dict(
+    arch="llama", size="mini",  # the model: GPTConfig.preset(size, arch); T = the size's block_size, 64
+    batch_size=12, max_steps=850,  # B = 12 windows of 64 characters a step, 850 steps
+    lr=2e-3, min_lr=2e-4, warmup_steps=50,  # AdamW's lr: a short linear warmup, then a cosine to a tenth of it
+    muon_lr=0.02, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
+    log_every=100, eval_every=100, eval_iters=20, ckpt_every=1000,  # eval: 9 points for loss.png, ~6% of the time
+    seed=1337,  # the initial weights, the data order and dropout all follow from it
+)
+
+
 # -----------------------------------------------------------------------------
 # 2. Positions
 # Attention by itself is blind to order. GPT-2 adds a learned vector per position to
@@ -163,23 +180,18 @@ def rope_cos_sin(head_dim, positions, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, nh, T, hd) by cos/sin (T, hd).
-
-    This is HF's 'half-split' layout: dimension i is paired with i + hd/2, so HF Llama
-    checkpoints load unchanged. Meta's original code pairs neighbours (2i, 2i+1) instead;
-    its q/k weights are the same up to a permutation of their rows.
-    """
+    """Rotate x (B, nh, T, hd) by cos/sin (T, hd), in HF's 'half-split' layout: dimension i is paired with
+    i + hd/2, so HF Llama checkpoints load unchanged. Meta's original code pairs neighbours (2i, 2i+1)
+    instead; its q/k weights are the same up to a permutation of their rows."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hd/2) each: the two halves that form pairs
     rotated = torch.cat((-x2, x1), dim=-1)  # rotate each (x1, x2) pair by 90 degrees
     return (x * cos + rotated * sin).to(x.dtype)
 
 
 def alibi_slopes(n_head):
-    """Per-head slopes of ALiBi (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ...
-
-    For a head count that is not a power of two, the paper takes the slopes of the
-    closest power of two below it, then every other slope of the next power up.
-    """
+    """Per-head slopes of ALiBi (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ... For a head
+    count that is not a power of two, the paper takes the slopes of the closest power of two below it, then
+    every other slope of the next power up."""
 
     def power_of_2(n):
         return [2 ** (-8 * (i + 1) / n) for i in range(n)]
@@ -203,13 +215,13 @@ def attention_bias(q_pos, k_pos, alibi=None):
 
 class Positions(nn.Module):
     """What the model needs to know about positions, for T new tokens: at positions 0 .. T-1 attending to
-    each other, or, with a KV cache (section 9), at the positions it gives them attending to every key it holds:
+    each other, or, with a KV cache (section 12), at the positions it gives them attending to every key it holds:
         pos_emb (T, C)   added to the token embeddings (learned), else None
         rope             (cos, sin), each (T, hd), to rotate q and k by (rope), else None
         bias             the additive attention mask (attention_bias): None for plain causal
                          attention, else (1, nh or 1, T, S), with ALiBi's distance penalty (alibi)
-    GPT keeps it under GPT-2's name for its learned position embedding, transformer.wpe, so that
-    GPT-2 checkpoints load unchanged; only the learned scheme has a weight."""
+    Only the learned scheme has a weight: GPT.positions.weight, GPT-2's transformer.wpe (convert.py maps
+    the names)."""
 
     def __init__(self, config):
         super().__init__()
@@ -375,8 +387,7 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
-# from_pretrained reads HF checkpoints with convert.py's converters. The section ends with
-# generation: the model fed its own output one token at a time, with a KV cache.
+# from_pretrained reads HF checkpoints (convert.py).
 
 
 class GPT(nn.Module):
@@ -391,7 +402,7 @@ class GPT(nn.Module):
                 ln_f=make_norm(config),
             )
         )
-        self.transformer["wpe"] = Positions(config)  # after ln_f, where GPT-2's wpe was: the same init order
+        self.positions = Positions(config)  # registered after ln_f, where GPT-2's wpe was: the same init order
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.grad_checkpointing = False
@@ -406,7 +417,7 @@ class GPT(nn.Module):
         """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
         --sample. RoPE and ALiBi see only distances, so any length runs (how well is what --eval
         measures); learned position vectors exist only for the positions trained."""
-        positions = self.transformer.wpe
+        positions = self.positions
         if block_size > positions.max_len:
             raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
                              f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
@@ -434,14 +445,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy against targets or None).
-
-        targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a
-        KVCache (below), idx holds only the new tokens and the cache supplies the keys and
-        values before them; the generation loop, not the model, gives the new tokens their
-        positions in it.
-        """
+        targets (B, T) are idx shifted left by one; -1 marks a position to ignore. With a KVCache (section 12),
+        idx holds only the new tokens, and the cache the keys and values before them, and their positions."""
         B, T = idx.size()
-        pos_emb, rope, bias = self.transformer.wpe(T, idx.device, cache)
+        pos_emb, rope, bias = self.positions(T, idx.device, cache)
         x = self.transformer.wte(idx)  # (B, T, C)
         if pos_emb is not None:
             x = x + pos_emb  # (T, C) broadcast over the batch
@@ -460,14 +467,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, *, stream=False, **options):
-        """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
-        each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
-        generate_tokens, below). A bad prompt raises here, before any token."""
-        check_prompt(idx, self.config.block_size)
-        tokens = generate_tokens(self, idx, max_new_tokens, **options)
-        return tokens if stream else torch.cat([idx, *tokens], dim=1)
-
     @classmethod
     def from_state_dict(cls, config, state_dict, source):
         """A model holding exactly state_dict's weights (checked: names and shapes; source names them in errors).
@@ -477,7 +476,7 @@ class GPT(nn.Module):
             model = cls(config)
         model.to_empty(device="cpu")  # real storage, left uninitialised; this unties weights, so tie them again
         model.tie_weights()
-        model.transformer.wpe.make_tables()
+        model.positions.make_tables()
         expected = model.state_dict()
         missing, extra = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         if missing or extra:
@@ -494,28 +493,511 @@ class GPT(nn.Module):
         models from the hub, or any local directory holding an HF GPT2LMHeadModel or
         LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
         tokenizer its ids mean: convert.hf_tokenizer_name."""
-        from transformers import AutoConfig  # only this function needs transformers
-
-        path = convert.hf_folder(name_or_path)
-        hf = AutoConfig.from_pretrained(path)
-        if hf.model_type not in convert.HF_LOADERS:
-            raise ValueError(f"{name_or_path}: model_type {hf.model_type!r} is not supported "
-                             f"(supported: {', '.join(convert.HF_LOADERS)})")
-        config_from_hf, weights_from_hf = convert.HF_LOADERS[hf.model_type]
-        config = GPTConfig.preset("gpt2", hf.model_type, dropout=dropout, **config_from_hf(hf))
-        return cls.from_state_dict(config, weights_from_hf(convert.read_hf_weights(path), config), name_or_path)
+        arch, fields, weights = convert.read_hf(name_or_path)  # HF's config and weights under our names
+        config = GPTConfig.preset("gpt2", arch, dropout=dropout, **fields)
+        return cls.from_state_dict(config, weights(config), name_or_path)
 
 
-# Generation feeds the model its own output one token at a time. Without a cache every
-# step re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill)
-# and each step computes only the new token's keys and values, attending to the stored
-# ones. The model only reads the cache (GPT.forward); this loop gives the new tokens their
-# places in it. The cache has one fixed shape, block_size slots a layer, written in place,
-# and attention is masked to the filled ones: every decode step then has the same shapes, so
-# --compile compiles it once (and on a GPU replays it as a CUDA graph), whatever the position.
-# Past block_size the cache slides: the newest token overwrites the oldest slot, and RoPE and
-# ALiBi, which only see distances, carry on. Learned positions end at block_size, so from
-# there every step re-encodes the last block_size tokens, as the uncached path does.
+# -----------------------------------------------------------------------------
+# 7. Data
+# Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
+# waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py, llm.c's read as
+# they are), memory-mapped as uint16 or uint32. meta.json names the tokenizer and counts
+# each split's tokens and the UTF-8 bytes they spell: a loss per token also reads as bits
+# per byte, the scale on which tokenizers compare.
+
+
+def bits_per_byte(loss, n_tokens, n_bytes):
+    """A mean loss (nats per token) over n_tokens tokens that spell n_bytes UTF-8 bytes, in bits per byte
+    (nanochat's val_bpb): the total loss is loss * n_tokens nats, and a nat is 1/ln 2 bits. NOTE: the training
+    log's val loss is an estimate from --eval-iters windows, converted at the whole val split's tokens per byte."""
+    return loss * n_tokens / (n_bytes * math.log(2))
+
+
+class DataLoaderLite:
+    """Batches of B windows of T + 1 tokens, (B, T+1) int64, from one split's shards: x = buf[:, :-1] and
+    the targets y = buf[:, 1:] are the same window shifted by one.
+
+    Each epoch cuts every shard into windows at a random offset and visits them in a random order, both
+    drawn from (seed, epoch) alone. One optimizer step reads B x num_processes x grad_accum consecutive
+    windows of that order; micro-step m of rank r takes windows (m * num_processes + r) * B ... + B - 1.
+    NOTE: so any split of the same total batch (8 processes x B, or 1 x B x 8 accumulation steps) reads
+    the same windows in the same steps: a checkpoint written under one resumes under another.
+    """
+
+    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, grad_accum=1, seed=0, pin_memory=False):
+        meta = read_meta(data_dir) if os.path.exists(os.path.join(data_dir, "meta.json")) else {}
+        self.shards = [load_shard(f, meta.get("vocab_size")) for f in find_shards(data_dir, split)]
+        self.B, self.T, self.rank, self.world, self.grad_accum = B, T, process_rank, num_processes, grad_accum
+        self.seed, self.pin_memory = seed, pin_memory  # pinned host memory: the copy to the GPU can overlap compute
+        self.step_windows = B * num_processes * grad_accum
+        n_tokens = sum(len(s) for s in self.shards)
+        if self._windows(offset=T - 1).sum() < self.step_windows:  # the worst offset must still fill one step
+            raise ValueError(
+                f"{data_dir}: the {split} split has {n_tokens:,} tokens, too few for one step of {self.step_windows} "
+                f"x {T + 1} tokens (batch size x processes x accumulation x (seq len + 1)): lower them"
+            )
+        self.reset()
+
+    def _windows(self, offset):
+        # Window i of a shard is tokens offset + i*T ... offset + i*T + T: T + 1 tokens, overlapping the next
+        # by one, so every token after the offset is a target exactly once. A shard of n tokens holds
+        # (n - offset - 1) // T of them; the few tokens left at its end wait for another epoch's offset.
+        return np.array([max(0, (len(s) - offset - 1) // self.T) for s in self.shards])
+
+    def reset(self, epoch=0, step=0):
+        """Go to optimizer step `step` of epoch `epoch` and draw that epoch's offset and order."""
+        self.epoch, self.step, self.micro = epoch, step, 0
+        rng = np.random.default_rng([self.seed, epoch])  # every process draws the same: no communication
+        self.offset = int(rng.integers(self.T))  # a new cut each epoch, so windows do not repeat exactly
+        counts = self._windows(self.offset)  # windows in each shard
+        self.first_window = np.concatenate([[0], np.cumsum(counts)])  # window ids of shard i start here
+        self.order = rng.permutation(int(counts.sum()))
+        self.steps_per_epoch = len(self.order) // self.step_windows
+
+    def next_batch(self):
+        """This process's next micro-batch, (B, T+1)."""
+        if self.micro == 0 and self.step >= self.steps_per_epoch:  # only between whole optimizer steps
+            self.reset(self.epoch + 1)
+        # this step's block of the order, then micro-step m of rank r: the docstring's arithmetic
+        start = self.step * self.step_windows + (self.micro * self.world + self.rank) * self.B
+        rows = []
+        for w in self.order[start : start + self.B]:
+            shard = int(np.searchsorted(self.first_window, w, side="right")) - 1  # the shard window w is in
+            pos = self.offset + (w - self.first_window[shard]) * self.T  # its first token there
+            rows.append(self.shards[shard][pos : pos + self.T + 1])
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.micro, self.step = 0, self.step + 1
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        return buf.pin_memory() if self.pin_memory else buf
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, T=self.T, step_windows=self.step_windows)
+
+    def load_state_dict(self, state):
+        for key in ("seed", "T", "step_windows"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"data loader state has {key}={state.get(key)}, this run has {getattr(self, key)}: "
+                                 "resume with the same --seed, --seq-len and total batch")
+        self.reset(state["epoch"], state["step"])
+
+
+DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
+
+
+def prepare_default_data(dist):
+    """The default run's data: tiny Shakespeare's bytes (= characters), prepared on first use by rank 0 running
+    prepare_data.py as a program (it imports this file, never the other way round), while the others wait."""
+    if dist.master and not os.path.exists(os.path.join(DEFAULT_DATA, "meta.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", DEFAULT_DATA, "--overwrite"])
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+    dist.barrier()
+    return DEFAULT_DATA
+
+
+# -----------------------------------------------------------------------------
+# 8. Processes
+# What a run needs around the model: a device and a dtype; under torchrun, one process per
+# GPU, the model wrapped so that backward averages the gradients over them (DDP). The
+# plumbing is distributed.py's: pick_device (cuda:LOCAL_RANK under torchrun), Distributed
+# (rank, world size, the process group), StopSignal (SIGINT/SIGTERM end a run at a step's
+# end, after a save), synchronize (wait for the GPU, for honest timings).
+
+
+def pick_dtype(name, device):
+    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device, dtype):
+    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def wrap_model(model, args, dist, device, dtype, init=None):
+    """What runs the steps: the model, compiled, and under torchrun inside DDP or, with --fsdp, sharded in place
+    (fsdp.py; a model built inside init, an fsdp.DeferredInit, is then initialised shard by shard).
+    NOTE: gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy); broadcast_buffers=False:
+    our only buffers (RoPE, ALiBi) are computed from the config, the same on every process."""
+    if args.fsdp:
+        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
+
+        fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
+        if init is not None:  # built on the meta device: the position tables, computed not drawn, are still unset
+            with device:
+                model.positions.make_tables()
+    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
+        model = torch.compile(model)
+    if dist.enabled and not args.fsdp:
+        with warnings.catch_warnings():  # newer torch prefers forward_sync_buffers, which older ones lack
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True, broadcast_buffers=False,
+            )
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 9. Checkpoints
+# A checkpoint holds all of a run's state, so that a resumed run continues exactly, even
+# after a kill -9. The loop's save (section 11) writes:
+#     model, optimizer      the weights and the optimizer's moments
+#     scaler, step, loader  fp16's loss scale, the steps completed, the data loader's place
+#     rng                   every process's RNG state: dropout continues where it was
+#     config, args          the model's shape and the command line that trained it
+#     tokenizer(_json)      what its ids mean; val_loss; format: CKPT_FORMAT
+# checkpoint.py writes it whole or never (ckpt.pt, or a step folder of shards under --fsdp)
+# and reads it with weights_only=True: tensors and plain containers, never code.
+
+
+def model_from_checkpoint(ckpt, path="the checkpoint"):
+    """The model a checkpoint holds, built from its config and weights (GPT.from_state_dict: no random init)."""
+    return GPT.from_state_dict(GPTConfig(**ckpt["config"]), ckpt["model"], path)
+
+
+def tokenized_alike(meta, name, tokenizer_json):
+    """Whether a dataset's ids (its meta.json) mean what a model's tokenizer's ids mean: the same name and, for a
+    trained BPE, the same tokenizer.json (two bpe:4096 trained on different texts share a name, not their ids)."""
+    return meta["tokenizer"] == name and meta.get("tokenizer_json") == tokenizer_json
+
+
+def check_resumable(ckpt, config, optimizer, meta, path):
+    """The same model config, optimizer and tokenizer, or resuming is refused before any weight is read."""
+    if not tokenized_alike(meta, ckpt["tokenizer"], ckpt.get("tokenizer_json")):
+        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens, not on this --data's "
+                         f"{meta['tokenizer']} tokens: resume on data made with the same tokenizer")
+    diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
+            if ckpt["config"].get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
+                         "use the same model flags to resume")
+    if ckpt["args"].get("optimizer", "adamw") != optimizer:
+        raise ValueError(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}: resume with the same one")
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def seed_rng(ckpt, seed, dist, device):
+    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
+    so its masks continue exactly; a new run seeds each process differently, so their masks differ."""
+    if ckpt is not None and len(ckpt["rng"]) == dist.world:
+        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
+        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
+        return
+    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
+    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
+
+
+def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoints):
+    """Put back all the loop's save wrote, whatever wrote it (one process, DDP or FSDP; either format), under any
+    number of processes; returns the checkpoint, or None for a new run. Without --resume a checkpoint is refused,
+    never overwritten; --resume auto starts fresh without one; an unreadable one gives way to the one before."""
+    found = find_checkpoints(args.out_dir)  # the complete ones, newest first: a save cut short is never one
+    if found and not args.resume:
+        raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
+    if not found and args.resume is True:
+        raise ValueError(f"{os.path.join(args.out_dir, 'ckpt.pt')}: no such checkpoint")
+    for path in found if args.resume else []:
+        try:
+            ckpt = read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+            check_resumable(ckpt, model.config, args.optimizer, meta, path)
+            ckpt = checkpoints.load(path, ckpt, model, optimizer, rng_state(device))
+        except Unreadable as e:
+            if path == found[-1]:
+                raise
+            if dist.master:
+                print(f"{e}: resuming from {found[found.index(path) + 1]} instead", flush=True)
+            continue
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+        if dist.master:
+            print(f"resumed {path} at step {ckpt['step']}", flush=True)
+        return ckpt
+    return None
+
+
+# -----------------------------------------------------------------------------
+# 10. Evaluation
+# How good a model is, measured three ways: the val loss the training loop logs (the same
+# few batches every time, so the points of a run compare), the loss over every token of a
+# whole text (--eval: perplexity), and HellaSwag's multiple choice (hellaswag.accuracy:
+# each process scores its share of the examples, the counts are added up).
+
+
+@torch.no_grad()
+def estimate_val_loss(model, loader, iters, device, dtype, dist):
+    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
+    step read like a training step, so every split of the same total batch sees the same windows."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(iters * loader.grad_accum):
+        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
+        with autocast(device, dtype):
+            _, loss = model(buf[:, :-1], buf[:, 1:])
+        total += loss.float()
+    model.train()
+    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
+    """(mean next-token loss, tokens predicted) over a whole token stream, in windows of block_size + 1
+    tokens that overlap by one: every token after the first is predicted exactly once."""
+    from tqdm import tqdm
+
+    T = model.config.block_size
+    tokens = np.asarray(tokens)
+    n_full = (len(tokens) - 1) // T
+
+    def loss_sum(rows):  # rows (b, n + 1) -> summed loss of predicting rows[:, 1:]
+        buf = torch.from_numpy(rows.astype(np.int64)).to(device)
+        with autocast(device, dtype):
+            logits, _ = model(buf[:, :-1])  # (b, n, vocab)
+        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
+        return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
+
+    total = 0.0
+    for first in tqdm(range(0, n_full, batch_size), desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+        windows = range(first, min(first + batch_size, n_full))
+        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in windows]))  # (b, T + 1)
+    if len(tokens) - 1 > n_full * T:  # the shorter last window
+        total += loss_sum(tokens[n_full * T :][None])
+    return total / (len(tokens) - 1), len(tokens) - 1
+
+
+# -----------------------------------------------------------------------------
+# 11. Training
+# AdamW with weight decay on matrices only (or Muon for the blocks' matrices), linear
+# warmup then cosine decay, gradient accumulation to reach a large batch in small steps,
+# gradient clipping, bf16 autocast on GPUs. Under torchrun every process runs this same
+# code on its slice of each batch. train() is the whole run in the order it happens:
+# set-up, resume, then the loop: forward/backward, update, log, evaluate and save.
+
+
+# Muon (Jordan et al. 2024, as modded-nanogpt and nanochat use it) updates a weight matrix with its
+# momentum made orthogonal: Newton-Schulz iterations push every singular value of the momentum towards 1,
+# so the update moves the matrix as much in every direction its gradient points, not mostly along the
+# largest few. That only means something for a matrix from one hidden space to another: embeddings, head,
+# norms and biases stay with AdamW. NOTE: our fused c_attn (q, k, v) and SwiGLU c_fc (gate, up) are each
+# orthogonalised as one matrix, where nanochat orthogonalises q, k and v apart.
+def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
+    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights. With muon_lr, the
+    blocks' matrices (attention and MLP projections) go to Muon instead, AdamW keeping the rest."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2} if muon_lr else set()
+    rest = [p for p in params if id(p) not in hidden]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop over them
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
+    if not muon_lr:
+        return adamw
+    matrices = [p for p in params if id(p) in hidden]
+    muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay)
+    return Optimizers(muon, adamw)  # stepped, zeroed and saved as one (optimizers.py)
+
+
+def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
+    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def model_config(args, vocab_size):
+    """The model the command line describes: an --arch and a --size preset, any single flag on top (GPTConfig
+    refuses a shape that cannot exist). The vocabulary is padded to a multiple of 64 (GPT-2's 50,257 -> 50,304)
+    as nanoGPT does, for whole GPU tiles; sampling and evaluation never look at the padded ids."""
+    flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    return GPTConfig.preset(args.size or RECIPE["size"], args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
+                            dropout=args.dropout, **overrides)
+
+
+def train(args, dist, device, dtype):
+    """A training run, top to bottom; under torchrun every process runs all of it, on its share of each batch.
+    Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after a save)."""
+
+    say = functools.partial(print, sep="\n", flush=True) if dist.master else lambda *lines: None  # one speaks
+
+    # The data. An optimizer step sees B x T tokens per process per micro-step, over all processes and
+    # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
+    args.data = args.data or prepare_default_data(dist)
+    meta = read_meta(args.data)
+    tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
+    B, T = args.batch_size, args.seq_len
+    tokens_per_step = args.total_batch_tokens or B * T * dist.world
+    grad_accum = tokens_per_step // (B * T * dist.world)
+    pin = device.type == "cuda"  # page-locked host memory: the copy to the GPU runs beside the compute
+    train_loader, val_loader = (DataLoaderLite(args.data, split, B, T, dist.rank, dist.world, grad_accum,
+                                               args.seed, pin) for split in ("train", "val"))
+    val_split = meta.get("splits", {}).get("val", {})  # its tokens and bytes turn val losses into bits per byte
+
+    # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
+    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, which
+    # the optimizer must hold. --fsdp builds it on the meta device, each process initialising only its shards.
+    torch.manual_seed(args.seed)
+    deferred = bool(args.fsdp) and not args.init_from
+    if deferred:
+        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
+    init = fsdp.DeferredInit() if deferred else contextlib.nullcontext()
+    if args.init_from:
+        raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        c = raw_model.config
+        if meta["vocab_size"] > c.vocab_size or T > c.block_size:
+            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit "
+                             f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
+    else:
+        with init:
+            raw_model = GPT(model_config(args, meta["vocab_size"]))
+    raw_model.grad_checkpointing = args.grad_checkpointing
+    model = wrap_model(raw_model if deferred else raw_model.to(device), args, dist, device, dtype,
+                       init if deferred else None)
+    muon_lr = args.muon_lr if args.optimizer == "muon" else None
+    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: small gradients
+    if device.type == "cuda":  # would flush to zero, so the loss is scaled up before backward
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+
+    # A new run, or the one in --out-dir continued where its last save left off (section 9).
+    checkpoints = Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
+                              dist.world)
+    ckpt = resume(args, raw_model, optimizer, scaler, train_loader, meta, dist, device, checkpoints)
+    step, val_loss = (ckpt["step"], ckpt.get("val_loss")) if ckpt else (0, None)  # step: optimizer steps completed
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
+
+    # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, what is trained.
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), step, dist.master, args.wandb, vars(args))
+    examples = hellaswag.examples(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
+    peak, peak_source = peak_flops(device)
+    flops_per_token = raw_model.flops_per_token(T)
+    say(*run_summary(raw_model, meta, args, dist, device, dtype, grad_accum, peak, peak_source))
+    # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
+    # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
+    seed_rng(ckpt, args.seed, dist, device)
+
+    decay_steps = args.lr_decay_steps or args.max_steps
+    model.train()
+    t0, step0 = time.perf_counter(), step  # tokens/s is measured between logged steps
+    with StopSignal() as stop:
+        while step < args.max_steps:
+            # The lr of this step, each optimizer at the same fraction of its own peak (its defaults["lr"]);
+            # a resumed run's lr is its flags', not the file's.
+            lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+            for opt in getattr(optimizer, "optimizers", [optimizer]):
+                for group in opt.param_groups:
+                    group["lr"] = opt.defaults["lr"] * lr / args.lr
+
+            # Forward and backward over grad_accum micro-batches: their gradients add up.
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                buf = train_loader.next_batch().to(device, non_blocking=True)  # (B, T+1), from pinned memory
+                x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
+                # The processes average their gradients once, in the last micro-step's backward (DDP's
+                # all-reduce, FSDP's reduce-scatter into each one's shard); before it each adds up its own.
+                # NOTE: under FSDP that holds whole gradients until then: less traffic, more memory.
+                sync = micro == grad_accum - 1
+                if args.fsdp:
+                    raw_model.set_requires_gradient_sync(sync)
+                elif dist.enabled:
+                    model.require_backward_grad_sync = sync
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+
+            # The update. Every process logs the same, global, loss; the stop flag rides in the same all-reduce.
+            stats = dist.sum(torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)]))
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # of the whole gradient
+            if args.fsdp:  # a DTensor: the norm over every process's shards, the same on each
+                norm = norm.full_tensor()
+            # NOTE: the step's one wait for the device, where the loss, the norm and the stop flag are read
+            # together; the update itself is queued behind it and not waited for.
+            loss, stopping, norm = torch.cat([stats, norm.view(1).float()]).tolist()
+            loss /= dist.world
+            if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16's GradScaler
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)  # skips an inf
+                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; "  # itself
+                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # Log: every step is a line of metrics.jsonl; logged steps also measure speed (waiting for the
+            # device only here), and some the val loss or HellaSwag, which are not counted as training time.
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+            last = step == args.max_steps
+            evaluating = step % args.eval_every == 0 or last
+            scoring = args.hellaswag_every is not None and (step % args.hellaswag_every == 0 or last)
+            if step % args.log_every == 0 or step == 1 or evaluating or scoring:
+                synchronize(device)
+                record["tokens_per_s"] = (step - step0) * tokens_per_step / (time.perf_counter() - t0)
+                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, dist.world, peak)
+                if evaluating:
+                    val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device,
+                                                                      dtype, dist)
+                    if "bytes" in val_split:  # llm.c's shards and datasets prepared before byte counts have none
+                        record["val_bpb"] = bits_per_byte(val_loss, val_split["tokens"], val_split["bytes"])
+                if scoring:
+                    with autocast(device, dtype):
+                        _, record["hellaswag_acc_norm"], _ = hellaswag.accuracy(raw_model, examples, tokenizer,
+                                                                                device, dist, B)
+                say(log_line(record))
+                t0, step0 = time.perf_counter(), step
+            log.write(record)
+
+            # Save everything resuming needs (section 9), atomically: a kill -9 mid-write leaves the previous
+            # checkpoint. Every process takes part, with its RNG state and its shards (checkpoint.py).
+            if step % args.ckpt_every == 0 or last or stopping:
+                checkpoints.save(raw_model, optimizer, rng_state(device), {
+                    "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "args": vars(args), "step": step,
+                    "config": dataclasses.asdict(raw_model.config), "loader": train_loader.state_dict(),
+                    "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
+                }, done=last or stopping)
+            if stopping:
+                log.close()
+                say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+                return None
+    log.close()
+    say(f"saved {ckpt_path}")
+    return raw_model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# 12. Generation
+# The trained model fed its own output, one token at a time. Without a cache every step
+# re-encodes the whole prefix; with a KV cache the prompt is encoded once (prefill) and each
+# step computes only the new token's keys and values, attending to the stored ones. The model
+# only reads the cache (GPT.forward); this loop gives the new tokens their places in it. The
+# cache has one fixed shape, written in place and masked to the filled slots, so every decode
+# step has the same shapes: --compile compiles it once (a CUDA graph on a GPU). Past block_size
+# the cache slides (RoPE and ALiBi see only distances); learned positions re-encode the window.
 
 
 class KVCache:
@@ -603,18 +1085,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-def check_prompt(idx, block_size):
-    """A prompt idx (B, T) must have 1 <= T <= block_size tokens."""
-    if idx.size(1) == 0:
-        raise ValueError("empty prompt: give at least one token")
-    if idx.size(1) > block_size:
-        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size={block_size})")
 
 
 @torch.inference_mode()
 def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                     compile=False, generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. compile=True runs
+    """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True runs
     the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
     vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
     fine-tuned on byte data, say)."""
@@ -626,7 +1102,7 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
     step = compiled_step(idx.is_cuda) if compile else forward_step
     new = idx  # (B, T): what the cache has not seen, the prompt at first, then the token sampled last
     for _ in range(max_new_tokens):
-        if cache is not None and cache.pos >= model.transformer.wpe.max_len:
+        if cache is not None and cache.pos >= model.positions.max_len:
             cache = None  # no position embedding beyond block_size: re-encode the window from here on
         if cache is None:
             logits = forward_step(model, idx[:, -block_size:], None)  # (B, vocab)
@@ -639,699 +1115,33 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
         yield new
 
 
-# -----------------------------------------------------------------------------
-# 7. Data
-# Training reads token ids that prepare_data.py wrote ahead of time, so the GPU never
-# waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py): a 1 KiB header,
-# then the tokens as uint16 while the vocabulary fits in 65,536 ids, else uint32,
-# memory-mapped as they lie on disk; llm.c's shards read as they are. meta.json names the
-# tokenizer and counts each split's tokens and the UTF-8 bytes they spell, so a loss per
-# token also reads as bits per byte, the scale on which tokenizers compare.
+def generate(model, idx, max_new_tokens, *, stream=False, **options):
+    """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
+    each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
+    generate_tokens). A bad prompt (1 <= T <= block_size) raises here, before any token."""
+    if idx.size(1) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if idx.size(1) > model.config.block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context "
+                         f"(block_size={model.config.block_size})")
+    tokens = generate_tokens(model, idx, max_new_tokens, **options)
+    return tokens if stream else torch.cat([idx, *tokens], dim=1)
 
 
-def bits_per_byte(loss, n_tokens, n_bytes):
-    """A mean loss (nats per token) over n_tokens tokens that spell n_bytes UTF-8 bytes, in bits per byte
-    (nanochat's val_bpb): the text's total loss is loss * n_tokens nats, and a nat is 1/ln 2 bits. Models with
-    different tokenizers compare on this scale, not per token.
-
-    --eval's loss covers a whole text or val split (meta.json's splits.val.bytes), every token but the first,
-    so it divides by exactly the bytes predicted. NOTE: the training log's val loss is an estimate from
-    --eval-iters random windows, not the whole split; it is converted at the whole val split's tokens per byte."""
-    return loss * n_tokens / (n_bytes * math.log(2))
-
-
-class DataLoaderLite:
-    """Batches of B windows of T + 1 tokens, (B, T+1) int64, from one split's shards: x = buf[:, :-1] and
-    the targets y = buf[:, 1:] are the same window shifted by one.
-
-    Each epoch cuts every shard into windows of T + 1 tokens starting at a random offset and visits
-    the windows in a random order, both drawn from (seed, epoch) alone. The unit of reading is one
-    optimizer step: B x num_processes x grad_accum consecutive windows of that order. Micro-step m
-    of rank r takes windows (m * num_processes + r) * B ... + B - 1 of the step's block.
-
-    NOTE: so any split of the same total batch (8 processes x B, or 1 process x B x 8 accumulation
-    steps, ...) reads the same windows in the same steps, the epoch boundary included (the tail
-    that does not fill a whole step is dropped); the optimizer sees the same mean gradient, and a
-    checkpoint written under one split resumes under another. (epoch, step) is the whole state.
-    """
-
-    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, grad_accum=1, seed=0, pin_memory=False):
-        files = find_shards(data_dir, split)
-        meta_path = os.path.join(data_dir, "meta.json")
-        vocab_size = read_meta(data_dir)["vocab_size"] if os.path.exists(meta_path) else None
-        self.shards = [load_shard(f, vocab_size) for f in files]
-        self.B, self.T, self.rank, self.world, self.grad_accum = B, T, process_rank, num_processes, grad_accum
-        self.seed, self.pin_memory = seed, pin_memory  # pinned host memory: the copy to the GPU can overlap compute
-        self.step_windows = B * num_processes * grad_accum
-        n_tokens = sum(len(s) for s in self.shards)
-        if self._windows(offset=T - 1).sum() < self.step_windows:  # the worst offset must still fill one step
-            raise ValueError(
-                f"{data_dir}: the {split} split has {n_tokens:,} tokens, too few for one step of {self.step_windows} "
-                f"x {T + 1} tokens (batch size x processes x accumulation x (seq len + 1)): lower them"
-            )
-        self.reset()
-
-    def _windows(self, offset):
-        # Window i of a shard is tokens offset + i*T ... offset + i*T + T: T + 1 tokens, overlapping the next
-        # by one, so every token after the offset is a target exactly once. A shard of n tokens holds
-        # (n - offset - 1) // T of them; the few tokens left at its end wait for another epoch's offset.
-        return np.array([max(0, (len(s) - offset - 1) // self.T) for s in self.shards])
-
-    def reset(self, epoch=0, step=0):
-        """Go to optimizer step `step` of epoch `epoch` and draw that epoch's offset and order."""
-        self.epoch, self.step, self.micro = epoch, step, 0
-        rng = np.random.default_rng([self.seed, epoch])  # every process draws the same: no communication
-        self.offset = int(rng.integers(self.T))  # a new cut each epoch, so windows do not repeat exactly
-        counts = self._windows(self.offset)  # windows in each shard
-        self.first_window = np.concatenate([[0], np.cumsum(counts)])  # window ids of shard i start here
-        self.order = rng.permutation(int(counts.sum()))
-        self.steps_per_epoch = len(self.order) // self.step_windows
-
-    def next_batch(self):
-        """This process's next micro-batch, (B, T+1)."""
-        if self.micro == 0 and self.step >= self.steps_per_epoch:  # only between whole optimizer steps
-            self.reset(self.epoch + 1)
-        # this step's block of the order, then micro-step m of rank r: the docstring's arithmetic
-        start = self.step * self.step_windows + (self.micro * self.world + self.rank) * self.B
-        rows = []
-        for w in self.order[start : start + self.B]:
-            shard = int(np.searchsorted(self.first_window, w, side="right")) - 1  # the shard window w is in
-            pos = self.offset + (w - self.first_window[shard]) * self.T  # its first token there
-            rows.append(self.shards[shard][pos : pos + self.T + 1])
-        self.micro += 1
-        if self.micro == self.grad_accum:
-            self.micro, self.step = 0, self.step + 1
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
-        return buf.pin_memory() if self.pin_memory else buf
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, step=self.step, seed=self.seed, T=self.T, step_windows=self.step_windows)
-
-    def load_state_dict(self, state):
-        for key in ("seed", "T", "step_windows"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"data loader state has {key}={state.get(key)}, this run has {getattr(self, key)}: "
-                                 "resume with the same --seed, --seq-len and total batch")
-        self.reset(state["epoch"], state["step"])
-
-
-DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
-
-
-def prepare_default_data(data_dir):
-    """The default run's data: tiny Shakespeare at byte (= character) level, prepared on first use by
-    prepare_data.py, run as a program (it imports this file; this file never imports it)."""
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", data_dir, "--overwrite"])
-        if done.returncode != 0:
-            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+GPT.generate = generate  # and as a method, as in nanoGPT: model.generate(idx, 100, temperature=0.8)
 
 
 # -----------------------------------------------------------------------------
-# 8. Processes
-# What a run needs around the model: a device and a dtype; under torchrun, the process
-# group every process joins (one process per GPU), the model wrapped so that backward
-# averages the gradients over the processes (DDP); and stop signals that end a run at a
-# step's end, not in the middle of one.
-
-
-def pick_device(name, local_rank=0):
-    """'auto': cuda > mps > cpu. Under torchrun each process drives its own GPU, so a bare 'cuda'
-    becomes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-
-
-def pick_dtype(name, device):
-    """auto: bf16 autocast on GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def autocast(device, dtype):
-    """Matmuls in dtype, weights and optimizer state in fp32 (mixed precision); nothing to do for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def synchronize(device):
-    """Wait for the GPU to finish what was queued (for honest timings); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Distributed:
-    """Rank and world size from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); one process otherwise."""
-
-    finished_on_gloo = False  # set when a gloo group was torn down after success: see running's NOTE
-
-    def __init__(self):
-        self.enabled = "RANK" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.master = self.rank == 0
-
-    @contextlib.contextmanager
-    def running(self, device):
-        """The process group for the block inside `with`: NCCL moves GPU tensors between GPUs directly, gloo
-        runs the same collectives on CPU tensors (tests). Alone, there is nothing to set up.
-
-        NOTE: a process that dies at exit fails the whole torchrun job, and gloo can make one die: a worker
-        thread of its freeing the tensors of a finished collective after Python has begun shutting down aborts
-        the process (SIGABRT, "terminate called without an active exception", 1 finished run in 20 to 40 on a
-        busy machine). Hence:
-        - FSDP (--fsdp uses it; transformers and torch.distributed.checkpoint import it) is imported before
-          the group exists: its ShardedGradScaler takes `group.WORLD` as a default argument, so imported
-          later it would keep the group, and its threads, alive after destroy_process_group.
-        - On success every process waits for the others before tearing down. After an error there is no
-          waiting: a peer may never arrive.
-        - On gloo (CPU) a finished process ends right after destroy_process_group, everything written, closed
-          and flushed, skipping Python's shutdown: under --fsdp torch's DTensor keeps the group and gloo's
-          threads alive regardless. The program's entry (the end of this file) does that, when running has set
-          Distributed.finished_on_gloo: library code never ends its caller's process."""
-        if not self.enabled:
-            yield
-            return
-        import torch.distributed.fsdp  # noqa: F401  (see the NOTE: before init_process_group)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        # NOTE: torchrun --max-restarts keeps one store for every attempt, the killed attempt's keys still in it:
-        # a restarted gloo group reads a dead peer's address and hangs or fails. Each attempt gets its own keys.
-        store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and torch.distributed.PrefixStore(
-            f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}",
-            torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
-        torch.distributed.init_process_group(backend, store=store or None, rank=self.rank, world_size=self.world,
-                                             device_id=device_id)
-        try:
-            yield
-            torch.distributed.barrier()
-        finally:
-            torch.distributed.destroy_process_group()
-        Distributed.finished_on_gloo = backend == "gloo"
-
-    def sum(self, t):
-        """Sum a tensor over processes, in place."""
-        if self.enabled:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def barrier(self):
-        # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-class StopSignal:
-    """Inside `with StopSignal() as stop:`, SIGINT / SIGTERM only set stop.requested, so the loop
-    can finish its step, save a checkpoint and exit cleanly; the old handlers come back after."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
-def wrap_model(model, args, dist, device, dtype, init=None):
-    """What runs the steps: the model, under torchrun inside DDP or, with --fsdp, sharded in place (fsdp.py; a model
-    built inside init, an fsdp.DeferredInit, then initialised shard by shard); compiled.
-
-    NOTE: DDP options: gradient_as_bucket_view lets gradients live in DDP's all-reduce buckets (no copy,
-    less memory); broadcast_buffers=False since our only buffers (RoPE tables, ALiBi slopes) are computed
-    from the config, identical on every process, and need no broadcast each step."""
-    if args.fsdp:
-        fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
-    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
-        model = torch.compile(model)
-    if dist.enabled and not args.fsdp:
-        with warnings.catch_warnings():  # newer torch suggests forward_sync_buffers: older ones lack it, and it
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # still syncs at init
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
-            )
-    return model
-
-
-# -----------------------------------------------------------------------------
-# 9. Checkpoints
-# A checkpoint holds all of a run's state: weights, optimizer state, loss scale, the data
-# loader's position, the step, and every process's RNG state, so a resumed run continues
-# exactly, even after a kill -9 (files.atomic_open: the old file or the new one, never half).
-# It is read back with weights_only=True: tensors and plain containers only, never code.
-
-
-CKPT_FORMAT = "transformer.py/1"  # stored in every checkpoint, so other files are told apart
-
-
-def save_checkpoint(path, state):
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path):
-    """weights_only=True: only tensors and plain containers are rebuilt, so a file can never run code.
-    mmap=True: tensors are read from the file as they are used, so eight processes resuming on one
-    machine do not each copy the whole checkpoint into host RAM first."""
-    path = fsdp.newest(path) if os.path.isdir(path) else path  # a run's --out-dir: its newest complete checkpoint
-    if os.path.isdir(path):  # a sharded step folder: its weights read whole, in this one process
-        return {**fsdp.read_train_state(path), "model": fsdp.read_model_state(path)}
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a pickle asking for code or unknown classes, or not a torch file at all
-        reason = str(e).strip().splitlines()[0][:200]
-        raise fsdp.Unreadable(f"{path}: refused to load: not a plain transformer.py checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a transformer.py checkpoint (no '{CKPT_FORMAT}' format tag)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path="the checkpoint"):
-    """The model a checkpoint holds, built from its config and weights (GPT.from_state_dict: no random init)."""
-    return GPT.from_state_dict(GPTConfig(**ckpt["config"]), ckpt["model"], path)
-
-
-def tokenized_alike(meta, name, tokenizer_json):
-    """Whether a dataset's ids (its meta.json) mean what a model's tokenizer's ids mean: the same name and, for a
-    trained BPE, the same tokenizer.json (two bpe:4096 trained on different texts share a name, not their ids)."""
-    return meta["tokenizer"] == name and meta.get("tokenizer_json") == tokenizer_json
-
-
-def check_resumable(ckpt, config, optimizer, meta, path):
-    """The same model config, optimizer and tokenizer, or resuming is refused before any weight is read."""
-    if not tokenized_alike(meta, ckpt["tokenizer"], ckpt.get("tokenizer_json")):
-        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens, not on this --data's "
-                         f"{meta['tokenizer']} tokens: resume on data made with the same tokenizer")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
-            if ckpt["config"].get(k) != v]
-    if diff:
-        raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
-                         "use the same model flags to resume")
-    if ckpt["args"].get("optimizer", "adamw") != optimizer:
-        raise ValueError(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}: resume with the same one")
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def seed_rng(ckpt, seed, dist, device):
-    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
-    so its masks continue exactly; a new run seeds each process differently, so their masks differ.
-
-    NOTE: this is the last thing before the loop, on purpose: anything drawn from the global RNG after
-    it (a random matrix to time a matmul, say) would shift every later dropout mask of a resumed run."""
-    if ckpt is not None and len(ckpt["rng"]) == dist.world:
-        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
-        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
-        return
-    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
-    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
-
-
-# -----------------------------------------------------------------------------
-# 10. Evaluation
-# How good a model is, measured three ways: the val loss the training loop logs (the same
-# few batches every time, so the points of a run compare), the loss over every token of a
-# whole text (--eval: perplexity), and HellaSwag's multiple choice (hellaswag.py).
-
-
-@torch.no_grad()
-def estimate_val_loss(model, loader, iters, device, dtype, dist):
-    """Mean loss over the same `iters` val steps every time (the loader restarts at its beginning), each
-    step read like a training step, so every split of the same total batch sees the same windows."""
-    model.eval()
-    loader.reset()
-    total = torch.zeros((), device=device)
-    for _ in range(iters * loader.grad_accum):
-        buf = loader.next_batch().to(device, non_blocking=True)  # (B, T+1)
-        with autocast(device, dtype):
-            _, loss = model(buf[:, :-1], buf[:, 1:])
-        total += loss.float()
-    model.train()
-    return dist.sum(total).item() / (iters * loader.grad_accum * dist.world)
-
-
-@torch.no_grad()
-def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
-    """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
-    that overlap by one, so every token after the first is predicted exactly once.
-    Returns (mean loss, number of tokens predicted)."""
-    from tqdm import tqdm
-
-    T = model.config.block_size
-    tokens = np.asarray(tokens)
-    n_full = (len(tokens) - 1) // T
-
-    def loss_sum(rows):  # rows (b, n + 1) -> summed loss of predicting rows[:, 1:]
-        buf = torch.from_numpy(rows.astype(np.int64)).to(device)
-        with autocast(device, dtype):
-            logits, _ = model(buf[:, :-1])  # (b, n, vocab)
-        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
-        return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
-
-    total = 0.0
-    for first in tqdm(range(0, n_full, batch_size), desc="eval", unit="batch", disable=not progress, file=sys.stderr):
-        windows = range(first, min(first + batch_size, n_full))
-        total += loss_sum(np.stack([tokens[w * T : w * T + T + 1] for w in windows]))  # (b, T + 1)
-    if len(tokens) - 1 > n_full * T:  # the shorter last window
-        total += loss_sum(tokens[n_full * T :][None])
-    return total / (len(tokens) - 1), len(tokens) - 1
-
-
-def load_hellaswag(path, dist):
-    """The examples of --hellaswag FILE, or of the official validation set when path is hellaswag.URL:
-    downloaded once into the cache, by rank 0 alone under torchrun."""
-    if dist.master:
-        hellaswag.local_copy(path)
-    dist.barrier()
-    return hellaswag.read_examples(hellaswag.local_copy(path))
-
-
-def hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, batch_size, progress=False):
-    """(acc, acc_norm, n) over all examples: each process scores its share, the counts are added up."""
-    with autocast(device, dtype):
-        counts = hellaswag.scores(model, examples, tokenizer, device, dist.rank, dist.world, batch_size, progress)
-    correct, correct_norm, n = dist.sum(torch.tensor(counts, device=device)).tolist()
-    return correct / n, correct_norm / n, n
-
-
-# -----------------------------------------------------------------------------
-# 11. Training
-# AdamW with weight decay on matrices only (or Muon for the blocks' matrices), linear
-# warmup then cosine decay, gradient accumulation to reach a large batch in small
-# steps, gradient clipping, bf16 autocast on GPUs. Under torchrun every process runs
-# this same code on its slice of each batch (section 8 wraps the model for DDP, fsdp.py
-# shards it for FSDP). train() is the whole run in the order it happens: set-up, resume,
-# then the loop, whose every step is forward/backward, update, log, evaluate and save.
-
-
-def configure_optimizer(model, lr, weight_decay, device_type, betas=(0.9, 0.95), muon_lr=None):
-    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm weights. With muon_lr, the
-    blocks' matrices (attention and MLP projections) go to Muon instead, and AdamW keeps the embeddings,
-    the head, the norms and the biases. train_step scales each optimizer's own lr (its defaults["lr"])
-    by the schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2} if muon_lr else set()
-    rest = [p for p in params if id(p) not in hidden]
-    groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device_type in ("cuda", "cpu")  # one kernel for all parameters instead of a loop over them
-    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
-    if not muon_lr:
-        return adamw
-    matrices = [p for p in params if id(p) in hidden]
-    muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay)
-    return Optimizers(muon, adamw)
-
-
-# Muon (Jordan et al. 2024, as modded-nanogpt and nanochat use it) updates a weight matrix with its
-# momentum made orthogonal: a few Newton-Schulz iterations push every singular value of the momentum
-# towards 1, so the update moves the matrix by the same amount in every direction its gradient points,
-# instead of mostly along the few largest ones. That only means something for a matrix that maps one
-# hidden space to another, so the embeddings (a lookup table), the head, norms and biases stay with
-# AdamW. NOTE: our c_attn (q, k, v) and SwiGLU's c_fc (gate, up) are fused, so Muon orthogonalises
-# each fused matrix as one, where nanochat orthogonalises q, k and v apart.
-class Optimizers:
-    """Several torch optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): the
-    parts of torch.optim.Optimizer that training uses, and one state_dict holding each one's."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):  # read anew each time: load_state_dict replaces each optimizer's groups
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {type(o).__name__: o.state_dict() for o in self.optimizers}
-
-    def load_state_dict(self, state):
-        for o in self.optimizers:
-            o.load_state_dict(state[type(o).__name__])
-
-
-def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
-    """Linear warmup to lr, cosine decay to min_lr at decay_steps, then min_lr."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def model_config(args, vocab_size):
-    """The model the command line describes: an --arch and a --size preset, any single flag on top. The
-    embedding and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT
-    does: GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
-    logits down, and sampling and evaluation only look at the tokenizer's ids. GPTConfig refuses a shape that
-    cannot exist (ValueError)."""
-    flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
-    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
-    return GPTConfig.preset(args.size or "mini", args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
-                            dropout=args.dropout, **overrides)
-
-
-def train(args, dist, device, dtype):
-    """A training run, top to bottom. Every process under torchrun runs all of it, on its own share of each
-    batch. Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after
-    a save)."""
-
-    def say(*lines):
-        if dist.master:  # every process runs the loop; one speaks
-            print(*lines, flush=True)
-
-    # The data. An optimizer step sees B x T tokens per process per micro-step, over all processes and
-    # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
-    if args.data is None:  # the default run: tiny Shakespeare, prepared by rank 0 while the others wait
-        args.data = DEFAULT_DATA
-        if dist.master:
-            prepare_default_data(args.data)
-        dist.barrier()
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
-    # the complete checkpoints, newest first (a save cut short is never one); plain --resume insists on one
-    found = fsdp.find_checkpoints(args.out_dir) or [os.path.join(args.out_dir, "ckpt.pt")] * (args.resume is True)
-    if found and not args.resume:
-        raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
-    meta = read_meta(args.data)
-    tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
-    B, T = args.batch_size, args.seq_len
-    tokens_per_step = args.total_batch_tokens or B * T * dist.world
-    grad_accum = tokens_per_step // (B * T * dist.world)
-    pin = device.type == "cuda"  # page-locked host memory: the copy to the GPU runs beside the compute
-    train_loader, val_loader = (DataLoaderLite(args.data, split, B, T, dist.rank, dist.world, grad_accum,
-                                               args.seed, pin) for split in ("train", "val"))
-    val_split = meta.get("splits", {}).get("val", {})  # its tokens and bytes turn val losses into bits per byte
-
-    # The model, with the same initial weights on every process, and what runs the steps (wrap_model).
-    # NOTE: wrapped before the optimizer is built: --fsdp replaces raw_model's weights with their shards, and
-    # the optimizer must hold those (and so load its state after them). DDP and compile leave them as they are.
-    # --fsdp builds it on the meta device and each process initialises only its shards, to a whole build's values.
-    torch.manual_seed(args.seed)
-    init = fsdp.DeferredInit(on=args.fsdp and not args.init_from)
-    if args.init_from:
-        raw_model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-        c = raw_model.config
-        if meta["vocab_size"] > c.vocab_size or T > c.block_size:
-            raise ValueError(f"{args.data} (vocab {meta['vocab_size']}, seq len {T}) does not fit "
-                             f"{args.init_from} (vocab {c.vocab_size}, block_size {c.block_size})")
-    else:
-        with init:
-            raw_model = GPT(model_config(args, meta["vocab_size"]))
-    raw_model.grad_checkpointing = args.grad_checkpointing
-    model = wrap_model(raw_model if init.on else raw_model.to(device), args, dist, device, dtype, init)
-    if init.on:  # the position tables are computed, not drawn: on the meta device they were left unset
-        with device:
-            raw_model.transformer.wpe.make_tables()
-    muon_lr = args.muon_lr if args.optimizer == "muon" else None
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, device.type, muon_lr=muon_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: small gradients
-    if device.type == "cuda":  # would flush to zero, so the loss is scaled up before backward
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-
-    # Resuming puts back everything the save at the bottom of the loop wrote, whatever wrote it: ckpt.pt (one
-    # process, DDP or FSDP) or a sharded step folder, under any number of processes (fsdp.Checkpoints.load).
-    # --resume auto starts fresh when there is none yet; one that cannot be read gives way to the one before it.
-    checkpoints = fsdp.Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
-                                   dist.world, save_checkpoint)
-    step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
-    for path in found if args.resume else []:
-        try:
-            ckpt = fsdp.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
-            check_resumable(ckpt, raw_model.config, args.optimizer, meta, path)
-            ckpt = checkpoints.load(path, ckpt, raw_model, optimizer, rng_state(device))
-            break
-        except fsdp.Unreadable as e:
-            if path == found[-1]:
-                raise
-            say(f"{e}: resuming from {found[found.index(path) + 1]} instead")
-    if ckpt is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        step, val_loss = ckpt["step"], ckpt.get("val_loss")
-        say(f"resumed {path} at step {step}")
-
-    # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
-    # what is being trained.
-    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), step, dist.master, args.wandb, vars(args))
-    examples = load_hellaswag(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
-    peak, peak_source = peak_flops(device)
-    flops_per_token = raw_model.flops_per_token(T)
-    config = raw_model.config
-    vocab = f"vocab {meta['vocab_size']}"
-    vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
-    say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
-        f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide | {vocab} ({meta['tokenizer']})")
-    say(f"batch: {B} x {T} tokens x {dist.world} processes x {grad_accum} accumulation steps = "
-        f"{tokens_per_step:,} tokens/step | device {device}, {str(dtype).removeprefix('torch.')}"
-        f"{', compiled' if args.compile else ''}")
-    if args.fsdp:
-        local = sum(p.to_local().numel() for p in raw_model.parameters())
-        say(f"FSDP: weights, gradients and AdamW state sharded over {dist.world} processes; "
-            f"rank 0 holds {local:,} of {raw_model.num_params():,} parameters")
-    say("MFU per device, against " + (f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
-    # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
-    # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
-    seed_rng(ckpt, args.seed, dist, device)
-
-    decay_steps = args.lr_decay_steps or args.max_steps
-    model.train()
-    t0, step0 = time.perf_counter(), step  # tokens/s is measured between logged steps
-    with StopSignal() as stop:
-        while step < args.max_steps:
-            # The lr of this step, each optimizer at the same fraction of its own peak (its defaults["lr"]);
-            # a resumed run's lr is its flags', not the file's.
-            lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
-            for opt in getattr(optimizer, "optimizers", [optimizer]):
-                for group in opt.param_groups:
-                    group["lr"] = opt.defaults["lr"] * lr / args.lr
-
-            # Forward and backward over grad_accum micro-batches: their gradients add up.
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                buf = train_loader.next_batch().to(device, non_blocking=True)  # (B, T+1), from pinned memory
-                x, y = buf[:, :-1], buf[:, 1:]  # (B, T) each: the targets are the inputs shifted by one
-                # The processes average their gradients once, in the last micro-step's backward (DDP's
-                # all-reduce, FSDP's reduce-scatter into each one's shard); before it each adds up its own.
-                # NOTE: under FSDP the skipped syncs cost memory: until the last micro-step every process holds
-                # whole, unsharded gradients. Syncing every micro-step would keep only shards, at grad_accum
-                # times the traffic.
-                sync = micro == grad_accum - 1
-                if args.fsdp:
-                    raw_model.set_requires_gradient_sync(sync)
-                elif dist.enabled:
-                    model.require_backward_grad_sync = sync
-                with autocast(device, dtype):
-                    _, loss = model(x, y)
-                loss = loss / grad_accum  # so the summed gradients are those of the mean over all micro-batches
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-
-            # The update. Every process logs the same, global, loss; the stop flag rides in the same all-reduce.
-            stats = dist.sum(torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)]))
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # of the whole gradient
-            if args.fsdp:  # a DTensor: the norm over every process's shards, the same on each
-                norm = norm.full_tensor()
-            # NOTE: the step's one wait for the device, where the loss, the norm and the stop flag are read
-            # together; the update itself is queued behind it and not waited for.
-            loss, stopping, norm = torch.cat([stats, norm.view(1).float()]).tolist()
-            loss /= dist.world
-            if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16's GradScaler
-                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)  # skips an inf
-                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; "  # itself
-                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            # Log: every step is a line of metrics.jsonl; logged steps also measure speed (waiting for the
-            # device only here), and some the val loss or HellaSwag, which are not counted as training time.
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
-            last = step == args.max_steps
-            evaluating = step % args.eval_every == 0 or last
-            scoring = args.hellaswag_every is not None and (step % args.hellaswag_every == 0 or last)
-            if step % args.log_every == 0 or step == 1 or evaluating or scoring:
-                synchronize(device)
-                record["tokens_per_s"] = (step - step0) * tokens_per_step / (time.perf_counter() - t0)
-                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, dist.world, peak)
-                if evaluating:
-                    val_loss = record["val_loss"] = estimate_val_loss(model, val_loader, args.eval_iters, device,
-                                                                      dtype, dist)
-                    if "bytes" in val_split:  # llm.c's shards and datasets prepared before byte counts have none
-                        record["val_bpb"] = bits_per_byte(val_loss, val_split["tokens"], val_split["bytes"])
-                if scoring:
-                    _, record["hellaswag_acc_norm"], _ = hellaswag_accuracy(raw_model, examples, tokenizer, device,
-                                                                            dtype, dist, B)
-                say(log_line(record))
-                t0, step0 = time.perf_counter(), step
-            log.write(record)
-
-            # Save everything resuming needs, atomically: a kill -9 mid-write leaves the previous checkpoint. Every
-            # process takes part, with its RNG state (dropout continues exactly on each) and its shards: ckpt.pt
-            # gathers them whole for rank 0 to write, a sharded step folder gets each process's own (fsdp.py).
-            if step % args.ckpt_every == 0 or last or stopping:
-                checkpoints.save(raw_model, optimizer, rng_state(device), {
-                    "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "config": dataclasses.asdict(config),
-                    "args": vars(args), "step": step, "loader": train_loader.state_dict(),
-                    "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
-                }, done=last or stopping)
-            if stopping:
-                log.close()
-                say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-                return None
-    log.close()
-    say(f"saved {ckpt_path}")
-    return raw_model, tokenizer
-
-
-# -----------------------------------------------------------------------------
-# 12. Commands
+# 13. Commands
 # What the command line runs: training (the default), --sample, --eval (perplexity or
-# HellaSwag) and --export-hf / --export-gguf. Each picks the device, loads what it needs
-# and hands over to the sections above.
+# HellaSwag) and --export-hf / --export-gguf, each handing over to the sections above.
 
 
 NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
 
 
 def train_and_sample(args):
-    """The default command: train (alone or under torchrun: every process runs this same function, and
-    Distributed tells it which one it is), then draw the losses (loss.png) and print a sample."""
+    """The default command: train (alone, or as one of torchrun's processes), draw loss.png, print a sample."""
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     dtype = pick_dtype(args.dtype, device)
@@ -1359,8 +1169,7 @@ def train_and_sample(args):
 
 
 def load_for_inference(args, device):
-    """(model in eval mode, tokenizer) from --ckpt or --init-from; the tokenizer is the one recorded with the
-    weights."""
+    """(model in eval mode, tokenizer) from --ckpt or --init-from, with the tokenizer recorded beside the weights."""
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         model, tokenizer_name = model_from_checkpoint(ckpt, args.ckpt), ckpt["tokenizer"]
@@ -1378,8 +1187,7 @@ def load_for_inference(args, device):
 
 
 def sample(args):
-    """--sample: print --num-samples continuations of --prompt (with --interactive, of each prompt typed),
-    token by token as they are drawn."""
+    """--sample: print --num-samples continuations of --prompt (--interactive: of each prompt typed), streamed."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load_for_inference(args, device)
@@ -1453,88 +1261,51 @@ def evaluate(args):
 
 
 def evaluate_hellaswag(args):
-    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from. Under torchrun each process
-    scores every world-th example and the counts are added up; only rank 0 downloads and prints."""
+    """--eval --hellaswag [FILE]: HellaSwag accuracy of --ckpt or --init-from, shared out under torchrun."""
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     dtype = pick_dtype(args.dtype, device)
     with dist.running(device):
         model, tokenizer = load_for_inference(args, device)
-        examples = load_hellaswag(args.hellaswag, dist)
-        acc, acc_norm, n = hellaswag_accuracy(model, examples, tokenizer, device, dtype, dist, args.batch_size,
-                                              progress=dist.master)
+        examples = hellaswag.examples(args.hellaswag, dist)
+        with autocast(device, dtype):
+            acc, acc_norm, n = hellaswag.accuracy(model, examples, tokenizer, device, dist, args.batch_size,
+                                                  progress=dist.master)
         if dist.master:
             print(f"hellaswag: acc {acc:.4f} | acc_norm {acc_norm:.4f} | {n} examples")
 
 
-def check_new_output(path, folder):
-    """Export never overwrites: a file must be new, a folder new or empty."""
-    if os.path.exists(path) and not (folder and os.path.isdir(path) and not os.listdir(path)):
-        raise ValueError(f"{path} already exists{' and is not an empty folder' if folder else ''}: "
-                         f"export writes only to a new {'folder (or an empty one)' if folder else 'file'}")
-
-
 def export(args):
-    """--export-hf and --export-gguf: check everything first, then write each output whole."""
+    """--export-hf and --export-gguf (convert.py): everything checked first, then each output written whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
-    family = convert.hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
-    if args.export_gguf:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
-        vocab = convert.gguf_vocab(tokenizer)
-    for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
-        if path:
-            check_new_output(path, folder)
-    what = f"{convert.HF_CLASSES[family]}, {model.num_params():,} parameters, {tokenizer.name} tokenizer"
-    if args.export_hf:
-        convert.export_hf(model, tokenizer, args.export_hf)
-        print(f"wrote {args.export_hf}: {what}")
-    if args.export_gguf:
-        convert.export_gguf(model, vocab, args.export_gguf, args.gguf_dtype)
-        print(f"wrote {args.export_gguf}: {what}, {args.gguf_dtype}")
+    convert.export(model, tokenizer, args.export_hf, args.export_gguf, args.gguf_dtype)
 
 
 # -----------------------------------------------------------------------------
-# 13. CLI
-# One entry point, main(). The defaults are the default run's recipe: a small LLaMA-style
-# model (--size mini) on tiny Shakespeare characters, sized so a 2-core CPU beats
-# nanoGPT's CPU recipe in about half its time (README: "Results"). Every value is
+# 14. CLI
+# One entry point, main(). The model's numbers default to the --size preset (model_config
+# leaves them to it), training's to the default run's RECIPE (section 1). Every value is
 # checked here, before any work: a bad one is one line and exit status 2.
 
 
 def parse_args(argv=None):
-    """The command line, checked: argparse types check each value (at_least, in_range, device_name) and
-    check_args the flags that must agree. --help lists the flags by group, with their defaults."""
+    """The command line, checked: argparse types check each value, check_args the flags that must agree."""
     p = ArgumentParser(
         prog="transformer.py",
         description="Train a GPT (default), sample from one (--sample), measure its perplexity (--eval) "
         "or export it (--export-hf, --export-gguf).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add_flags in (data_and_model_flags, training_flags, logging_flags, system_flags, inference_flags,
-                      export_flags):
-        add_flags(p)
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
-
-
-# The flags by group. The model's numbers default to the --size preset (model_config leaves them to it), so
-# GPTConfig's presets are the one source of defaults; training's defaults are the default run's recipe.
-
-
-def data_and_model_flags(p):
-    """What to train on and what to train: an --arch preset (the kind of model) and a --size preset (how big),
-    each open to single overrides. --pos, --norm and --mlp are the switches of the architecture table."""
+    # What to train on, and what to train: an --arch preset and a --size preset, each open to single overrides.
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="directory of shards from prepare_data.py or llm.c (default: tiny "
-                   f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
+    g.add_argument("--data", help=f"shards from prepare_data.py or llm.c (default: {DEFAULT_DATA}, made on first use)")
     g = p.add_argument_group("model")
-    # the kind of model (ARCHS), then single switches on top of it
-    g.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture preset")
+    g.add_argument("--arch", default=RECIPE["arch"], choices=list(ARCHS), help="architecture preset")
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
-    # how big (SIZES), then single numbers: left None here, check_args fills them in from the preset
+    # the size's numbers are left None here: model_config leaves them to the preset
     g.add_argument("--size", choices=list(SIZES), help="size preset (SIZES): depth, width, context; default mini")
     g.add_argument("--n-layer", type=at_least(1), help="override the size's depth")
     g.add_argument("--n-head", type=at_least(1), help="override the size's heads")
@@ -1543,117 +1314,85 @@ def data_and_model_flags(p):
     g.add_argument("--block-size", type=at_least(1), help="the model's context; default --seq-len, else the size's. "
                    "--sample/--eval: a longer context than trained, for RoPE and ALiBi, which see only distances")
     g.add_argument("--seq-len", type=at_least(1), help="T, the tokens of one training sequence; default --block-size")
-    g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=0.0, help="in [0, 1)")
+    g.add_argument("--dropout", type=in_range(0, 1, high_open=True), default=RECIPE["dropout"], help="in [0, 1)")
     g.add_argument("--init-from", help="start from HF weights: gpt2, gpt2-medium, ... or a local HF checkpoint folder")
 
-
-def training_flags(p):
-    """The optimization. The defaults are the default run's, measured on a 2-core CPU (README: "Results"): AdamW
-    at 2e-3 with a short warmup and a cosine to a tenth of it, 850 steps of 12 x 64 characters. For GPT-2
-    on FineWeb, nanoGPT's numbers are the place to start (README: "Recipes")."""
+    # The optimization, RECIPE's by default. For GPT-2 on FineWeb, start from nanoGPT's (README: "Recipes").
     g = p.add_argument_group("training")
-    # the batch: B sequences of T tokens on each process; accumulation micro-steps make up the rest
-    g.add_argument("--batch-size", type=at_least(1), default=12, help="B, sequences per process per micro-step")
-    g.add_argument("--total-batch-tokens", type=at_least(1),
-                   help="tokens per optimizer step; default B x T x processes (no accumulation)")
-    g.add_argument("--max-steps", type=at_least(1), default=850)
-    # the optimizers and their peak learning rates, all on one schedule: linear warmup, then a cosine
+    g.add_argument("--batch-size", type=at_least(1), default=RECIPE["batch_size"], help="B, per process and micro-step")
+    g.add_argument("--total-batch-tokens", type=at_least(1), help="tokens a step; default B x T x processes")
+    g.add_argument("--max-steps", type=at_least(1), default=RECIPE["max_steps"])
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon for the blocks' matrices (--muon-lr), AdamW for the rest (--lr); torch >= 2.9")
-    g.add_argument("--lr", type=in_range(0, low_open=True), default=2e-3, help="AdamW's peak lr")
-    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=0.02, help="Muon's peak lr (--optimizer muon)")
-    g.add_argument("--min-lr", type=in_range(0), default=2e-4, help="the cosine ends here; <= --lr")
-    g.add_argument("--warmup-steps", type=at_least(0), default=50)
+    g.add_argument("--lr", type=in_range(0, low_open=True), default=RECIPE["lr"], help="AdamW's peak lr")
+    g.add_argument("--muon-lr", type=in_range(0, low_open=True), default=RECIPE["muon_lr"], help="Muon's peak lr")
+    g.add_argument("--min-lr", type=in_range(0), default=RECIPE["min_lr"], help="the cosine ends here; <= --lr")
+    g.add_argument("--warmup-steps", type=at_least(0), default=RECIPE["warmup_steps"])
     g.add_argument("--lr-decay-steps", type=at_least(1), help="length of the cosine schedule; default --max-steps")
-    # regularization and stability
-    g.add_argument("--weight-decay", type=in_range(0), default=0.1)
-    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=1.0, help="max global gradient norm")
-    # the initial weights, the data order and dropout all follow from it
-    g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=1337)
+    g.add_argument("--weight-decay", type=in_range(0), default=RECIPE["weight_decay"])
+    g.add_argument("--grad-clip", type=in_range(0, low_open=True), default=RECIPE["grad_clip"], help="max grad norm")
+    g.add_argument("--seed", type=at_least(0, 2**32 - 1), default=RECIPE["seed"])
 
-
-def logging_flags(p):
-    """Where the run writes (ckpt.pt, metrics.jsonl, loss.png) and how often it logs, evaluates and saves.
-    Logged steps cost a host-device sync; evaluation costs --eval-iters forward passes."""
+    # Where the run writes and how often it logs (a host-device sync), evaluates and saves.
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out-dir", default="checkpoints", help="ckpt.pt, metrics.jsonl and loss.png go here")
-    g.add_argument("--log-every", type=at_least(1), default=100)
-    g.add_argument("--eval-every", type=at_least(1), default=100, help="val loss every N steps and at the end "
-                   "(the default run: 9 points for loss.png, about 6%% of its time)")
-    g.add_argument("--eval-iters", type=at_least(1), default=20)
-    g.add_argument("--ckpt-every", type=at_least(1), default=1000)
+    g.add_argument("--log-every", type=at_least(1), default=RECIPE["log_every"])
+    g.add_argument("--eval-every", type=at_least(1), default=RECIPE["eval_every"], help="every N steps and at the end")
+    g.add_argument("--eval-iters", type=at_least(1), default=RECIPE["eval_iters"])
+    g.add_argument("--ckpt-every", type=at_least(1), default=RECIPE["ckpt_every"])
     g.add_argument("--ckpt-format", choices=["file", "sharded"], help="file: one ckpt.pt, gathered to rank 0; sharded: "
                    "step_N/ folders, each process writing its own shards (default under --fsdp; any --ckpt reads both)")
     g.add_argument("--keep-checkpoints", type=at_least(1), default=1, metavar="K", help="sharded: keep the newest K")
     g.add_argument("--async-save", action="store_true", help="sharded: write in the background while training goes on")
-    # a resumed run continues exactly where the last save left off, even after a kill -9
     g.add_argument("--resume", nargs="?", const=True, choices=["auto"], help="continue from OUT_DIR's checkpoint; "
                    "auto: if there is one, else start fresh (for torchrun --max-restarts and requeued jobs)")
-    # extras for metrics.jsonl
-    g.add_argument("--hellaswag-every", type=at_least(1), metavar="N",
-                   help="HellaSwag acc_norm every N steps (and at the end) into metrics.jsonl; the examples come "
-                        "from --hellaswag FILE, else the official val set")
-    g.add_argument("--wandb", metavar="PROJECT",
-                   help="also log every step's metrics to Weights & Biases (pip install wandb)")
+    g.add_argument("--hellaswag-every", type=at_least(1), metavar="N", help="HellaSwag acc_norm every N steps and "
+                   "at the end, into metrics.jsonl; on --hellaswag FILE, else the official val set")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb)")
 
-
-def system_flags(p):
-    """How the run uses the machine. 'auto' picks what is right for the device found: bf16 autocast and
-    torch.compile on a GPU, fp32 and eager on a CPU (where compiling a small model costs more than it saves)."""
+    # How the run uses the machine: bf16 autocast and torch.compile on a GPU, fp32 and eager on a CPU by default.
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", type=device_name,
-                   help="auto: cuda > mps > cpu; under torchrun 'cuda' means cuda:LOCAL_RANK")
+    g.add_argument("--device", default="auto", type=device_name, help="auto: cuda > mps > cpu (torchrun: LOCAL_RANK)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 autocast on CUDA where supported, fp16 on older GPUs, fp32 elsewhere")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on for CUDA only); --sample compiles its decode step, "
-                   "only when asked")
+                   help="torch.compile (default: on CUDA only); --sample compiles its decode step when asked")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    # under torchrun: DDP by default (a whole copy on each process); FSDP when the model does not fit
     g.add_argument("--fsdp", nargs="?", const=True, choices=["hsdp"], help="under torchrun: shard weights, "
                    "gradients and AdamW state over the processes (FSDP2) instead of a full copy on each (DDP); hsdp: "
                    "shard within each node, replicate across nodes (a 2-D mesh); checkpoints sharded")
 
-
-def inference_flags(p):
-    """--sample and --eval read a checkpoint (--ckpt) or HF weights (--init-from) and never train."""
+    # --sample and --eval read a checkpoint (--ckpt) or HF weights (--init-from) and never train.
     g = p.add_argument_group("sampling (--sample) and evaluation (--eval)")
-    # the command, and what to load
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="generate text from --ckpt or --init-from")
     mode.add_argument("--eval", action="store_true",
-                      help="loss and perplexity of --ckpt or --init-from on --data's val split or --text, "
-                      "or --hellaswag")
+                      help="loss and perplexity of --ckpt or --init-from on --data's val split, --text or --hellaswag")
     g.add_argument("--ckpt", help="a checkpoint written by training: ckpt.pt, a step folder, or a run's --out-dir")
     g.add_argument("--prompt", default="\n", help="text, or FILE:path to read it from a file")
-    # how to sample: the temperature sharpens or flattens the distribution, top-k and top-p cut its tail
     g.add_argument("--num-samples", type=at_least(1), default=1)
     g.add_argument("--max-new-tokens", type=at_least(1), default=500)
     g.add_argument("--temperature", type=in_range(0), default=0.8, help="0 is greedy")
     g.add_argument("--top-k", type=at_least(1), default=200, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=in_range(0, 1, low_open=True),
-                   help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
+    g.add_argument("--top-p", type=in_range(0, 1, low_open=True), help="sample among the fewest tokens of mass p")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
     g.add_argument("--interactive", action="store_true", help="--sample each prompt typed on the terminal (or piped "
                    "in), one a line, streaming its continuation; an empty line or Ctrl-D ends")
-    # what to evaluate on
     g.add_argument("--text", help="--eval on this text file instead of --data")
     g.add_argument("--hellaswag", nargs="?", const=hellaswag.URL, metavar="FILE",
                    help="--eval: HellaSwag accuracy on a jsonl FILE in the official format; without FILE, the "
                    "official val set, downloaded once to ~/.cache/transformer.py/. --batch-size examples a forward")
 
-
-def export_flags(p):
-    """Writing a trained model for other tools (section 10). Both exports can run in one command."""
+    # Writing a trained model for other tools (section 13). Both exports can run in one command.
     g = p.add_argument_group("export (of --ckpt or --init-from)")
-    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config.json, "
-                   "model.safetensors, tokenizer) that AutoModelForCausalLM and AutoTokenizer load; DIR must be new "
-                   "or empty")
-    g.add_argument("--export-gguf", metavar="FILE", help="write a GGUF file for llama.cpp and ollama (needs "
-                   "`pip install gguf`); FILE must be new")
-    g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"],
-                   help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
+    g.add_argument("--export-hf", metavar="DIR", help="write an HF transformers folder (config, safetensors, "
+                   "tokenizer) for AutoModelForCausalLM and AutoTokenizer; DIR must be new or empty")
+    g.add_argument("--export-gguf", metavar="FILE", help="write a new GGUF file for llama.cpp (pip install gguf)")
+    g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"], help="the matrices'; the rest stays f32")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
 
 
 def check_args(p, args):
@@ -1715,8 +1454,7 @@ def check_args(p, args):
 
 def main(argv=None):
     """Parse (a bad flag exits 2 with one line), then run one command. The errors a user can cause (a missing
-    file, a wrong checkpoint, no network) are ValueError or OSError: one line and exit status 1, no traceback.
-    Anything else is a bug, and its traceback is what to report."""
+    file, a wrong checkpoint, no network) are ValueError or OSError: one line, exit status 1; the rest are bugs."""
     args = parse_args(argv)
     try:
         if args.export_hf or args.export_gguf:
