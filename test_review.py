@@ -7,6 +7,10 @@ import re
 
 import pytest
 
+import prepare_data
+import transformer
+from conftest import english_text
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -39,3 +43,23 @@ def test_write_json_that_fails_halfway_leaves_the_old_file_whole(tmp_path):
     with open(path) as f:
         assert json.load(f) == {"old": 1}
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+# -----------------------------------------------------------------------------
+# #25.3: --resume on data of another BPE of the same name says the BPE was trained on another text
+
+
+TINY = ["--device", "cpu", "--arch", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--seq-len", "16",
+        "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2", "--eval-every", "1000", "--eval-iters", "2"]
+
+
+def test_resume_on_data_of_a_same_size_bpe_trained_on_another_text_says_so(tmp_path, one_line_error):
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / f"{name}.txt").write_bytes(english_text(20_000, seed=seed)[:: 1 if name == "a" else -1])
+        prepare_data.main(["--input", str(tmp_path / f"{name}.txt"), "--tokenizer", "bpe:300",
+                           "--out", str(tmp_path / name)])
+    run = ["--out-dir", str(tmp_path / "run"), *TINY]
+    transformer.main(["--data", str(tmp_path / "a"), *run, "--max-steps", "1"])
+    line = one_line_error(["--data", str(tmp_path / "b"), *run, "--max-steps", "2", "--resume"])
+    assert line.endswith("was trained on bpe:300 tokens; this --data's bpe:300 was trained on another text: "
+                         "resume on data made with the same tokenizer")

@@ -374,4 +374,4 @@ def test_a_bpe_model_refuses_data_of_another_bpe_of_the_same_size(tmp_path, one_
     assert line.endswith("was tokenized with bpe:300, the model uses bpe:300 trained on another text")
     line = one_line_error(["--data", str(b), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2",
                            "--resume"])
-    assert "was trained on bpe:300 tokens, not on this --data's bpe:300 tokens" in line
+    assert "was trained on bpe:300 tokens; this --data's bpe:300 was trained on another text" in line

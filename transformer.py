@@ -937,8 +937,11 @@ def tokenized_alike(meta, name, tokenizer_json):
 def check_resumable(ckpt, config, optimizer, meta, path):
     """The same model config, optimizer and tokenizer, or resuming is refused before any weight is read."""
     if not tokenized_alike(meta, ckpt["tokenizer"], ckpt.get("tokenizer_json")):
-        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens, not on this --data's "
-                         f"{meta['tokenizer']} tokens: resume on data made with the same tokenizer")
+        same_name = meta["tokenizer"] == ckpt["tokenizer"]
+        ours = f"; this --data's {meta['tokenizer']} was trained on another text" if same_name else \
+            f", not on this --data's {meta['tokenizer']} tokens"
+        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens{ours}: "
+                         "resume on data made with the same tokenizer")
     diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
             if ckpt["config"].get(k) != v]
     if diff:
