@@ -63,3 +63,25 @@ def test_resume_on_data_of_a_same_size_bpe_trained_on_another_text_says_so(tmp_p
     line = one_line_error(["--data", str(tmp_path / "b"), *run, "--max-steps", "2", "--resume"])
     assert line.endswith("was trained on bpe:300 tokens; this --data's bpe:300 was trained on another text: "
                          "resume on data made with the same tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# #25.1: a run that diverges names the checkpoint that is on disk, or says there is none
+
+
+def diverge(data, out_dir, one_line_error, *flags):
+    """A run whose --lr sends the loss to nan at step 2: its one error line."""
+    return one_line_error(["--data", data, "--out-dir", out_dir, *TINY, "--lr", "1e30", "--warmup-steps", "0",
+                           "--max-steps", "5", *flags])
+
+
+def test_a_run_that_diverges_before_any_save_says_no_checkpoint_was_saved(data, tmp_path, one_line_error):
+    line = diverge(data, str(tmp_path / "run"), one_line_error)
+    assert os.listdir(tmp_path / "run") == ["metrics.jsonl"]
+    assert "loss is nan at step 2: stopping before the update; no checkpoint was saved yet" in line
+    assert "ckpt.pt" not in line
+
+
+def test_a_run_that_diverges_after_a_save_names_that_checkpoint(data, tmp_path, one_line_error):
+    line = diverge(data, str(tmp_path / "run"), one_line_error, "--ckpt-every", "1")
+    assert f"stopping before the update; {tmp_path / 'run' / 'ckpt.pt'} keeps step 1's state (try a lower --lr)" in line

@@ -1191,6 +1191,7 @@ def train(args, dist, device, dtype):
     checkpoints = fsdp.Checkpoints(args.out_dir, args.ckpt_format, args.keep_checkpoints, args.async_save, dist.rank,
                                    dist.world, save_checkpoint)
     step, val_loss, ckpt = 0, None, None  # step: optimizer steps completed
+    saved = None  # (the checkpoint that holds this run's latest state, its step): what a diverged run names
     for path in found if args.resume else []:
         try:
             ckpt = fsdp.read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
@@ -1205,6 +1206,7 @@ def train(args, dist, device, dtype):
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step, val_loss = ckpt["step"], ckpt.get("val_loss")
+        saved = (path, step)
         say(f"resumed {path} at step {step}")
 
     # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
@@ -1275,8 +1277,10 @@ def train(args, dist, device, dtype):
             loss /= dist.world
             if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16's GradScaler
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)  # skips an inf
-                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; "  # itself
-                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
+                checkpoints.wait()  # itself; a save still being written in the background completes: it is good
+                kept = f"{saved[0]} keeps step {saved[1]}'s state" if saved else "no checkpoint was saved yet"
+                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; {kept} "
+                                 "(try a lower --lr)")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -1313,6 +1317,7 @@ def train(args, dist, device, dtype):
                     "args": vars(args), "step": step, "loader": train_loader.state_dict(),
                     "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
                 }, done=last or stopping)
+                saved = (ckpt_path, step)
             if stopping:
                 log.close()
                 say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
