@@ -85,3 +85,19 @@ def test_a_run_that_diverges_before_any_save_says_no_checkpoint_was_saved(data, 
 def test_a_run_that_diverges_after_a_save_names_that_checkpoint(data, tmp_path, one_line_error):
     line = diverge(data, str(tmp_path / "run"), one_line_error, "--ckpt-every", "1")
     assert f"stopping before the update; {tmp_path / 'run' / 'ckpt.pt'} keeps step 1's state (try a lower --lr)" in line
+
+
+# -----------------------------------------------------------------------------
+# #25.2: resuming a run that has finished says so, writes nothing and samples nothing
+
+
+def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(data, tmp_path, capsys):
+    run = ["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "2"]
+    transformer.main(run)
+    before = {f: (os.stat(tmp_path / f).st_mtime_ns, (tmp_path / f).read_bytes()) for f in os.listdir(tmp_path)}
+    capsys.readouterr()
+    transformer.main([*run, "--resume"])
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'ckpt.pt'} is at step 2 of --max-steps 2: the run is already complete" in out
+    assert "saved" not in out and "--- sample ---" not in out
+    assert {f: (os.stat(tmp_path / f).st_mtime_ns, (tmp_path / f).read_bytes()) for f in os.listdir(tmp_path)} == before

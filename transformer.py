@@ -1130,7 +1130,7 @@ def model_config(args, vocab_size):
 def train(args, dist, device, dtype):
     """A training run, top to bottom. Every process under torchrun runs all of it, on its own share of each
     batch. Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after
-    a save)."""
+    a save) or when the run resumed had already reached --max-steps."""
 
     def say(*lines):
         if dist.master:  # every process runs the loop; one speaks
@@ -1207,6 +1207,10 @@ def train(args, dist, device, dtype):
         train_loader.load_state_dict(ckpt["loader"])
         step, val_loss = ckpt["step"], ckpt.get("val_loss")
         saved = (path, step)
+        if step >= args.max_steps:  # nothing to train, save or sample: the run's files stay as they are
+            say(f"{path} is at step {step} of --max-steps {args.max_steps}: the run is already complete "
+                "(raise --max-steps to train further)")
+            return None
         say(f"resumed {path} at step {step}")
 
     # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, and a few lines on
@@ -1347,7 +1351,7 @@ def train_and_sample(args):
         args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
     with dist.running(device):
         trained = train(args, dist, device, dtype)
-        if trained is None:  # stopped by a signal, after a save
+        if trained is None:  # stopped by a signal, after a save, or resumed already complete
             return
         model, tokenizer = trained
         if dist.master:
