@@ -4,7 +4,9 @@
 
 import os
 import re
+import shutil
 
+import numpy as np
 import pytest
 
 import prepare_data
@@ -101,3 +103,48 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(data, tm
     assert f"{tmp_path / 'ckpt.pt'} is at step 2 of --max-steps 2: the run is already complete" in out
     assert "saved" not in out and "--- sample ---" not in out
     assert {f: (os.stat(tmp_path / f).st_mtime_ns, (tmp_path / f).read_bytes()) for f in os.listdir(tmp_path)} == before
+
+
+# -----------------------------------------------------------------------------
+# #25.10: a shard holding an id outside its vocabulary is refused when it is opened, naming the file and the id
+
+
+def corrupt_copy(data, out, split):
+    """A copy of the dataset data whose first `split` shard has every 500th id set to 300, outside the byte
+    vocabulary (256). Returns (the copy, that shard's path)."""
+    shutil.copytree(data, out)
+    shard = os.path.join(out, f"{split}_000000.bin")
+    tokens = np.memmap(shard, dtype="<u2", mode="r+", offset=1024)
+    tokens[::500] = 300
+    tokens.flush()
+    del tokens
+    return str(out), shard
+
+
+def test_training_refuses_a_shard_with_an_id_outside_its_vocabulary_before_any_step(data, tmp_path, capsys,
+                                                                                    one_line_error):
+    bad, shard = corrupt_copy(data, tmp_path / "bad", "train")
+    line = one_line_error(["--data", bad, "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
+    assert line.endswith(f"{shard}: id 300 at token 0 is outside its vocabulary of 256 ids: a corrupt shard, "
+                         "or one written for another tokenizer")
+    assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_eval_refuses_a_val_shard_with_an_id_outside_its_vocabulary(data, tmp_path, one_line_error):
+    transformer.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "1"])
+    bad, shard = corrupt_copy(data, tmp_path / "bad", "val")
+    line = one_line_error(["--eval", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--data", bad, "--device", "cpu"])
+    assert line.endswith(f"{shard}: id 300 at token 0 is outside its vocabulary of 256 ids: a corrupt shard, "
+                         "or one written for another tokenizer")
+
+
+def test_training_refuses_an_llmc_shard_with_an_id_outside_gpt2s_vocabulary(tmp_path, one_line_error):
+    from test_llmc_shards import write_llmc_shard
+
+    tokens = np.random.default_rng(0).integers(0, 50257, 3000)
+    tokens[1234] = 60000
+    write_llmc_shard(tmp_path / "fineweb_train_000001.bin", tokens)
+    write_llmc_shard(tmp_path / "fineweb_val_000000.bin", tokens[:1500])
+    line = one_line_error(["--data", str(tmp_path), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
+    assert line.endswith(f"{tmp_path / 'fineweb_train_000001.bin'}: id 60000 at token 1,234 is outside its "
+                         "vocabulary of 50257 ids: a corrupt shard, or one written for another tokenizer")
