@@ -148,3 +148,42 @@ def test_training_refuses_an_llmc_shard_with_an_id_outside_gpt2s_vocabulary(tmp_
     line = one_line_error(["--data", str(tmp_path), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
     assert line.endswith(f"{tmp_path / 'fineweb_train_000001.bin'}: id 60000 at token 1,234 is outside its "
                          "vocabulary of 50257 ids: a corrupt shard, or one written for another tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# #25.9: llm.c's Llama 3 shards train without Llama 3's tokenizer (gated on the hub; offline here), and say what
+# will need it
+
+
+@pytest.fixture
+def llama3_shards(tmp_path):
+    """A folder of llm.c's Llama 3 shards (no meta.json): the tokenizer they imply cannot be loaded offline."""
+    from test_llmc_shards import write_llmc_shard
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 3000), ("val", 1000)):
+        write_llmc_shard(tmp_path / f"fineweb_{split}_000000.bin", rng.integers(0, 128256, n), version=7, llama3=True)
+    return str(tmp_path)
+
+
+NEEDS_LLAMA3 = ("tokenizer hf:meta-llama/Meta-Llama-3.1-8B cannot be loaded here: training needs only the ids, but "
+                "the sample at the end, --hellaswag-every and the exports need it: put a copy in a folder and a "
+                'meta.json naming it beside the shards, {"tokenizer": "hf:<folder>", "vocab_size": 128256}')
+
+
+def test_llmc_llama3_shards_train_without_their_tokenizer_and_say_what_needs_it(llama3_shards, tmp_path, capsys):
+    transformer.main(["--data", llama3_shards, "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith(NEEDS_LLAMA3 + " (")  # the reason follows, then the run
+    assert f"saved {tmp_path / 'run' / 'ckpt.pt'}" in out and os.path.isfile(tmp_path / "run" / "ckpt.pt")
+    assert out.rstrip().endswith("no sample: the tokenizer hf:meta-llama/Meta-Llama-3.1-8B could not be loaded")
+    assert "--- sample ---" not in out
+
+
+def test_hellaswag_every_without_the_tokenizer_is_refused_before_training(llama3_shards, tmp_path, capsys,
+                                                                          one_line_error):
+    line = one_line_error(["--data", llama3_shards, "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2",
+                           "--hellaswag-every", "1", "--hellaswag", str(tmp_path / "hs.jsonl")])
+    assert "--hellaswag-every needs the tokenizer hf:meta-llama/Meta-Llama-3.1-8B, which cannot be loaded here (" \
+        in line
+    assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "run")

@@ -1129,8 +1129,8 @@ def model_config(args, vocab_size):
 
 def train(args, dist, device, dtype):
     """A training run, top to bottom. Every process under torchrun runs all of it, on its own share of each
-    batch. Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after
-    a save) or when the run resumed had already reached --max-steps."""
+    batch. Returns (the trained model, its tokenizer or None where it cannot be loaded), or None when SIGINT/SIGTERM
+    ended the run early (after a save) or when the run resumed had already reached --max-steps."""
 
     def say(*lines):
         if dist.master:  # every process runs the loop; one speaks
@@ -1149,7 +1149,15 @@ def train(args, dist, device, dtype):
     if found and not args.resume:
         raise ValueError(f"{found[0]} exists: pass --resume to continue it, or choose another --out-dir")
     meta = read_meta(args.data)
-    tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
+    # NOTE: training needs only the ids. A tokenizer that cannot be loaded here (llm.c's Llama 3 shards imply Meta's,
+    # gated on the hub) is needed only where ids become text: the sample at the end, HellaSwag, the exports.
+    try:
+        tokenizer, unloaded = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json")), None  # before any write
+    except ValueError as e:
+        tokenizer, unloaded = None, str(e)
+        if args.hellaswag_every:
+            raise ValueError(f"--hellaswag-every needs the tokenizer {meta['tokenizer']}, which cannot be loaded "
+                             f"here ({e})") from None
     B, T = args.batch_size, args.seq_len
     tokens_per_step = args.total_batch_tokens or B * T * dist.world
     grad_accum = tokens_per_step // (B * T * dist.world)
@@ -1220,6 +1228,10 @@ def train(args, dist, device, dtype):
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
     config = raw_model.config
+    if unloaded:
+        say(f"tokenizer {meta['tokenizer']} cannot be loaded here: training needs only the ids, but the sample at the "
+            "end, --hellaswag-every and the exports need it: put a copy in a folder and a meta.json naming it beside "
+            f"the shards, {{\"tokenizer\": \"hf:<folder>\", \"vocab_size\": {meta['vocab_size']}}} ({unloaded})")
     vocab = f"vocab {meta['vocab_size']}"
     vocab += f" (padded to {config.vocab_size})" if config.vocab_size != meta["vocab_size"] else ""
     say(f"model: {raw_model.num_params():,} parameters | {config.pos} positions, {config.norm}, {config.mlp}, "
@@ -1319,7 +1331,7 @@ def train(args, dist, device, dtype):
                 checkpoints.save(raw_model, optimizer, rng_state(device), {
                     "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "config": dataclasses.asdict(config),
                     "args": vars(args), "step": step, "loader": train_loader.state_dict(),
-                    "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
+                    "tokenizer": meta["tokenizer"], "tokenizer_json": meta.get("tokenizer_json"), "val_loss": val_loss,
                 }, done=last or stopping)
                 saved = (ckpt_path, step)
             if stopping:
@@ -1354,6 +1366,10 @@ def train_and_sample(args):
         if trained is None:  # stopped by a signal, after a save, or resumed already complete
             return
         model, tokenizer = trained
+        if tokenizer is None:  # train() said at its start what needs the tokenizer, and how to provide it
+            if dist.master:
+                print(f"no sample: the tokenizer {read_meta(args.data)['tokenizer']} could not be loaded", flush=True)
+            return
         if dist.master:
             # On tiny Shakespeare (1,115,394 bytes, any tokenizer) nanoGPT's CPU recipe is the loss to beat, per byte
             shakespeare = sum(s.get("bytes", 0) for s in read_meta(args.data).get("splits", {}).values()) == 1115394
