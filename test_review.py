@@ -187,3 +187,33 @@ def test_hellaswag_every_without_the_tokenizer_is_refused_before_training(llama3
     assert "--hellaswag-every needs the tokenizer hf:meta-llama/Meta-Llama-3.1-8B, which cannot be loaded here (" \
         in line
     assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "run")
+
+
+# -----------------------------------------------------------------------------
+# #25.7: --eval's loss is transformers' loss: the softmax over every row of the head, not the tokenizer's ids only
+
+
+def test_eval_of_an_hf_folder_with_more_rows_than_its_tokenizer_is_transformers_loss(tmp_path, capsys):
+    """A random GPT2LMHeadModel with 1,000 rows and a 256-token byte tokenizer beside it: transformers scores the
+    text over all 1,000, and so must --eval (perplexity and bits per byte follow from the loss)."""
+    import torch
+    import transformers
+
+    from test_export import byte_tokenizer_files
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=1000, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    byte_tokenizer_files(tmp_path / "hf")
+    text = english_text(63).decode()  # 62 tokens to predict: two windows of 31, each 32 tokens in transformers
+    (tmp_path / "t.txt").write_text(text)
+    ids = torch.tensor([list(text.encode())])
+    with torch.no_grad():  # each window's mean loss, over the same number of tokens
+        expected = sum(hf(input_ids=w, labels=w).loss.item() for w in (ids[:, :32], ids[:, 31:])) / 2
+    capsys.readouterr()
+    transformer.main(["--eval", "--init-from", str(tmp_path / "hf"), "--text", str(tmp_path / "t.txt"),
+                      "--block-size", "31", "--device", "cpu"])
+    loss = float(re.search(r"loss (\d+\.\d+)", capsys.readouterr().out)[1])
+    assert abs(loss - expected) < 2e-4, (loss, expected)
+    assert expected > 6.5  # near ln(1000), far from ln(256) = 5.5: the rows past the tokenizer count

@@ -616,8 +616,9 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
                     compile=False, generator=None, vocab_size=None):
     """Yield (B, 1) next tokens for the prompts idx (B, T); GPT.generate is the way in. compile=True runs
     the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
-    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
-    fine-tuned on byte data, say)."""
+    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (padded, or HF
+    weights fine-tuned on byte data): an id past the tokenizer spells no text. (Evaluation, which scores the
+    model rather than prints it, keeps every row: evaluate_tokens.)"""
     block_size = model.config.block_size
     # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
     # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
@@ -997,10 +998,13 @@ def estimate_val_loss(model, loader, iters, device, dtype, dist):
 
 
 @torch.no_grad()
-def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
+def evaluate_tokens(model, tokens, batch_size, device, dtype, progress=True):
     """Mean next-token loss over a whole token stream, cut into windows of block_size + 1 tokens
     that overlap by one, so every token after the first is predicted exactly once.
-    Returns (mean loss, number of tokens predicted)."""
+    Returns (mean loss, number of tokens predicted).
+
+    The softmax runs over every row of the head, padded ids and rows past the tokenizer included, as the
+    training loss does and as transformers and lm-eval score a model: the same weights, the same loss."""
     from tqdm import tqdm
 
     T = model.config.block_size
@@ -1011,7 +1015,6 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
         buf = torch.from_numpy(rows.astype(np.int64)).to(device)
         with autocast(device, dtype):
             logits, _ = model(buf[:, :-1])  # (b, n, vocab)
-        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
         return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
 
     total = 0.0
@@ -1119,8 +1122,8 @@ def model_config(args, vocab_size):
     """The model the command line describes: an --arch and a --size preset, any single flag on top. The
     embedding and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT
     does: GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
-    logits down, and sampling and evaluation only look at the tokenizer's ids. GPTConfig refuses a shape that
-    cannot exist (ValueError)."""
+    logits down; evaluation counts them all, as the training loss does, and sampling draws only the tokenizer's
+    ids. GPTConfig refuses a shape that cannot exist (ValueError)."""
     flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     return GPTConfig.preset(args.size or "mini", args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
@@ -1474,7 +1477,7 @@ def evaluate(args):
         raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
     if len(tokens) < 2:
         raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
-    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
+    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype)
     bpb = n_bytes and bits_per_byte(loss, n, n_bytes - len(tokenizer.decode_bytes([int(tokens[0])])))
     print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted in windows of "
           f"{model.config.block_size}{f' | {bpb:.4f} bits per byte' if bpb else ''}")
