@@ -217,3 +217,66 @@ def test_eval_of_an_hf_folder_with_more_rows_than_its_tokenizer_is_transformers_
     loss = float(re.search(r"loss (\d+\.\d+)", capsys.readouterr().out)[1])
     assert abs(loss - expected) < 2e-4, (loss, expected)
     assert expected > 6.5  # near ln(1000), far from ln(256) = 5.5: the rows past the tokenizer count
+
+
+# -----------------------------------------------------------------------------
+# #25.5: generation with the KV cache gives the logits of generation without it, wherever it can
+
+
+def step_logits(model, idx, n, use_cache, monkeypatch):
+    """The logits (B, vocab) each of n greedy generation steps from the prompt idx picks its token from."""
+    import torch
+
+    seen, real = [], transformer.sample_next
+    monkeypatch.setattr(transformer, "sample_next", lambda logits, *a, **k: (seen.append(logits), real(logits, *a,
+                                                                                                     **k))[1])
+    model.generate(idx, n, temperature=0, use_cache=use_cache)
+    monkeypatch.undo()
+    return torch.stack(seen)  # (n, B, vocab)
+
+
+def tiny_model(pos, n_layer, block_size=32):
+    """A random model with its matrices drawn wider than GPT-2's init, so the logits are spread out."""
+    import torch
+
+    torch.manual_seed(0)
+    model = transformer.GPT(transformer.GPTConfig.preset("tiny", "gpt2", pos=pos, n_layer=n_layer, n_embd=32,
+                                                         block_size=block_size, vocab_size=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_learned_positions_under_a_shorter_block_size_cached_equals_uncached_everywhere(n_layer, monkeypatch):
+    """--block-size below the trained length: past it both paths re-encode the last block_size tokens."""
+    import torch
+
+    model = tiny_model("learned", n_layer)
+    model.set_block_size(16)
+    idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    cached, uncached = (step_logits(model, idx, 40, use_cache, monkeypatch) for use_cache in (True, False))
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_any_depth_cached_equals_uncached_up_to_block_size(pos, monkeypatch):
+    import torch
+
+    model = tiny_model(pos, 3, block_size=16)
+    idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    cached, uncached = (step_logits(model, idx, 12, use_cache, monkeypatch) for use_cache in (True, False))
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)  # the last step sees 16 tokens
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_one_layer_rope_and_alibi_cached_equals_uncached_past_block_size(pos, monkeypatch):
+    """A one-layer cached key depends on its token and position only, and RoPE and ALiBi see distances only."""
+    import torch
+
+    model = tiny_model(pos, 1, block_size=16)
+    idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    cached, uncached = (step_logits(model, idx, 40, use_cache, monkeypatch) for use_cache in (True, False))
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)

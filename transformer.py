@@ -214,12 +214,16 @@ class Positions(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config  # the model's own: GPT.set_block_size changes it for both
-        # the furthest position a token may sit at: learned vectors end at block_size; RoPE and ALiBi
-        # only see distances, so a sliding window of block_size tokens can run on forever
-        self.max_len = config.block_size if config.pos == "learned" else math.inf
         if config.pos == "learned":
             self.weight = nn.Parameter(torch.empty(config.block_size, config.n_embd))  # one vector per position
         self.make_tables()
+
+    @property
+    def max_len(self):
+        """The furthest position a token may sit at: learned vectors end at block_size (read from the config,
+        which --block-size may shorten); RoPE and ALiBi only see distances, so a sliding window of block_size
+        tokens can run on forever."""
+        return self.config.block_size if self.config.pos == "learned" else math.inf
 
     def make_tables(self):
         """What is derived from the config alone (checkpoints do not store it), built with the model
@@ -407,9 +411,10 @@ class GPT(nn.Module):
         --sample. RoPE and ALiBi see only distances, so any length runs (how well is what --eval
         measures); learned position vectors exist only for the positions trained."""
         positions = self.transformer.wpe
-        if block_size > positions.max_len:
+        trained = positions.weight.size(0) if hasattr(positions, "weight") else math.inf  # learned: its rows
+        if block_size > trained:
             raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
-                             f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
+                             f"{trained}; RoPE and ALiBi models can read past their training length")
         self.config.block_size = block_size
 
     def tie_weights(self):
@@ -463,7 +468,10 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, *, stream=False, **options):
         """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
         each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
-        generate_tokens, below). A bad prompt raises here, before any token."""
+        generate_tokens, below). A bad prompt raises here, before any token. use_cache=False re-encodes the
+        last block_size tokens every step: the same logits as the cache up to block_size tokens, and past it
+        for learned positions or one layer; RoPE and ALiBi models of more layers differ there (the NOTE
+        above KVCache says why)."""
         check_prompt(idx, self.config.block_size)
         tokens = generate_tokens(self, idx, max_new_tokens, **options)
         return tokens if stream else torch.cat([idx, *tokens], dim=1)
@@ -516,6 +524,12 @@ class GPT(nn.Module):
 # Past block_size the cache slides: the newest token overwrites the oldest slot, and RoPE and
 # ALiBi, which only see distances, carry on. Learned positions end at block_size, so from
 # there every step re-encodes the last block_size tokens, as the uncached path does.
+# NOTE: cached and uncached generation give the same logits (to rounding) up to block_size tokens, at any
+# depth, and past it with learned positions (both re-encode) or a single layer. With RoPE or ALiBi and two
+# or more layers they part past block_size: a slot keeps the keys and values its token got when it was
+# read, and from the second layer on those mixed in tokens that have since left the window; the uncached
+# path re-encodes the window, where no token sees anything before it. Neither is wrong (the model was never
+# trained past block_size); re-encoding costs a whole window per token.
 
 
 class KVCache:
@@ -1665,7 +1679,9 @@ def inference_flags(p):
     g.add_argument("--top-p", type=in_range(0, 1, low_open=True),
                    help="sample among the most likely tokens whose probabilities add up to p, in (0, 1]")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
-    g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
+    g.add_argument("--no-cache", action="store_true", help="re-encode the last block_size tokens every step, no KV "
+                   "cache (for comparison): the same up to block_size tokens; past it, RoPE and ALiBi models of 2+ "
+                   "layers differ, as the cache keeps keys computed while older tokens were in the window")
     g.add_argument("--interactive", action="store_true", help="--sample each prompt typed on the terminal (or piped "
                    "in), one a line, streaming its continuation; an empty line or Ctrl-D ends")
     # what to evaluate on
