@@ -280,3 +280,121 @@ def test_one_layer_rope_and_alibi_cached_equals_uncached_past_block_size(pos, mo
     idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
     cached, uncached = (step_logits(model, idx, 40, use_cache, monkeypatch) for use_cache in (True, False))
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# #25.4: every command refuses a flag it does not read (refused, not ignored), and accepts those it reads
+
+
+CKPT = ["--ckpt", "c.pt"]
+NOT_READ = [  # (command line, the flag it names): each a command with one flag it would ignore
+    (["--export-hf", "out", *CKPT, "--arch", "olmo"], "--arch", "--export-hf/--export-gguf"),
+    (["--export-gguf", "m.gguf", *CKPT, "--device", "cpu"], "--device", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--dtype", "bfloat16"], "--dtype", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--block-size", "8"], "--block-size", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--lr", "0.1"], "--lr", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--seed", "3"], "--seed", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--sample"], "--sample", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--eval"], "--eval", "--export-hf/--export-gguf"),
+    (["--export-hf", "out", *CKPT, "--temperature", "0.5"], "--temperature", "--export-hf/--export-gguf"),
+    (["--sample", *CKPT, "--lr", "0.1"], "--lr", "--sample"),
+    (["--sample", *CKPT, "--max-steps", "10"], "--max-steps", "--sample"),
+    (["--sample", *CKPT, "--arch", "gpt2"], "--arch", "--sample"),
+    (["--sample", *CKPT, "--n-layer", "2"], "--n-layer", "--sample"),
+    (["--sample", *CKPT, "--data", "d"], "--data", "--sample"),
+    (["--sample", *CKPT, "--batch-size", "4"], "--batch-size", "--sample"),
+    (["--sample", *CKPT, "--text", "t.txt"], "--text", "--sample"),
+    (["--sample", *CKPT, "--dropout", "0.1"], "--dropout", "--sample"),
+    (["--sample", *CKPT, "--out-dir", "o"], "--out-dir", "--sample"),
+    (["--sample", *CKPT, "--resume"], "--resume", "--sample"),
+    (["--sample", *CKPT, "--grad-checkpointing"], "--grad-checkpointing", "--sample"),
+    (["--sample", *CKPT, "--gguf-dtype", "f32"], "--gguf-dtype", "--sample"),
+    (["--sample", *CKPT, "--fsdp"], "--fsdp", "--sample"),
+    (["--eval", *CKPT, "--text", "t.txt", "--temperature", "0.5"], "--temperature", "--eval"),
+    (["--eval", *CKPT, "--text", "t.txt", "--prompt", "hi"], "--prompt", "--eval"),
+    (["--eval", *CKPT, "--text", "t.txt", "--seed", "1"], "--seed", "--eval"),
+    (["--eval", *CKPT, "--text", "t.txt", "--compile"], "--compile", "--eval"),
+    (["--eval", *CKPT, "--text", "t.txt", "--num-samples", "2"], "--num-samples", "--eval"),
+    (["--eval", *CKPT, "--text", "t.txt", "--max-new-tokens", "9"], "--max-new-tokens", "--eval"),
+    (["--eval", *CKPT, "--text", "t.txt", "--no-cache"], "--no-cache", "--eval"),
+    (["--eval", *CKPT, "--data", "d", "--lr", "0.1"], "--lr", "--eval"),
+    (["--eval", *CKPT, "--data", "d", "--arch", "olmo"], "--arch", "--eval"),
+    (["--eval", *CKPT, "--data", "d", "--seq-len", "8"], "--seq-len", "--eval"),
+    (["--eval", *CKPT, "--hellaswag", "--data", "d"], "--data", "--eval --hellaswag"),
+    (["--eval", *CKPT, "--hellaswag", "--text", "t.txt"], "--text", "--eval --hellaswag"),
+    (["--eval", *CKPT, "--hellaswag", "--seed", "1"], "--seed", "--eval --hellaswag"),
+    (["--temperature", "0.5"], "--temperature", "training"),
+    (["--ckpt", "c.pt"], "--ckpt", "training"),
+    (["--prompt", "hi"], "--prompt", "training"),
+    (["--top-k", "5"], "--top-k", "training"),
+    (["--no-cache"], "--no-cache", "training"),
+    (["--text", "t.txt"], "--text", "training"),
+    (["--num-samples", "2"], "--num-samples", "training"),
+    (["--interactive"], "--interactive", "training"),
+    (["--gguf-dtype", "f32"], "--gguf-dtype", "training"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, command", NOT_READ, ids=[" ".join(case[0]) for case in NOT_READ])
+def test_a_flag_the_command_does_not_read_is_refused_with_one_line_naming_it(tmp_path, monkeypatch, capsys,
+                                                                             one_line_error, argv, flag, command):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(argv, status=2)
+    assert line.startswith(f"transformer.py: error: {flag} is not read by {command}: drop it")
+    assert capsys.readouterr().out == "" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sample", *CKPT, "--init-from", "gpt2"], "give --ckpt or --init-from, not both"),
+    (["--export-hf", "out", *CKPT, "--init-from", "gpt2"], "give --ckpt or --init-from, not both"),
+    (["--eval", *CKPT, "--text", "t.txt", "--data", "d"], "--eval reads --data or --text, not both"),
+    (["--export-hf", "out", *CKPT, "--gguf-dtype", "f32"], "--gguf-dtype is for --export-gguf"),
+])
+def test_flags_of_one_command_that_cannot_act_together_are_refused(tmp_path, monkeypatch, one_line_error, argv,
+                                                                   message):
+    monkeypatch.chdir(tmp_path)
+    assert f"error: {message}" in one_line_error(argv, status=2)
+
+
+def test_every_flag_is_read_by_some_command():
+    args = transformer.parse_args([])
+    assert set(vars(args)) == set().union(*transformer.READS.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_ckpt")
+    from conftest import write_dataset
+
+    write_dataset(str(tmp / "data"), {"train": [3000], "val": [1000]})
+    transformer.main(["--data", str(tmp / "data"), "--out-dir", str(tmp / "run"), *TINY, "--max-steps", "1"])
+    (tmp / "t.txt").write_text("ROMEO: what light through yonder window breaks")
+    return tmp
+
+
+def test_each_command_accepts_the_flags_it_shares_with_others(tiny_ckpt, tmp_path, capsys):
+    """--device, --dtype, --seed, --compile, --block-size, --batch-size where each command reads them."""
+    ckpt = str(tiny_ckpt / "run" / "ckpt.pt")
+    system = ["--device", "cpu", "--dtype", "float32"]
+    capsys.readouterr()
+    transformer.main(["--sample", "--ckpt", ckpt, *system, "--seed", "3", "--no-compile", "--block-size", "8",
+                      "--max-new-tokens", "20", "--prompt", "RO", "--top-p", "0.9", "--num-samples", "2", "--no-stop"])
+    assert capsys.readouterr().out.count("-" * 40) == 2
+    transformer.main(["--eval", "--ckpt", ckpt, *system, "--batch-size", "2", "--block-size", "8",
+                      "--text", str(tiny_ckpt / "t.txt")])
+    assert "in windows of 8" in capsys.readouterr().out
+    transformer.main(["--eval", "--ckpt", ckpt, "--data", str(tiny_ckpt / "data"), *system, "--batch-size", "3"])
+    assert "(val split): loss" in capsys.readouterr().out
+    transformer.main(["--export-hf", str(tmp_path / "hf"), "--export-gguf", str(tmp_path / "m.gguf"),
+                      "--gguf-dtype", "f32", "--ckpt", ckpt])
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "m.gguf").is_file()
+
+
+def test_the_commands_of_transformer_pys_docstring_parse(monkeypatch):
+    """The usage lines at the top of transformer.py, as a user would copy them (torchrun's own flags dropped)."""
+    monkeypatch.setenv("RANK", "0")  # torchrun's lines
+    lines = [line.split("#")[0] for line in transformer.__doc__.splitlines() if "transformer.py --" in line]
+    assert len(lines) >= 4
+    for line in lines:
+        argv = [w.strip('"') for w in line.split("transformer.py", 1)[1].split() if w != "..."]
+        transformer.parse_args(argv)

@@ -548,7 +548,7 @@ def test_cli_interactive_on_a_terminal_prompts_and_ends_on_ctrl_d(trained, capsy
 
 
 def test_cli_interactive_without_sample_is_a_one_line_error(one_line_error):
-    assert "--interactive goes with --sample" in one_line_error(["--interactive"], status=2)
+    assert "--interactive is not read by training" in one_line_error(["--interactive"], status=2)
 
 
 def test_cli_sample_prompt_from_a_file(trained, tmp_path, capsys):

@@ -1558,8 +1558,38 @@ def parse_args(argv=None):
                       export_flags):
         add_flags(p)
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, given=[name for name, value in vars(args).items() if value != p.get_default(name)])
     return args
+
+
+# What each command reads, in one place: any other flag given to it is refused (check_args), never ignored.
+# The commands: training (the default), --sample, --eval over --data or --text, --eval --hellaswag, and the
+# exports, which write a checkpoint (or HF weights) as it is, on the CPU.
+LOADING = ("ckpt", "init_from", "block_size", "device", "dtype")  # what --sample and --eval run, and where
+READS = {
+    "training": ("data", "arch", "pos", "norm", "mlp", "n_kv_head", "size", "n_layer", "n_head", "n_embd",
+                 "block_size", "seq_len", "dropout", "init_from", "batch_size", "total_batch_tokens", "max_steps",
+                 "optimizer", "lr", "muon_lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay",
+                 "grad_clip", "seed", "out_dir", "log_every", "eval_every", "eval_iters", "ckpt_every", "ckpt_format",
+                 "keep_checkpoints", "async_save", "resume", "hellaswag_every", "hellaswag", "wandb", "device",
+                 "dtype", "compile", "grad_checkpointing", "fsdp"),
+    "--sample": (*LOADING, "sample", "seed", "compile", "prompt", "num_samples", "max_new_tokens", "temperature",
+                 "top_k", "top_p", "no_stop", "no_cache", "interactive"),
+    "--eval": (*LOADING, "eval", "batch_size", "data", "text"),
+    "--eval --hellaswag": (*LOADING, "eval", "hellaswag", "batch_size"),
+    "--export-hf/--export-gguf": ("ckpt", "init_from", "export_hf", "export_gguf", "gguf_dtype"),
+}
+
+
+def command(args):
+    """Which of READS's commands a command line runs."""
+    if args.export_hf or args.export_gguf:
+        return "--export-hf/--export-gguf"
+    if args.sample:
+        return "--sample"
+    if args.eval:
+        return "--eval --hellaswag" if args.hellaswag is not None else "--eval"
+    return "training"
 
 
 # The flags by group. The model's numbers default to the --size preset (model_config leaves them to it), so
@@ -1703,11 +1733,20 @@ def export_flags(p):
                    help="the GGUF's weight matrices; norms, biases and position embeddings stay f32")
 
 
-def check_args(p, args):
-    """What no single flag can check: flags that must agree with each other. p.error exits with one line."""
+def check_args(p, args, given):
+    """What no single flag can check: flags the command does not read (given: the flags set to other than their
+    defaults, by name), and flags that must agree with each other. p.error exits with one line."""
+    what = command(args)
+    for name in given:
+        if name not in READS[what]:
+            p.error(f"--{name.replace('_', '-')} is not read by {what}: drop it")
+    if "ckpt" in given and "init_from" in given:
+        p.error("give --ckpt or --init-from, not both")
+    if "data" in given and "text" in given:
+        p.error("--eval reads --data or --text, not both")
+    if "gguf_dtype" in given and not args.export_gguf:
+        p.error("--gguf-dtype is for --export-gguf")
     # FSDP: each process holds a shard of every weight, which only a training run under torchrun can use
-    if args.fsdp and (args.sample or args.eval):
-        p.error(f"--fsdp is for training; --{'sample' if args.sample else 'eval'} runs the whole model in one process")
     if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
         p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
                 "--fsdp ...")
@@ -1719,8 +1758,6 @@ def check_args(p, args):
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
-    if args.interactive and not args.sample:
-        p.error("--interactive goes with --sample")
     # Sampling, evaluation and export need weights to start from, and none of the training flags below
     exporting = args.export_hf or args.export_gguf
     if args.sample or args.eval or exporting:
@@ -1765,17 +1802,10 @@ def main(argv=None):
     file, a wrong checkpoint, no network) are ValueError or OSError: one line and exit status 1, no traceback.
     Anything else is a bug, and its traceback is what to report."""
     args = parse_args(argv)
+    run = {"training": train_and_sample, "--sample": sample, "--eval": evaluate,
+           "--eval --hellaswag": evaluate_hellaswag, "--export-hf/--export-gguf": export}[command(args)]
     try:
-        if args.export_hf or args.export_gguf:
-            export(args)
-        elif args.sample:
-            sample(args)
-        elif args.eval and args.hellaswag is not None:
-            evaluate_hellaswag(args)
-        elif args.eval:
-            evaluate(args)
-        else:
-            train_and_sample(args)
+        run(args)
     except ModuleNotFoundError as e:  # a package only some flags need
         error = f"this needs the {e.name} package: pip install -r requirements-extras.txt"
     except (ValueError, OSError) as e:
