@@ -59,7 +59,7 @@ from files import atomic_open
 from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics
 from shards import find_shards, load_shard, read_meta
-from tokenizer import get_tokenizer
+from tokenizer import TokenizerUnavailable, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -1170,7 +1170,7 @@ def train(args, dist, device, dtype):
     # gated on the hub) is needed only where ids become text: the sample at the end, HellaSwag, the exports.
     try:
         tokenizer, unloaded = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json")), None  # before any write
-    except ValueError as e:
+    except TokenizerUnavailable as e:  # not an unknown name (refused): one that cannot be fetched here
         tokenizer, unloaded = None, str(e)
         if args.hellaswag_every:
             raise ValueError(f"--hellaswag-every needs the tokenizer {meta['tokenizer']}, which cannot be loaded "
