@@ -83,6 +83,8 @@ def staged(path):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    """obj as indented JSON in path, whole or not at all (atomic_open): the text is made before anything is written."""
+    text = json.dumps(obj, indent=2)
+    with atomic_open(path) as f:
+        f.write(text.encode())
 

@@ -13,7 +13,7 @@ Sources
     json / text / parquet with --data-files. It is a stream of documents, each read from
     its --text-field.
 
-Tokenizers (--tokenizer, see transformer.get_tokenizer)
+Tokenizers (--tokenizer, see tokenizer.get_tokenizer)
     gpt2     GPT-2's BPE (tiktoken), vocab 50257. Each dataset document is preceded by
              <|endoftext|> (50256), as in build-nanogpt. Any other tiktoken encoding
              (cl100k_base, o200k_base, ...) the same way.
@@ -379,7 +379,7 @@ def first_bytes(texts, n_bytes):
 
 def train_bpe(sample, vocab_size):
     """A byte-level BPE of vocab_size tokens trained on the texts of sample with HF tokenizers' BpeTrainer, as
-    the text of its tokenizer.json (transformer.get_tokenizer builds it back).
+    the text of its tokenizer.json (tokenizer.get_tokenizer builds it back).
 
     Byte-level: text is cut by BPE_SPLIT, each piece's UTF-8 bytes are spelled as printable characters
     (GPT-2's spelling), and all 256 bytes are in the vocabulary from the start, so every byte sequence

@@ -70,11 +70,17 @@ def shard_header(path):
 
 def load_shard(path, vocab_size=None):
     """Memory-map a shard's tokens (uint16 or uint32 as stored, shape (n,)) after checking its header against
-    the file: zero-copy, whatever the width."""
+    the file, and its ids against its vocabulary: zero-copy, whatever the width. An id past the vocabulary would
+    otherwise train until a batch drew it, then end in an IndexError (on a GPU, a device-side assert)."""
     _, shard_vocab, n, dtype, _ = shard_header(path)
     if vocab_size is not None and shard_vocab != vocab_size:
         raise ValueError(f"{path}: shard vocab_size {shard_vocab} does not match the dataset's {vocab_size}")
-    return np.memmap(path, dtype=dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+    if n and tokens.max() >= shard_vocab:  # one pass over the file; where, only for the error line
+        at = int(np.argmax(tokens >= shard_vocab))
+        raise ValueError(f"{path}: id {tokens[at]} at token {at:,} is outside its vocabulary of {shard_vocab} ids: "
+                         "a corrupt shard, or one written for another tokenizer")
+    return tokens
 
 
 def find_shards(data_dir, split):

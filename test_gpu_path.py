@@ -114,15 +114,15 @@ def test_new_models_pad_the_vocab_to_a_multiple_of_64_and_hf_models_keep_theirs(
     assert transformer.model_config(args, 256).vocab_size == 256
 
 
-def test_perplexity_never_counts_the_padded_ids():
+def test_perplexity_counts_every_row_of_the_head_the_padded_ids_too():
+    """As the training loss, transformers and lm-eval do (issue #25.7): the same weights, the same loss."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=320)).eval()  # a tokenizer of 300 ids, padded
     tokens = np.random.default_rng(0).integers(0, 300, 200)
-    loss, _ = transformer.evaluate_tokens(model, tokens, 4, torch.device("cpu"), torch.float32, vocab_size=300,
-                                          progress=False)
+    loss, _ = transformer.evaluate_tokens(model, tokens, 4, torch.device("cpu"), torch.float32, progress=False)
     with torch.no_grad():
         rows = torch.from_numpy(tokens)
-        logits = torch.cat([model(rows[i: i + 65][None, :-1])[0][0] for i in range(0, 199, 64)])[:, :300]
+        logits = torch.cat([model(rows[i: i + 65][None, :-1])[0][0] for i in range(0, 199, 64)])  # all 320 rows
     expected = F.cross_entropy(logits, rows[1:200]).item()
     assert loss == pytest.approx(expected, abs=1e-5)
 

@@ -350,12 +350,12 @@ def test_bits_per_byte_equals_total_bits_over_the_val_texts_bytes(tmp_path):
     val = tokens_of(out, "val")
     torch.manual_seed(0)
     model = transformer.GPT(transformer.GPTConfig(block_size=80, vocab_size=320, n_layer=1, n_head=2, n_embd=16))
-    loss, n = transformer.evaluate_tokens(model, val, 1, torch.device("cpu"), torch.float32, 300, progress=False)
+    loss, n = transformer.evaluate_tokens(model, val, 1, torch.device("cpu"), torch.float32, progress=False)
     bpb = transformer.bits_per_byte(loss, n, meta["splits"]["val"]["bytes"])
 
     ids = torch.from_numpy(val.astype(np.int64))[None]  # (1, n)
     with torch.no_grad():
-        logits = model(ids[:, :-1])[0][..., :300]  # (1, n - 1, 300)
+        logits = model(ids[:, :-1])[0]  # (1, n - 1, 320): every row, as --eval scores
     total_bits = F.cross_entropy(logits.flatten(0, 1), ids[0, 1:], reduction="sum").item() / math.log(2)
     val_text = Tokenizer.from_file(str(out / "tokenizer.json")).decode(val.tolist())
     assert text.endswith(val_text)
@@ -415,7 +415,7 @@ def test_eval_of_a_text_prints_bits_per_byte_of_the_bytes_it_predicts(bpe_run, t
     ids = transformer.get_tokenizer(ckpt["tokenizer"], ckpt["tokenizer_json"]).encode(text)
     assert 2 < len(ids) <= model.config.block_size + 1  # one window
     with torch.no_grad():
-        logits = model(torch.tensor([ids[:-1]]))[0][0, :, :300]
+        logits = model(torch.tensor([ids[:-1]]))[0][0]  # every row, as --eval scores
     bits = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item() / math.log(2)
     n_bytes = len(Tokenizer.from_file(str(data / "tokenizer.json")).decode(ids[1:]).encode("utf-8"))
     line = eval_line(capsys, "--ckpt", run / "ckpt.pt", "--text", tmp_path / "t.txt")
@@ -427,7 +427,7 @@ def test_eval_of_a_val_split_prints_bits_per_byte_from_its_byte_count(bpe_run, c
     ckpt = transformer.load_checkpoint(str(run / "ckpt.pt"))
     model = transformer.model_from_checkpoint(ckpt).eval()
     val = tokens_of(data, "val")
-    loss, n = transformer.evaluate_tokens(model, val, 8, torch.device("cpu"), torch.float32, 300, progress=False)
+    loss, n = transformer.evaluate_tokens(model, val, 8, torch.device("cpu"), torch.float32, progress=False)
     first = transformer.get_tokenizer(ckpt["tokenizer"], ckpt["tokenizer_json"]).decode_bytes([int(val[0])])
     expected = loss * n / (meta["splits"]["val"]["bytes"] - len(first)) / math.log(2)
     assert eval_line(capsys, "--ckpt", run / "ckpt.pt", "--data", data).endswith(f"| {expected:.4f} bits per byte")
@@ -481,4 +481,4 @@ def test_a_bpe_model_refuses_data_of_another_bpe_of_the_same_size(tmp_path, one_
     assert line.endswith("was tokenized with bpe:300, the model uses bpe:300 trained on another text")
     line = one_line_error(["--data", str(b), "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2",
                            "--resume"])
-    assert "was trained on bpe:300 tokens, not on this --data's bpe:300 tokens" in line
+    assert "was trained on bpe:300 tokens; this --data's bpe:300 was trained on another text" in line

@@ -673,7 +673,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     inject_into_training_forward(monkeypatch, at_call=1, change=lambda loss: loss * float("nan"))
     line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "8",
                                    "--ckpt-every", "1", "--resume"])
-    assert "loss is nan at step 5" in line and "ckpt.pt keeps the last good state" in line
+    assert "loss is nan at step 5" in line and "ckpt.pt keeps step 4's state" in line
     assert read_bytes(tmp_path / "ckpt.pt") == good
 
 

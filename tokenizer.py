@@ -109,6 +109,10 @@ class BPETokenizer:
         return b"".join(self.pieces[i] for i in ids)
 
 
+class TokenizerUnavailable(ValueError):
+    """A tokenizer that exists but cannot be loaded here: offline, a gated hub repo, a folder not on this machine."""
+
+
 class HFTokenizer:
     """An HF tokenizer: the one saved beside an HF checkpoint (for Llama-family models loaded with --init-from),
     or any hub name transformers can load."""
@@ -121,7 +125,7 @@ class HFTokenizer:
         try:
             self.tok, self.name = AutoTokenizer.from_pretrained(path), "hf:" + path
         except OSError as e:  # no such folder, not on the hub, offline, gated
-            raise ValueError(f"cannot load tokenizer hf:{path}: {str(e).splitlines()[0]}") from None
+            raise TokenizerUnavailable(f"cannot load tokenizer hf:{path}: {str(e).splitlines()[0]}") from None
         self.vocab_size, self.eot = len(self.tok), self.tok.eos_token_id
 
     def encode(self, text):
@@ -156,4 +160,4 @@ def get_tokenizer(name, tokenizer_json=None):
         raise ValueError(f"unknown tokenizer {name!r}: use 'byte', a tiktoken encoding ('gpt2', 'cl100k_base', "
                          "'o200k_base', ...), 'hf:<folder or hub name>' or 'bpe:<N>'") from None
     except OSError as e:  # tiktoken downloads an encoding's file the first time
-        raise ValueError(f"cannot load tiktoken's {name}: {str(e).splitlines()[0]}") from None
+        raise TokenizerUnavailable(f"cannot load tiktoken's {name}: {str(e).splitlines()[0]}") from None

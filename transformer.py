@@ -63,7 +63,7 @@ from flagtypes import ArgumentParser, at_least, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
 from optimizers import Optimizers
 from shards import find_shards, load_shard, read_meta
-from tokenizer import get_tokenizer
+from tokenizer import TokenizerUnavailable, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -226,12 +226,16 @@ class Positions(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config  # the model's own: GPT.set_block_size changes it for both
-        # the furthest position a token may sit at: learned vectors end at block_size; RoPE and ALiBi
-        # only see distances, so a sliding window of block_size tokens can run on forever
-        self.max_len = config.block_size if config.pos == "learned" else math.inf
         if config.pos == "learned":
             self.weight = nn.Parameter(torch.empty(config.block_size, config.n_embd))  # one vector per position
         self.make_tables()
+
+    @property
+    def max_len(self):
+        """The furthest position a token may sit at: learned vectors end at block_size (read from the config,
+        which --block-size may shorten); RoPE and ALiBi only see distances, so a sliding window of block_size
+        tokens can run on forever."""
+        return self.config.block_size if self.config.pos == "learned" else math.inf
 
     def make_tables(self):
         """What is derived from the config alone (checkpoints do not store it), built with the model
@@ -417,10 +421,10 @@ class GPT(nn.Module):
         """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
         --sample. RoPE and ALiBi see only distances, so any length runs (how well is what --eval
         measures); learned position vectors exist only for the positions trained."""
-        positions = self.positions
-        if block_size > positions.max_len:
+        trained = self.positions.weight.size(0) if self.config.pos == "learned" else math.inf  # learned: its rows
+        if block_size > trained:
             raise ValueError(f"--block-size {block_size}: this model's learned position embeddings end at "
-                             f"{positions.max_len}; RoPE and ALiBi models can read past their training length")
+                             f"{trained}; RoPE and ALiBi models can read past their training length")
         self.config.block_size = block_size
 
     def tie_weights(self):
@@ -674,8 +678,11 @@ def tokenized_alike(meta, name, tokenizer_json):
 def check_resumable(ckpt, config, optimizer, meta, path):
     """The same model config, optimizer and tokenizer, or resuming is refused before any weight is read."""
     if not tokenized_alike(meta, ckpt["tokenizer"], ckpt.get("tokenizer_json")):
-        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens, not on this --data's "
-                         f"{meta['tokenizer']} tokens: resume on data made with the same tokenizer")
+        same_name = meta["tokenizer"] == ckpt["tokenizer"]
+        ours = f"; this --data's {meta['tokenizer']} was trained on another text" if same_name else \
+            f", not on this --data's {meta['tokenizer']} tokens"
+        raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens{ours}: "
+                         "resume on data made with the same tokenizer")
     diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
             if ckpt["config"].get(k) != v]
     if diff:
@@ -757,9 +764,10 @@ def estimate_val_loss(model, loader, iters, device, dtype, dist):
 
 
 @torch.no_grad()
-def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, progress=True):
+def evaluate_tokens(model, tokens, batch_size, device, dtype, progress=True):
     """(mean next-token loss, tokens predicted) over a whole token stream, in windows of block_size + 1
-    tokens that overlap by one: every token after the first is predicted exactly once."""
+    tokens that overlap by one: every token after the first is predicted exactly once. The softmax runs over
+    every row of the head (padded ids included), as the training loss, transformers and lm-eval score a model."""
     from tqdm import tqdm
 
     T = model.config.block_size
@@ -770,7 +778,6 @@ def evaluate_tokens(model, tokens, batch_size, device, dtype, vocab_size=None, p
         buf = torch.from_numpy(rows.astype(np.int64)).to(device)
         with autocast(device, dtype):
             logits, _ = model(buf[:, :-1])  # (b, n, vocab)
-        logits = logits[..., :vocab_size]  # the tokenizer's ids only: never a padded one
         return F.cross_entropy(logits.float().flatten(0, 1), buf[:, 1:].flatten(), reduction="sum").item()
 
     total = 0.0
@@ -829,7 +836,8 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
 def model_config(args, vocab_size):
     """The model the command line describes: an --arch and a --size preset, any single flag on top (GPTConfig
     refuses a shape that cannot exist). The vocabulary is padded to a multiple of 64 (GPT-2's 50,257 -> 50,304)
-    as nanoGPT does, for whole GPU tiles; sampling and evaluation never look at the padded ids."""
+    as nanoGPT does, for whole GPU tiles; training pushes their logits down, evaluation counts them, sampling
+    never draws them."""
     flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     return GPTConfig.preset(args.size or RECIPE["size"], args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
@@ -838,7 +846,8 @@ def model_config(args, vocab_size):
 
 def train(args, dist, device, dtype):
     """A training run, top to bottom; under torchrun every process runs all of it, on its share of each batch.
-    Returns (the trained model, its tokenizer), or None when SIGINT/SIGTERM ended the run early (after a save)."""
+    Returns (the trained model, its tokenizer or None where it cannot be loaded), or None when SIGINT/SIGTERM ended
+    the run early (after a save) or the run resumed was already complete."""
 
     say = functools.partial(print, sep="\n", flush=True) if dist.master else lambda *lines: None  # one speaks
 
@@ -846,7 +855,15 @@ def train(args, dist, device, dtype):
     # grad_accum micro-steps: --total-batch-tokens sets the total (check_args made sure it divides evenly).
     args.data = args.data or prepare_default_data(dist)
     meta = read_meta(args.data)
-    tokenizer = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json"))  # before anything is written
+    # NOTE: training needs only the ids. A tokenizer that cannot be loaded here (llm.c's Llama 3 shards imply Meta's,
+    # gated on the hub) is needed only where ids become text: the sample at the end, HellaSwag, the exports.
+    try:
+        tokenizer, unloaded = get_tokenizer(meta["tokenizer"], meta.get("tokenizer_json")), None  # before any write
+    except TokenizerUnavailable as e:  # not an unknown name (refused): one that cannot be fetched here
+        tokenizer, unloaded = None, str(e)
+        if args.hellaswag_every:
+            raise ValueError(f"--hellaswag-every needs the tokenizer {meta['tokenizer']}, which cannot be loaded "
+                             f"here ({e})") from None
     B, T = args.batch_size, args.seq_len
     tokens_per_step = args.total_batch_tokens or B * T * dist.world
     grad_accum = tokens_per_step // (B * T * dist.world)
@@ -888,6 +905,11 @@ def train(args, dist, device, dtype):
     ckpt = resume(args, raw_model, optimizer, scaler, train_loader, meta, dist, device, checkpoints)
     step, val_loss = (ckpt["step"], ckpt.get("val_loss")) if ckpt else (0, None)  # step: optimizer steps completed
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt" if args.ckpt_format == "file" else "")
+    saved = (ckpt_path, step) if ckpt else None  # the latest state on disk: what a divergence names
+    if step >= args.max_steps:  # nothing to train, save or sample: the run's files stay as they are
+        say(f"{ckpt_path} is at step {step} of --max-steps {args.max_steps}: the run is already complete "
+            "(raise --max-steps to train further)")
+        return None
 
     # The log (metrics.jsonl, cut back to the resumed step), what MFU is measured against, what is trained.
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), step, dist.master, args.wandb, vars(args))
@@ -895,6 +917,10 @@ def train(args, dist, device, dtype):
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
     say(*run_summary(raw_model, meta, args, dist, device, dtype, grad_accum, peak, peak_source))
+    if unloaded:
+        say(f"tokenizer {meta['tokenizer']} cannot be loaded here: training needs only the ids, but the sample at the "
+            "end, --hellaswag-every and the exports need it: put a copy in a folder and a meta.json naming it beside "
+            f"the shards, {{\"tokenizer\": \"hf:<folder>\", \"vocab_size\": {meta['vocab_size']}}} ({unloaded})")
     # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
     # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
     seed_rng(ckpt, args.seed, dist, device)
@@ -942,8 +968,10 @@ def train(args, dist, device, dtype):
             loss /= dist.world
             if not math.isfinite(loss) or not (math.isfinite(norm) or scaler.is_enabled()):  # fp16's GradScaler
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)  # skips an inf
-                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; "  # itself
-                                 f"{ckpt_path} keeps the last good state (try a lower --lr)")
+                checkpoints.wait()  # itself; a save still being written in the background completes: it is good
+                kept = f"{saved[0]} keeps step {saved[1]}'s state" if saved else "no checkpoint was saved yet"
+                raise ValueError(f"{what} is {value} at step {step + 1}: stopping before the update; {kept} "
+                                 "(try a lower --lr)")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -978,8 +1006,9 @@ def train(args, dist, device, dtype):
                 checkpoints.save(raw_model, optimizer, rng_state(device), {
                     "format": CKPT_FORMAT, "scaler": scaler.state_dict(), "args": vars(args), "step": step,
                     "config": dataclasses.asdict(raw_model.config), "loader": train_loader.state_dict(),
-                    "tokenizer": meta["tokenizer"], "tokenizer_json": tokenizer.json, "val_loss": val_loss,
+                    "tokenizer": meta["tokenizer"], "tokenizer_json": meta.get("tokenizer_json"), "val_loss": val_loss,
                 }, done=last or stopping)
+                saved = (ckpt_path, step)
             if stopping:
                 log.close()
                 say(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
@@ -998,6 +1027,11 @@ def train(args, dist, device, dtype):
 # cache has one fixed shape, written in place and masked to the filled slots, so every decode
 # step has the same shapes: --compile compiles it once (a CUDA graph on a GPU). Past block_size
 # the cache slides (RoPE and ALiBi see only distances); learned positions re-encode the window.
+# NOTE: cached and uncached generation give the same logits (to rounding) up to block_size tokens at any
+# depth, and past it with learned positions (both re-encode) or one layer. With RoPE or ALiBi and two or
+# more layers they part past block_size: a slot keeps the keys its token got when it was read, which from
+# the second layer on mixed in tokens that have since left the window; re-encoding sees only the window.
+# Neither is wrong (the model never trained past block_size); re-encoding costs a window per token.
 
 
 class KVCache:
@@ -1092,8 +1126,9 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
                     compile=False, generator=None, vocab_size=None):
     """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True runs
     the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
-    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (HF weights
-    fine-tuned on byte data, say)."""
+    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (padded, or HF
+    weights fine-tuned on byte data): an id past the tokenizer spells no text. (Evaluation, which scores the
+    model rather than prints it, keeps every row: evaluate_tokens.)"""
     block_size = model.config.block_size
     # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
     # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
@@ -1118,7 +1153,8 @@ def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
 def generate(model, idx, max_new_tokens, *, stream=False, **options):
     """idx (B, T) -> (B, T + max_new_tokens); with stream=True, an iterator over the new tokens,
     each (B, 1). options: temperature, top_k, top_p, use_cache, compile, generator, vocab_size (see
-    generate_tokens). A bad prompt (1 <= T <= block_size) raises here, before any token."""
+    generate_tokens). A bad prompt (1 <= T <= block_size) raises here, before any token. use_cache=False
+    re-encodes the last block_size tokens every step: past block_size see the NOTE above KVCache."""
     if idx.size(1) == 0:
         raise ValueError("empty prompt: give at least one token")
     if idx.size(1) > model.config.block_size:
@@ -1149,9 +1185,13 @@ def train_and_sample(args):
         args.compile = device.type == "cuda"  # on small CPU models compiling costs ~30 s and buys nothing
     with dist.running(device):
         trained = train(args, dist, device, dtype)
-        if trained is None:  # stopped by a signal, after a save
+        if trained is None:  # stopped by a signal, after a save, or resumed already complete
             return
         model, tokenizer = trained
+        if tokenizer is None:  # train() said at its start what needs the tokenizer, and how to provide it
+            if dist.master:
+                print(f"no sample: the tokenizer {read_meta(args.data)['tokenizer']} could not be loaded", flush=True)
+            return
         if dist.master:
             # On tiny Shakespeare (1,115,394 bytes, any tokenizer) nanoGPT's CPU recipe is the loss to beat, per byte
             shakespeare = sum(s.get("bytes", 0) for s in read_meta(args.data).get("splits", {}).values()) == 1115394
@@ -1254,7 +1294,7 @@ def evaluate(args):
         raise ValueError("--eval needs --data DIR (its whole val split) or --text FILE")
     if len(tokens) < 2:
         raise ValueError(f"{source}: fewer than 2 tokens, nothing to predict")
-    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype, tokenizer.vocab_size)
+    loss, n = evaluate_tokens(model, tokens, args.batch_size, device, dtype)
     bpb = n_bytes and bits_per_byte(loss, n, n_bytes - len(tokenizer.decode_bytes([int(tokens[0])])))
     print(f"{source}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | {n:,} tokens predicted in windows of "
           f"{model.config.block_size}{f' | {bpb:.4f} bits per byte' if bpb else ''}")
@@ -1376,7 +1416,9 @@ def parse_args(argv=None):
     g.add_argument("--top-k", type=at_least(1), default=200, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=in_range(0, 1, low_open=True), help="sample among the fewest tokens of mass p")
     g.add_argument("--no-stop", action="store_true", help="keep generating past the end-of-text token")
-    g.add_argument("--no-cache", action="store_true", help="re-encode the whole prefix every step (for comparison)")
+    g.add_argument("--no-cache", action="store_true", help="re-encode the last block_size tokens every step, no KV "
+                   "cache (for comparison): the same up to block_size tokens; past it, RoPE and ALiBi models of 2+ "
+                   "layers differ, as the cache keeps keys computed while older tokens were in the window")
     g.add_argument("--interactive", action="store_true", help="--sample each prompt typed on the terminal (or piped "
                    "in), one a line, streaming its continuation; an empty line or Ctrl-D ends")
     g.add_argument("--text", help="--eval on this text file instead of --data")
@@ -1391,15 +1433,54 @@ def parse_args(argv=None):
     g.add_argument("--export-gguf", metavar="FILE", help="write a new GGUF file for llama.cpp (pip install gguf)")
     g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"], help="the matrices'; the rest stays f32")
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, given=[name for name, value in vars(args).items() if value != p.get_default(name)])
     return args
 
 
-def check_args(p, args):
-    """What no single flag can check: flags that must agree with each other. p.error exits with one line."""
+# What each command reads, in one place: any other flag given to it is refused (check_args), never ignored.
+# The commands: training (the default), --sample, --eval over --data or --text, --eval --hellaswag, and the
+# exports, which write a checkpoint (or HF weights) as it is, on the CPU.
+LOADING = ("ckpt", "init_from", "block_size", "device", "dtype")  # what --sample and --eval run, and where
+READS = {
+    "training": ("data", "arch", "pos", "norm", "mlp", "n_kv_head", "size", "n_layer", "n_head", "n_embd",
+                 "block_size", "seq_len", "dropout", "init_from", "batch_size", "total_batch_tokens", "max_steps",
+                 "optimizer", "lr", "muon_lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay",
+                 "grad_clip", "seed", "out_dir", "log_every", "eval_every", "eval_iters", "ckpt_every", "ckpt_format",
+                 "keep_checkpoints", "async_save", "resume", "hellaswag_every", "hellaswag", "wandb", "device",
+                 "dtype", "compile", "grad_checkpointing", "fsdp"),
+    "--sample": (*LOADING, "sample", "seed", "compile", "prompt", "num_samples", "max_new_tokens", "temperature",
+                 "top_k", "top_p", "no_stop", "no_cache", "interactive"),
+    "--eval": (*LOADING, "eval", "batch_size", "data", "text"),
+    "--eval --hellaswag": (*LOADING, "eval", "hellaswag", "batch_size"),
+    "--export-hf/--export-gguf": ("ckpt", "init_from", "export_hf", "export_gguf", "gguf_dtype"),
+}
+
+
+def command(args):
+    """Which of READS's commands a command line runs."""
+    if args.export_hf or args.export_gguf:
+        return "--export-hf/--export-gguf"
+    if args.sample:
+        return "--sample"
+    if args.eval:
+        return "--eval --hellaswag" if args.hellaswag is not None else "--eval"
+    return "training"
+
+
+def check_args(p, args, given):
+    """What no single flag can check: flags the command does not read (given: the flags set to other than their
+    defaults, by name), and flags that must agree with each other. p.error exits with one line."""
+    what = command(args)
+    for name in given:
+        if name not in READS[what]:
+            p.error(f"--{name.replace('_', '-')} is not read by {what}: drop it")
+    if "ckpt" in given and "init_from" in given:
+        p.error("give --ckpt or --init-from, not both")
+    if "data" in given and "text" in given:
+        p.error("--eval reads --data or --text, not both")
+    if "gguf_dtype" in given and not args.export_gguf:
+        p.error("--gguf-dtype is for --export-gguf")
     # FSDP: each process holds a shard of every weight, which only a training run under torchrun can use
-    if args.fsdp and (args.sample or args.eval):
-        p.error(f"--fsdp is for training; --{'sample' if args.sample else 'eval'} runs the whole model in one process")
     if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
         p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
                 "--fsdp ...")
@@ -1411,8 +1492,6 @@ def check_args(p, args):
     if args.fsdp and args.hellaswag_every:
         p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
                 "examples, and FSDP needs every process in every forward")
-    if args.interactive and not args.sample:
-        p.error("--interactive goes with --sample")
     # Sampling, evaluation and export need weights to start from, and none of the training flags below
     exporting = args.export_hf or args.export_gguf
     if args.sample or args.eval or exporting:
@@ -1456,17 +1535,10 @@ def main(argv=None):
     """Parse (a bad flag exits 2 with one line), then run one command. The errors a user can cause (a missing
     file, a wrong checkpoint, no network) are ValueError or OSError: one line, exit status 1; the rest are bugs."""
     args = parse_args(argv)
+    run = {"training": train_and_sample, "--sample": sample, "--eval": evaluate,
+           "--eval --hellaswag": evaluate_hellaswag, "--export-hf/--export-gguf": export}[command(args)]
     try:
-        if args.export_hf or args.export_gguf:
-            export(args)
-        elif args.sample:
-            sample(args)
-        elif args.eval and args.hellaswag is not None:
-            evaluate_hellaswag(args)
-        elif args.eval:
-            evaluate(args)
-        else:
-            train_and_sample(args)
+        run(args)
     except ModuleNotFoundError as e:  # a package only some flags need
         error = f"this needs the {e.name} package: pip install -r requirements-extras.txt"
     except (ValueError, OSError) as e:
