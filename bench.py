@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch
 
 import convert
+import distributed
 import files
 import metrics
 import prepare_data
@@ -885,7 +886,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.gpu_check:
-        device = transformer.pick_device(args.device)
+        device = distributed.pick_device(args.device)
         if device.type != "cuda" and not args.quick:
             print(f"gpu-check: skipped, no CUDA device (this is {device.type}); --quick runs its code at a tiny size")
             return
@@ -893,7 +894,7 @@ def main(argv=None):
         sys.exit(1 if gpu_check(args.quick, device, args.out, args.nanogpt) else 0)
     sizes, rounds = (QUICK, args.rounds or 2) if args.quick else (FULL, args.rounds or 5)
     sizes = dataclasses.replace(sizes, text=args.text)
-    device = transformer.pick_device(args.device)
+    device = distributed.pick_device(args.device)
     torch.manual_seed(0)
     quiet_transformers()
     print(machine(device))

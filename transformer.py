@@ -916,11 +916,11 @@ def train(args, dist, device, dtype):
     examples = hellaswag.examples(args.hellaswag or hellaswag.URL, dist) if args.hellaswag_every else None
     peak, peak_source = peak_flops(device)
     flops_per_token = raw_model.flops_per_token(T)
-    say(*run_summary(raw_model, meta, args, dist, device, dtype, grad_accum, peak, peak_source))
     if unloaded:
         say(f"tokenizer {meta['tokenizer']} cannot be loaded here: training needs only the ids, but the sample at the "
             "end, --hellaswag-every and the exports need it: put a copy in a folder and a meta.json naming it beside "
             f"the shards, {{\"tokenizer\": \"hf:<folder>\", \"vocab_size\": {meta['vocab_size']}}} ({unloaded})")
+    say(*run_summary(raw_model, meta, args, dist, device, dtype, grad_accum, peak, peak_source))
     # NOTE: the RNGs come back last. Nothing between this and the first step may draw a random number
     # (the MFU peak is timed on constant matrices for that reason), or dropout after a resume would differ.
     seed_rng(ckpt, args.seed, dist, device)
