@@ -76,15 +76,19 @@ class GPTConfig:
     n_embd: int = 768
     n_kv_head: int | None = None  # < n_head: grouped-query attention (1: multi-query); None: n_head
     head_dim: int | None = None  # None: n_embd // n_head
-    mlp_hidden: int | None = None  # None: 4 * n_embd for gelu, ~8/3 * n_embd for swiglu (same params)
+    mlp_hidden: int | None = None  # None: 4 * n_embd for gelu/relu2, ~8/3 * n_embd for swiglu (same params)
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorm
     pos: str = "learned"  # 'learned' | 'rope' | 'alibi'
-    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
-    mlp: str = "gelu"  # 'gelu' | 'swiglu'
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' | 'rmsnorm-noweight'
+    mlp: str = "gelu"  # 'gelu' | 'swiglu' | 'relu2'
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head shares its weight with the token embedding
+    embed_norm: bool = False  # a norm right after the token embedding (GPT.__init__)
+    qk_norm: bool = False  # q and k divided by their RMS, after RoPE (CausalSelfAttention)
+    logit_softcap: float | None = None  # logits squashed into (-cap, cap) by cap * tanh(logits / cap) (GPT.forward)
+    zero_init_proj: bool = False  # the projections into the residual stream start at zero (GPT.__init__)
     attn_impl: str = "sdpa"  # 'sdpa' (fused kernel, flash on GPU) | 'explicit' (the math, spelled out)
 
     def __post_init__(self):
@@ -96,7 +100,7 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         for field, allowed in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("attn_impl", ("sdpa", "explicit"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: expected one of {', '.join(allowed)}")
@@ -104,6 +108,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim (it rotates pairs of dimensions), got {self.head_dim}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap}: a soft-cap bounds |logits|, so it must be > 0")
 
     @classmethod
     def preset(cls, size="gpt2", arch="gpt2", **overrides):
@@ -118,7 +124,8 @@ class GPTConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "attn_impl")}
 
 
-POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm"), ("gelu", "swiglu")
+POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm", "rmsnorm-noweight"), ("gelu",
+                                                                                                   "swiglu", "relu2")
 
 
 SIZES = {
@@ -137,6 +144,10 @@ ARCHS = {
     # a teaching variant under OLMo's name: ALiBi positions, LayerNorm, SwiGLU, no biases;
     # NOTE: AI2's released OLMo models use RoPE, not ALiBi
     "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
+    # HF's NanoChatForCausalLM (Karpathy's nanochat, late 2025): weightless RMSNorms, also after the embedding and on
+    # q and k; ReLU²; an untied head; logits soft-capped at 15
+    "nanochat": dict(pos="rope", norm="rmsnorm-noweight", mlp="relu2", bias=False, tie_embeddings=False,
+                     embed_norm=True, qk_norm=True, logit_softcap=15.0, zero_init_proj=True, norm_eps=1e-6),
 }
 
 
@@ -251,6 +262,11 @@ class Positions(nn.Module):
 # by softmax(q·k / sqrt(head_dim)). The causal mask is what makes this a language
 # model: no position sees the future. With grouped-query attention, several query
 # heads share one key/value head, which shrinks the KV cache.
+# QK-norm (qk_norm; ViT-22B, OLMo 2, modded-nanogpt, nanochat) divides each head's q and k by
+# their RMS before the dot product, so a score is at most sqrt(head_dim) however large the
+# weights grow: attention logits cannot run away into one-hot softmaxes, an instability that
+# these models' authors saw at large learning rates. Weightless, as nanochat's; after RoPE, as
+# HF's NanoChat (a rotation keeps a vector's RMS, so before RoPE would give the same).
 
 
 class CausalSelfAttention(nn.Module):
@@ -258,6 +274,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
+        self.qk_norm, self.norm_eps = config.qk_norm, config.norm_eps
         # q, k and v for all heads in one matmul
         qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
@@ -277,6 +294,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm:  # each head's q and k to RMS 1: the cache holds normalized keys
+            q, k = (F.rms_norm(t, (self.head_dim,), eps=self.norm_eps) for t in (q, k))
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hd): every slot of the cache, these written into theirs
         dropout_p = self.dropout if self.training else 0.0
@@ -322,23 +341,27 @@ def explicit_attention(q, k, v, bias, dropout_p):
 # 4. MLP
 # After attention has moved information between positions, the MLP processes each
 # position on its own. GPT-2: Linear, GELU, Linear. LLaMA's SwiGLU gates one half of
-# a wider projection with SiLU of the other half.
+# a wider projection with SiLU of the other half. ReLU² (So et al. 2021, "Primer"; modded-nanogpt
+# and nanochat) squares a ReLU: as cheap as GELU, sparse (about half the units are exactly 0);
+# Primer found it better than GELU at the same cost, and nanochat tried SwiGLU and kept it.
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        fc_out = 2 * config.mlp_hidden if self.swiglu else config.mlp_hidden  # SwiGLU: gate and up in one matmul
+        self.kind = config.mlp
+        fc_out = 2 * config.mlp_hidden if self.kind == "swiglu" else config.mlp_hidden  # SwiGLU: gate, up in one
         self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):  # (B, T, C)
         h = self.c_fc(x)  # (B, T, fc_out)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)  # (B, T, mlp_hidden) each
             h = F.silu(gate) * up  # (B, T, mlp_hidden)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
         return self.dropout(self.c_proj(h))  # (B, T, C)
@@ -351,8 +374,10 @@ class MLP(nn.Module):
 
 
 def make_norm(config):
-    if config.norm == "rmsnorm":  # scale only: x / rms(x) * weight
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    """NOTE: nanochat's RMSNorm has no weight: x / rms(x) alone ('rmsnorm-noweight'). A per-channel gain in front
+    of a Linear is one the Linear can learn itself, so nanochat drops it: fewer parameters, nothing to tune."""
+    if config.norm.startswith("rmsnorm"):  # scale only: x / rms(x) * weight
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps, elementwise_affine=config.norm == "rmsnorm")
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)  # (x - mean) / std * weight + bias
 
 
@@ -375,6 +400,13 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
+# Three switches act here. embed_norm (nanochat) normalizes the embedding before the first
+# block, so the residual stream starts at RMS 1 whatever scale the embedding table drifts to.
+# logit_softcap (Gemma 2, modded-nanogpt, nanochat: 15) squashes each logit into (-cap, cap)
+# with cap * tanh(logit / cap): nearly the identity for small logits, it keeps a confident
+# model from pushing its logits ever further, for stability. zero_init_proj (modded-nanogpt,
+# nanochat) starts every block's output projections at zero, so each block starts as the
+# identity and the model as a bigram model, which the blocks then learn to build on.
 # from_pretrained reads HF checkpoints with convert.py's converters. The section ends with
 # generation: the model fed its own output one token at a time, with a KV cache.
 
@@ -386,6 +418,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
+                ln_emb=make_norm(config) if config.embed_norm else nn.Identity(),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=make_norm(config),
@@ -396,11 +429,13 @@ class GPT(nn.Module):
         self.tie_weights()
         self.grad_checkpointing = False
         # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
-        # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth.
+        # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth
+        # (zero_init_proj: drawn with std 0, so every other weight gets the same draws as without it).
         self.apply(self._init_weights)
+        proj_std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=proj_std)
 
     def set_block_size(self, block_size):
         """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
@@ -445,7 +480,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if pos_emb is not None:
             x = x + pos_emb  # (T, C) broadcast over the batch
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(self.transformer.ln_emb(x))  # ln_emb: a norm (embed_norm) or nothing
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layer(i) if cache is not None else None
             if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
@@ -454,6 +489,8 @@ class GPT(nn.Module):
                 x = block(x, rope, bias, layer_cache)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:  # in fp32, as nanochat and HF do: tanh needs the precision
+            logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         loss = None
         if targets is not None:
             # (B*T, vocab) against (B*T,): the mean over every position of every sequence, in fp32
@@ -939,8 +976,8 @@ def check_resumable(ckpt, config, optimizer, meta, path):
     if not tokenized_alike(meta, ckpt["tokenizer"], ckpt.get("tokenizer_json")):
         raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens, not on this --data's "
                          f"{meta['tokenizer']} tokens: resume on data made with the same tokenizer")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
-            if ckpt["config"].get(k) != v]
+    theirs = GPTConfig(**ckpt["config"]).architecture()  # an older checkpoint's: the fields it lacks at default
+    diff = [f"{k}={theirs[k]!r} (now {v!r})" for k, v in config.architecture().items() if theirs[k] != v]
     if diff:
         raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
                          "use the same model flags to resume")
@@ -1112,13 +1149,18 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+# the flags that override the --arch preset, each a GPTConfig field
+ARCH_FLAGS = ("pos", "norm", "mlp", "n_kv_head", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap",
+              "zero_init_proj")
+
+
 def model_config(args, vocab_size):
     """The model the command line describes: an --arch and a --size preset, any single flag on top. The
     embedding and the head get a vocabulary padded to a multiple of 64 (GPT-2's 50,257 -> 50,304), as nanoGPT
     does: GPU matmuls run on whole tiles. The extra ids never occur in the data, so training pushes their
     logits down, and sampling and evaluation only look at the tokenizer's ids. GPTConfig refuses a shape that
     cannot exist (ValueError)."""
-    flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
+    flags = (*ARCH_FLAGS, "n_layer", "n_head", "n_embd", "block_size")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     return GPTConfig.preset(args.size or "mini", args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
                             dropout=args.dropout, **overrides)
@@ -1523,7 +1565,7 @@ def parse_args(argv=None):
 
 def data_and_model_flags(p):
     """What to train on and what to train: an --arch preset (the kind of model) and a --size preset (how big),
-    each open to single overrides. --pos, --norm and --mlp are the switches of the architecture table."""
+    each open to single overrides: ARCH_FLAGS are the switches of the architecture table."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="directory of shards from prepare_data.py or llm.c (default: tiny "
                    f"Shakespeare bytes in {DEFAULT_DATA}, prepared on first use)")
@@ -1533,6 +1575,13 @@ def data_and_model_flags(p):
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
+    on_off = argparse.BooleanOptionalAction  # --qk-norm / --no-qk-norm; neither: the preset's
+    g.add_argument("--tie-embeddings", action=on_off, help="the head shares the token embedding's weight")
+    g.add_argument("--embed-norm", action=on_off, help="a norm right after the token embedding")
+    g.add_argument("--qk-norm", action=on_off, help="q and k divided by their RMS (per head) before attention")
+    g.add_argument("--logit-softcap", type=in_range(0, low_open=True), metavar="CAP", help="logits squashed to "
+                   "CAP * tanh(logits / CAP)")
+    g.add_argument("--zero-init-proj", action=on_off, help="the output projections start at zero")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
     # how big (SIZES), then single numbers: left None here, check_args fills them in from the preset
     g.add_argument("--size", choices=list(SIZES), help="size preset (SIZES): depth, width, context; default mini")
@@ -1694,7 +1743,8 @@ def check_args(p, args):
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     # The model: GPTConfig is the one judge of a shape and the presets the one source of defaults, so the flags
     # build the config here (the data's vocabulary is read later, and cannot make a shape impossible).
-    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
+    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size", *ARCH_FLAGS)
+             if getattr(args, f) is not None]
     if args.init_from and shape:  # HF weights fix all of these; a flag that cannot act is refused, not ignored
         p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
     args.block_size = args.block_size or args.seq_len  # --seq-len 256 alone trains a 256-token model
