@@ -38,6 +38,9 @@ TRAINING = [
     ("--ckpt-every", ["0"]),
     ("--arch", ["gpt3"]),
     ("--pos", ["sinusoidal"]),
+    ("--mlp", ["relu"]),
+    ("--norm", ["rmsnorm-weightless"]),
+    ("--logit-softcap", ["0", "-15", "nan", "x"]),  # a soft-cap is a bound on |logits|: > 0
     ("--dtype", ["float8"]),
     ("--device", ["gpu", "cuda:x", "tpu"]),
 ]
@@ -99,6 +102,7 @@ def test_a_bad_sampling_or_eval_flag_is_one_line_before_loading_anything(tmp_pat
     (["--size", "gpt2", "--n-head", "5"], "--n-embd 768 is not divisible by --n-head 5"),
     (["--init-from", "gpt2", "--block-size", "2048"], "--init-from gpt2 brings its own shape: drop --block-size"),
     (["--init-from", "gpt2", "--size", "gpt2-xl"], "--init-from gpt2 brings its own shape: drop --size"),
+    (["--init-from", "gpt2", "--no-qk-norm"], "--init-from gpt2 brings its own shape: drop --qk-norm"),
     (["--unknown-flag"], "unrecognized arguments"),
 ])
 def test_flags_that_disagree_are_one_line(tmp_path, capsys, argv, message):

@@ -1520,7 +1520,8 @@ def export(args):
     """--export-hf and --export-gguf: check everything first, then write each output whole."""
     model, tokenizer = load_for_inference(args, torch.device("cpu"))
     family = convert.hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
-    if args.export_gguf:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
+    if args.export_gguf:  # a model llama.cpp runs, what GGUF says of the tokenizer, or one line on why not
+        convert.check_gguf_family(family)
         vocab = convert.gguf_vocab(tokenizer)
     for path, folder in ((args.export_hf, True), (args.export_gguf, False)):
         if path:
