@@ -2,18 +2,22 @@
 convert.py: a transformer.py model to and from other tools' formats. A companion of transformer.py,
 which imports it (GPT.from_pretrained, --export-hf, --export-gguf); it never imports transformer.py.
 
-Import: GPT.from_pretrained reads an HF GPT2LMHeadModel or LlamaForCausalLM checkpoint
-(config.json and safetensors) and renames its tensors to ours with the converters below.
+Import: GPT.from_pretrained reads an HF GPT2LMHeadModel, LlamaForCausalLM or NanoChatForCausalLM
+checkpoint (config.json and safetensors) and renames its tensors to ours with the converters below.
 Export: a model is most useful where people already run models. --export-hf writes a folder that
 transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval), and
---export-gguf one file for llama.cpp and ollama. Only two HF classes compute what our blocks
-compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU) and LlamaForCausalLM (RoPE,
-RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2 with RoPE, ...) is refused before
-anything is written. Our weights are already theirs up to layout:
+--export-gguf one file for llama.cpp and ollama. Three HF classes compute what our blocks
+compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU), LlamaForCausalLM (RoPE,
+RMSNorm, SwiGLU, no biases) and NanoChatForCausalLM (RoPE, weightless RMSNorm also after the
+embedding and on q and k, ReLU², no biases, a soft-cap or none). Any other mix (ALiBi, GPT-2
+with RoPE, Llama with QK-norm, ...) is refused before anything is written. llama.cpp runs the
+first two only (check_gguf_family). Our weights are already theirs up to layout:
   - HF's GPT-2 multiplies with Conv1D, which stores a weight as (in, out): the transpose of
     nn.Linear's (out, in). GPT-2 always has biases, so a model trained without gets zeros.
-  - Llama keeps q, k, v (and the MLP's gate, up) as separate matrices where we fuse each
-    group into one matmul: the fused rows are cut back apart.
+  - Llama and NanoChat keep q, k, v (and Llama's MLP gate, up) as separate matrices where we
+    fuse each group into one matmul: the fused rows are cut back apart.
+  - NanoChat rotates RoPE's pairs the other way round: its q and k rows, each head's two halves
+    swapped, are ours (nanochat_rope).
   - The GGUF is written from those HF tensors as llama.cpp's convert_hf_to_gguf.py would,
     with one twist. RoPE rotates pairs of dimensions of each head: we and HF pair dimension i
     with i + hd/2 (transformer.py, section 2), llama.cpp pairs neighbours (2i, 2i+1), as Meta's

@@ -109,6 +109,17 @@ def test_flags_that_disagree_are_one_line(tmp_path, capsys, argv, message):
     assert message in refused(capsys, transformer.main, argv)
 
 
+def test_the_architecture_flags_override_the_presets_switches():
+    def config(*flags):
+        return transformer.model_config(transformer.parse_args(["--arch", "nanochat", *flags]), vocab_size=256)
+
+    switches = ("mlp", "norm", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap", "zero_init_proj")
+    assert [getattr(config(), k) for k in switches] == ["relu2", "rmsnorm-noweight", False, True, True, 15.0, True]
+    flags = ["--mlp", "gelu", "--norm", "rmsnorm", "--tie-embeddings", "--no-embed-norm", "--no-qk-norm",
+             "--logit-softcap", "30", "--no-zero-init-proj"]
+    assert [getattr(config(*flags), k) for k in switches] == ["gelu", "rmsnorm", True, False, False, 30.0, False]
+
+
 def test_total_batch_tokens_counts_the_processes_torchrun_starts(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # 2 x 12 x 64 = 1536 tokens per micro-step
     line = refused(capsys, transformer.main, ["--total-batch-tokens", str(12 * 64 * 3)])

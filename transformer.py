@@ -8,10 +8,10 @@ transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many,
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo)
+    1. Config       GPTConfig: sizes (tiny, mini, gpt2 ... gpt2-xl) and architectures (gpt2, llama, olmo, nanochat)
     2. Positions    learned, RoPE or ALiBi, decided in one place (Positions), and the attention mask
     3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
-    4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
+    4. MLP          GELU (GPT-2), SwiGLU (LLaMA) or ReLU² (nanochat)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained; generate (KV cache)
     7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
@@ -527,9 +527,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or Llama-family
-        models from the hub, or any local directory holding an HF GPT2LMHeadModel or
-        LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
+        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), Llama-family or NanoChat
+        models from the hub, or any local directory holding an HF GPT2LMHeadModel, LlamaForCausalLM or
+        NanoChatForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
         tokenizer its ids mean: convert.hf_tokenizer_name."""
         from transformers import AutoConfig  # only this function needs transformers
 
