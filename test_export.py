@@ -595,6 +595,19 @@ def test_gguf_export_of_nanochat_is_a_one_line_error_before_anything_is_written(
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("variant, named", [
+    (dict(attention_bias=True), "NanoChat checkpoints with attention_bias"),
+    (dict(hidden_act="silu"), "NanoChat activation 'silu' is not supported (only relu2)"),
+], ids=["attention_bias", "silu"])
+def test_a_nanochat_folder_this_model_cannot_express_is_a_one_line_error(tmp_path, one_line_error, variant, named):
+    config = transformers.NanoChatConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, **variant)
+    transformers.NanoChatForCausalLM(config).save_pretrained(str(tmp_path / "src"))
+    byte_tokenizer_files(tmp_path / "src")
+    assert named in one_line_error(["--init-from", str(tmp_path / "src"), "--export-hf", str(tmp_path / "hf")])
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_export_without_ckpt_or_init_from_is_a_one_line_error(tmp_path, one_line_error):
     assert "needs --ckpt" in one_line_error(["--export-hf", str(tmp_path / "hf")], status=2)
     assert not (tmp_path / "hf").exists()
