@@ -420,10 +420,10 @@ def export_hf(model, tokenizer, out):
 
 
 def check_gguf_family(family):
-    """NOTE: llama.cpp has no NanoChat architecture (none in src/llama-arch.cpp nor in convert_hf_to_gguf.py, as of
-    ggml-org/llama.cpp in 2026), and none of its graphs has all of NanoChat's parts together: a norm after the
-    embedding, weightless norms, QK-norm, ReLU² and a final soft-cap. A GGUF under another architecture's name
-    would run another model, so NanoChat is refused, before anything is written."""
+    """NOTE: llama.cpp has no NanoChat architecture (its src/llama-arch.cpp names none, ggml-org/llama.cpp as of
+    2026), and none of the graphs it has puts NanoChat's parts together: a norm after the embedding, weightless
+    norms, QK-norm after RoPE, ReLU² and a final soft-cap. A GGUF under another architecture's name would run
+    another model, so NanoChat is refused, before anything is written."""
     if family not in ("gpt2", "llama"):
         raise ValueError(f"--export-gguf: llama.cpp has no {HF_CLASSES[family]} architecture (its norms, QK-norm, "
                          "ReLU² and soft-cap in one graph): use --export-hf, which transformers runs")

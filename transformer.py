@@ -124,8 +124,9 @@ class GPTConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "attn_impl")}
 
 
-POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm", "rmsnorm-noweight"), ("gelu",
-                                                                                                   "swiglu", "relu2")
+POSITIONS = ("learned", "rope", "alibi")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm-noweight")
+MLPS = ("gelu", "swiglu", "relu2")
 
 
 SIZES = {
@@ -145,7 +146,7 @@ ARCHS = {
     # NOTE: AI2's released OLMo models use RoPE, not ALiBi
     "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
     # HF's NanoChatForCausalLM (Karpathy's nanochat, late 2025): weightless RMSNorms, also after the embedding and on
-    # q and k; ReLU²; an untied head; logits soft-capped at 15
+    # q and k; ReLU²; an untied head; logits soft-capped at 15; and nanochat's init, output projections at zero
     "nanochat": dict(pos="rope", norm="rmsnorm-noweight", mlp="relu2", bias=False, tie_embeddings=False,
                      embed_norm=True, qk_norm=True, logit_softcap=15.0, zero_init_proj=True, norm_eps=1e-6),
 }
@@ -343,7 +344,7 @@ def explicit_attention(q, k, v, bias, dropout_p):
 # position on its own. GPT-2: Linear, GELU, Linear. LLaMA's SwiGLU gates one half of
 # a wider projection with SiLU of the other half. ReLU² (So et al. 2021, "Primer"; modded-nanogpt
 # and nanochat) squares a ReLU: as cheap as GELU, sparse (about half the units are exactly 0);
-# Primer found it better than GELU at the same cost, and nanochat tried SwiGLU and kept it.
+# Primer found it better than GELU at the same cost, and nanochat tried SwiGLU and kept ReLU².
 
 
 class MLP(nn.Module):
