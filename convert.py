@@ -205,12 +205,14 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 def hf_family(c):
     """'gpt2', 'llama' or 'nanochat': the HF family that computes what config c computes. For any other mix, a
     ValueError names the settings that the closest family cannot express."""
-    plain = dict(embed_norm=False, qk_norm=False, logit_softcap=None)  # what GPT-2 and Llama do not have
+    later = dict(value_embeds=False, x0_lambdas=False)  # nanochat's later model: no HF class has these
+    plain = dict(embed_norm=False, qk_norm=False, logit_softcap=None, **later)  # nor GPT-2 and Llama these
     needs = {
         "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=c.n_head, head_dim=c.n_embd / c.n_head,
                      **plain),
         "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, **plain),
-        "nanochat": dict(pos="rope", norm="rmsnorm-noweight", mlp="relu2", bias=False, embed_norm=True, qk_norm=True),
+        "nanochat": dict(pos="rope", norm="rmsnorm-noweight", mlp="relu2", bias=False, embed_norm=True, qk_norm=True,
+                         **later),
     }
     misfits = {arch: [f"{k}={getattr(c, k)!r}" for k, v in need.items() if getattr(c, k) != v]
                for arch, need in needs.items()}

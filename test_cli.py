@@ -118,6 +118,7 @@ def test_the_architecture_flags_override_the_presets_switches():
     flags = ["--mlp", "gelu", "--norm", "rmsnorm", "--tie-embeddings", "--no-embed-norm", "--no-qk-norm",
              "--logit-softcap", "30", "--no-zero-init-proj"]
     assert [getattr(config(*flags), k) for k in switches] == ["gelu", "rmsnorm", True, False, False, 30.0, False]
+    assert (config().value_embeds, config("--value-embeds", "--x0-lambdas").x0_lambdas) == (False, True)
 
 
 def test_total_batch_tokens_counts_the_processes_torchrun_starts(capsys, monkeypatch):

@@ -574,8 +574,10 @@ def test_every_tokenizers_gguf_gives_our_logits_in_llama_cpp(tokenizer_llama_cpp
     ("llama", dict(logit_softcap=30.0), "logit_softcap=30.0"),
     ("nanochat", dict(norm="rmsnorm"), "norm='rmsnorm'"),
     ("nanochat", dict(embed_norm=False), "embed_norm=False"),
+    ("nanochat", dict(value_embeds=True), "value_embeds=True"),
+    ("nanochat", dict(x0_lambdas=True), "x0_lambdas=True"),
 ], ids=["alibi", "gpt2-rope", "llama-layernorm", "gpt2-swiglu", "gpt2-gqa", "llama-qk_norm", "llama-softcap",
-        "nanochat-weighted-norm", "nanochat-no-embed_norm"])
+        "nanochat-weighted-norm", "nanochat-no-embed_norm", "nanochat-value_embeds", "nanochat-x0_lambdas"])
 def test_a_model_with_no_hf_class_is_a_one_line_error_naming_the_setting(tmp_path, one_line_error, arch, overrides,
                                                                           named):
     model = random_model(tiny(arch, **overrides))

@@ -64,7 +64,7 @@ OVERRIDES = [
     ("norm", "layernorm"), ("norm", "rmsnorm"),
     ("mlp", "gelu"), ("mlp", "swiglu"), ("mlp", "relu2"), ("norm", "rmsnorm-noweight"),
     ("n_kv_head", 2), ("n_kv_head", 1),
-    ("qk_norm", True), ("embed_norm", True), ("logit_softcap", 15.0),
+    ("qk_norm", True), ("embed_norm", True), ("logit_softcap", 15.0), ("value_embeds", True), ("x0_lambdas", True),
 ]
 
 
@@ -253,7 +253,7 @@ def test_config_rejects_a_soft_cap_that_is_not_positive(cap):
         GPTConfig(logit_softcap=cap)
 
 
-NEW_FIELDS = ("embed_norm", "qk_norm", "logit_softcap", "zero_init_proj")
+NEW_FIELDS = ("embed_norm", "qk_norm", "logit_softcap", "zero_init_proj", "value_embeds", "x0_lambdas")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "olmo"])
@@ -611,6 +611,59 @@ def test_nanochat_preset_sets_every_switch():
     assert (c.embed_norm, c.qk_norm, c.logit_softcap, c.zero_init_proj, c.norm_eps) == (True, True, 15.0, True, 1e-6)
     assert c.mlp_hidden == 4 * c.n_embd
     assert not any(name.startswith("transformer.h.") and "ln_" in name for name, _ in GPT(c).named_parameters())
+
+
+# nanochat's current model: value embeddings and x0 lambdas, by their invariants
+
+
+def without(model, *fields):
+    """model's weights in the model whose config has fields off: the tensors only they add left out."""
+    config = dataclasses.replace(model.config, **dict.fromkeys(fields, False))
+    keys = GPT(config).state_dict().keys()
+    return GPT.from_state_dict(config, {k: v for k, v in model.state_dict().items() if k in keys}, "test").eval()
+
+
+@pytest.mark.parametrize("n_layer, layers", [(3, ["0", "2"]), (4, ["1", "3"])])
+def test_value_embeddings_sit_in_every_other_layer_the_last_included(n_layer, layers):
+    model = GPT(tiny("nanochat", n_layer=n_layer, n_kv_head=2, value_embeds=True))
+    assert list(model.transformer.ve) == layers
+    assert model.transformer.ve[layers[0]].weight.shape == (256, 2 * 16)  # (vocab, nkv * hd)
+    assert [str(i) for i, b in enumerate(model.transformer.h) if b.attn.ve_gate is not None] == layers
+
+
+def test_zeroed_value_embeddings_compute_the_model_without_them():
+    model = random_model(tiny("nanochat", n_kv_head=2, value_embeds=True))
+    idx = tokens(256)
+    with_them = our_logits(model, idx)
+    with torch.no_grad():
+        for table in model.transformer.ve.values():
+            table.weight.zero_()
+    assert max_diff(our_logits(model, idx), our_logits(without(model, "value_embeds"), idx)) <= ATOL_IMPL
+    assert max_diff(our_logits(model, idx), with_them) > 1e-3  # and they did act
+
+
+def test_x0_lambdas_at_their_start_compute_the_model_without_them():
+    model = random_model(tiny("nanochat", x0_lambdas=True))
+    with torch.no_grad():
+        model.resid_lambdas.fill_(1.0), model.x0_lambdas.zero_()
+    assert torch.equal(GPT(tiny("nanochat", x0_lambdas=True)).x0_lambdas, torch.zeros(2))  # where they start
+    idx = tokens(256)
+    assert max_diff(our_logits(model, idx), our_logits(without(model, "x0_lambdas"), idx)) <= ATOL_IMPL
+
+
+def test_the_first_block_reads_x0_itself_so_only_the_sum_of_its_lambdas_counts():
+    """In front of the first block the stream is x0: resid_lambdas[0] * x0 + x0_lambdas[0] * x0. A later block's
+    x0_lambda mixes in something the stream no longer is."""
+    model = random_model(tiny("nanochat", x0_lambdas=True))
+    idx = tokens(256)
+    before = our_logits(model, idx)
+    with torch.no_grad():
+        model.resid_lambdas[0] += model.x0_lambdas[0]
+        model.x0_lambdas[0] = 0.0
+    assert max_diff(our_logits(model, idx), before) <= ATOL_IMPL
+    with torch.no_grad():
+        model.x0_lambdas[1] += 0.5
+    assert max_diff(our_logits(model, idx), before) > 1e-3
 
 
 # -----------------------------------------------------------------------------

@@ -89,6 +89,8 @@ class GPTConfig:
     qk_norm: bool = False  # q and k divided by their RMS, after RoPE (CausalSelfAttention)
     logit_softcap: float | None = None  # logits squashed into (-cap, cap) by cap * tanh(logits / cap) (GPT.forward)
     zero_init_proj: bool = False  # the projections into the residual stream start at zero (GPT.__init__)
+    value_embeds: bool = False  # every other layer adds a token's own vector to its values (has_value_embed)
+    x0_lambdas: bool = False  # each block reads a learned mix of the stream and the first embedding (GPT.forward)
     attn_impl: str = "sdpa"  # 'sdpa' (fused kernel, flash on GPU) | 'explicit' (the math, spelled out)
 
     def __post_init__(self):
@@ -268,10 +270,19 @@ class Positions(nn.Module):
 # weights grow: attention logits cannot run away into one-hot softmaxes, an instability that
 # these models' authors saw at large learning rates. Weightless, as nanochat's; after RoPE, as
 # HF's NanoChat (a rotation keeps a vector's RMS, so before RoPE would give the same).
+# Value embeddings (value_embeds; modded-nanogpt, nanochat's current model) give a layer a
+# second embedding table, one vector per token, added to each head's values through a gate
+# that the layer's input sets: what a token hands over can carry its identity straight from
+# the table, and the residual stream no longer has to keep it for every layer to read.
+
+
+def has_value_embed(config, layer):
+    """nanochat's choice of layers: every other one, the last included."""
+    return config.value_embeds and layer % 2 == (config.n_layer - 1) % 2
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, value_embed=False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
@@ -281,15 +292,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # with a value embedding: a gate per kv head, read off the first channels of x (nanochat: 12)
+        self.ve_gate = nn.Linear(min(12, config.n_embd), config.n_kv_head, bias=False) if value_embed else None
 
-    def forward(self, x, rope=None, bias=None, cache=None):
+    def forward(self, x, rope=None, bias=None, cache=None, ve=None):
         """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
         attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
-        view of the KVCache during generation, whose S keys are all its slots, filled or not."""
+        view of the KVCache during generation, whose S keys are all its slots, filled or not;
+        ve: the tokens' value embeddings (B, T, nkv*hd), or None."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(  # (B, T, nh*hd), (B, T, nkv*hd), (B, T, nkv*hd)
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
         )
+        if ve is not None:  # each kv head's values plus its gated share of the token's value embedding
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, nkv), in (0, 3)
+            v = v + gate.repeat_interleave(self.head_dim, dim=-1) * ve  # (B, T, nkv*hd)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -383,15 +400,15 @@ def make_norm(config):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, has_value_embed(config, layer))
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, bias=None, cache=None):  # x (B, T, C)
-        x = x + self.attn(self.ln_1(x), rope, bias, cache)
+    def forward(self, x, rope=None, bias=None, cache=None, ve=None):  # x (B, T, C)
+        x = x + self.attn(self.ln_1(x), rope, bias, cache, ve)
         x = x + self.mlp(self.ln_2(x))
         return x  # (B, T, C)
 
@@ -408,6 +425,10 @@ class Block(nn.Module):
 # model from pushing its logits ever further, for stability. zero_init_proj (modded-nanogpt,
 # nanochat) starts every block's output projections at zero, so each block starts as the
 # identity and the model as a bigram model, which the blocks then learn to build on.
+# x0_lambdas (modded-nanogpt, nanochat's current model) give each block two learned scalars:
+# it reads resid_lambda * x + x0_lambda * x0, x0 being the stream as it entered the first block,
+# so a deep layer can scale the stream down or reach back to the tokens themselves. They start
+# at 1 and 0: the model as without them. The value embeddings' tables (section 3) live here.
 # from_pretrained reads HF checkpoints with convert.py's converters. The section ends with
 # generation: the model fed its own output one token at a time, with a KV cache.
 
@@ -421,12 +442,16 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 ln_emb=make_norm(config) if config.embed_norm else nn.Identity(),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ve=nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+                                  for i in range(config.n_layer) if has_value_embed(config, i)}),
                 ln_f=make_norm(config),
             )
         )
         self.transformer["wpe"] = Positions(config)  # after ln_f, where GPT-2's wpe was: the same init order
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.x0_lambdas:
+            self.resid_lambdas, self.x0_lambdas = (nn.Parameter(torch.full((config.n_layer,), v)) for v in (1.0, 0.0))
         self.tie_weights()
         self.grad_checkpointing = False
         # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
@@ -481,13 +506,16 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if pos_emb is not None:
             x = x + pos_emb  # (T, C) broadcast over the batch
-        x = self.transformer.drop(self.transformer.ln_emb(x))  # ln_emb: a norm (embed_norm) or nothing
+        x = x0 = self.transformer.drop(self.transformer.ln_emb(x))  # ln_emb: a norm (embed_norm) or nothing
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layer(i) if cache is not None else None
+            if self.config.x0_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.transformer.ve[str(i)](idx) if str(i) in self.transformer.ve else None  # (B, T, nkv*hd)
             if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, ve, use_reentrant=False)
             else:
-                x = block(x, rope, bias, layer_cache)
+                x = block(x, rope, bias, layer_cache, ve)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap is not None:  # in fp32, as nanochat and HF do: tanh needs the precision
@@ -1152,7 +1180,7 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
 
 # the flags that override the --arch preset, each a GPTConfig field
 ARCH_FLAGS = ("pos", "norm", "mlp", "n_kv_head", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap",
-              "zero_init_proj")
+              "zero_init_proj", "value_embeds", "x0_lambdas")
 
 
 def model_config(args, vocab_size):
@@ -1584,6 +1612,8 @@ def data_and_model_flags(p):
     g.add_argument("--logit-softcap", type=in_range(0, low_open=True), metavar="CAP", help="logits squashed to "
                    "CAP * tanh(logits / CAP)")
     g.add_argument("--zero-init-proj", action=on_off, help="the output projections start at zero")
+    g.add_argument("--value-embeds", action=on_off, help="every other layer adds a per-token table to its values")
+    g.add_argument("--x0-lambdas", action=on_off, help="each block reads a learned mix of the stream and the first")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
     # how big (SIZES), then single numbers: left None here, check_args fills them in from the preset
     g.add_argument("--size", choices=list(SIZES), help="size preset (SIZES): depth, width, context; default mini")
