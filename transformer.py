@@ -450,8 +450,9 @@ class GPT(nn.Module):
         )
         self.transformer["wpe"] = Positions(config)  # after ln_f, where GPT-2's wpe was: the same init order
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.x0_lambdas:
-            self.resid_lambdas, self.x0_lambdas = (nn.Parameter(torch.full((config.n_layer,), v)) for v in (1.0, 0.0))
+        if config.x0_lambdas:  # one pair per block, set below
+            self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.tie_weights()
         self.grad_checkpointing = False
         # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
@@ -462,6 +463,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=proj_std)
+        if config.x0_lambdas:  # 1 and 0: each block reads the stream as it is (in place: fsdp.DeferredInit replays it)
+            nn.init.ones_(self.resid_lambdas), nn.init.zeros_(self.x0_lambdas)
 
     def set_block_size(self, block_size):
         """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
