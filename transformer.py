@@ -418,7 +418,7 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
-# Three switches act here. embed_norm (nanochat) normalizes the embedding before the first
+# Four switches act here. embed_norm (nanochat) normalizes the embedding before the first
 # block, so the residual stream starts at RMS 1 whatever scale the embedding table drifts to.
 # logit_softcap (Gemma 2, modded-nanogpt, nanochat: 15) squashes each logit into (-cap, cap)
 # with cap * tanh(logit / cap): nearly the identity for small logits, it keeps a confident
