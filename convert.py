@@ -2,18 +2,22 @@
 convert.py: a transformer.py model to and from other tools' formats. A companion of transformer.py,
 which imports it (GPT.from_pretrained, --export-hf, --export-gguf); it never imports transformer.py.
 
-Import: GPT.from_pretrained reads an HF GPT2LMHeadModel or LlamaForCausalLM checkpoint
-(config.json and safetensors) and renames its tensors to ours with the converters below.
+Import: GPT.from_pretrained reads an HF GPT2LMHeadModel, LlamaForCausalLM or NanoChatForCausalLM
+checkpoint (config.json and safetensors) and renames its tensors to ours with the converters below.
 Export: a model is most useful where people already run models. --export-hf writes a folder that
 transformers loads with no code of ours (AutoModelForCausalLM, pipeline, lm-eval), and
---export-gguf one file for llama.cpp and ollama. Only two HF classes compute what our blocks
-compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU) and LlamaForCausalLM (RoPE,
-RMSNorm, SwiGLU, no biases). Any other mix (ALiBi, GPT-2 with RoPE, ...) is refused before
-anything is written. Our weights are already theirs up to layout:
+--export-gguf one file for llama.cpp and ollama. Three HF classes compute what our blocks
+compute: GPT2LMHeadModel (learned positions, LayerNorm, GELU), LlamaForCausalLM (RoPE,
+RMSNorm, SwiGLU, no biases) and NanoChatForCausalLM (RoPE, weightless RMSNorm also after the
+embedding and on q and k, ReLU², no biases, a soft-cap or none). Any other mix (ALiBi, GPT-2
+with RoPE, Llama with QK-norm, ...) is refused before anything is written. llama.cpp runs the
+first two only (check_gguf_family). Our weights are already theirs up to layout:
   - HF's GPT-2 multiplies with Conv1D, which stores a weight as (in, out): the transpose of
     nn.Linear's (out, in). GPT-2 always has biases, so a model trained without gets zeros.
-  - Llama keeps q, k, v (and the MLP's gate, up) as separate matrices where we fuse each
-    group into one matmul: the fused rows are cut back apart.
+  - Llama and NanoChat keep q, k, v (and Llama's MLP gate, up) as separate matrices where we
+    fuse each group into one matmul: the fused rows are cut back apart.
+  - NanoChat rotates RoPE's pairs the other way round: its q and k rows, each head's two halves
+    swapped, are ours (nanochat_rope).
   - The GGUF is written from those HF tensors as llama.cpp's convert_hf_to_gguf.py would,
     with one twist. RoPE rotates pairs of dimensions of each head: we and HF pair dimension i
     with i + hd/2 (transformer.py, section 2), llama.cpp pairs neighbours (2i, 2i+1), as Meta's
@@ -30,6 +34,7 @@ and no merges. An HF tokenizer is copied as it is. GGUF holds byte-level BPE onl
 else an HF tokenizer may be is refused there, naming llama.cpp's own converter.
 """
 
+import functools
 import glob
 import json
 import math
@@ -108,15 +113,18 @@ def gpt2_weights_from_hf(sd, config):
     return {k: v for k, v in out.items() if v is not None}
 
 
-def llama_config_from_hf(hf):
+def rope_config_from_hf(hf, activation):
+    """Llama's and NanoChat's config.json (the same names, but for the MLP's activation), or a ValueError naming
+    a setting that our blocks do not compute."""
+    family = type(hf).__name__.removesuffix("Config")  # Llama, NanoChat
     rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"rope scaling {rope_type!r} is not implemented: only plain RoPE ('default')")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"Llama activation {hf.hidden_act!r} is not supported (only silu)")
+    if hf.hidden_act != activation:
+        raise ValueError(f"{family} activation {hf.hidden_act!r} is not supported (only {activation})")
     if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
-        raise ValueError("Llama checkpoints with attention_bias / mlp_bias are not supported")
+        raise ValueError(f"{family} checkpoints with attention_bias / mlp_bias are not supported")
     return dict(
         n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
         n_kv_head=hf.num_key_value_heads, head_dim=getattr(hf, "head_dim", None), vocab_size=hf.vocab_size,
@@ -126,23 +134,57 @@ def llama_config_from_hf(hf):
     )
 
 
-def llama_weights_from_hf(sd, config):
-    """Llama keeps q/k/v and gate/up as separate matrices; we fuse each group into one Linear."""
+def nanochat_config_from_hf(hf):
+    """NanoChat is Llama's config with ReLU² and a soft-cap (None: none); ARCHS['nanochat'] sets its norms."""
+    return rope_config_from_hf(hf, "relu2") | dict(logit_softcap=hf.final_logit_softcapping)
+
+
+# Ours -> HF's names of a layer's tensors in the RoPE families. A tuple: HF's separate matrices, which we fuse into
+# one Linear (q, k, v into c_attn; Llama's gate, up into c_fc). NanoChat's norms have no weights to name.
+QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+ROPE_LAYERS = {
+    "llama": {"ln_1.weight": "input_layernorm.weight", "attn.c_attn.weight": QKV,
+              "attn.c_proj.weight": "self_attn.o_proj.weight", "ln_2.weight": "post_attention_layernorm.weight",
+              "mlp.c_fc.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+              "mlp.c_proj.weight": "mlp.down_proj.weight"},
+    "nanochat": {"attn.c_attn.weight": QKV, "attn.c_proj.weight": "self_attn.o_proj.weight",
+                 "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_proj.weight": "mlp.fc2.weight"},
+}
+
+
+def halves_swapped(w, n_head):
+    """A q or k weight (n_head*hd, C) with the two halves of each head's rows swapped; another shape as it is
+    (from_pretrained then reports it)."""
+    if w.dim() != 2 or w.shape[0] % (2 * n_head):
+        return w
+    rows, C = w.shape
+    return w.view(n_head, 2, rows // n_head // 2, C).flip(1).reshape(rows, C)  # (nh, halves, hd/2, C)
+
+
+def nanochat_rope(sd, c):
+    """NanoChat rotates each pair (x1, x2) of a head's two halves the other way round from Llama and us: to
+    (x1 cos + x2 sin, x2 cos - x1 sin), which is our rotation of the pair (x2, x1). So its q and k weights with
+    each head's halves swapped (HF names, either way: the swap undoes itself) compute ours. q and k are swapped
+    alike, and neither q·k nor the weightless QK-norm sees the order of a head's dimensions: the same scores."""
+    out = dict(sd)
+    for k, v in sd.items():
+        for name, n_head in (("self_attn.q_proj.weight", c.n_head), ("self_attn.k_proj.weight", c.n_kv_head)):
+            if k.endswith(name):
+                out[k] = halves_swapped(v, n_head)
+    return out
+
+
+def rope_weights_from_hf(sd, config, family):
+    """Llama's and NanoChat's tensors under our names: q/k/v (and Llama's gate/up) fused into one Linear each."""
     sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    out = {"transformer.wte.weight": sd.pop("embed_tokens.weight"), "transformer.ln_f.weight": sd.pop("norm.weight")}
+    sd = nanochat_rope(sd, config) if family == "nanochat" else sd
+    out = {"transformer.wte.weight": sd.pop("embed_tokens.weight", None),
+           "transformer.ln_f.weight": sd.pop("norm.weight", None)}
     out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_embeddings else sd.pop("lm_head.weight", None)
     for i in range(config.n_layer):
-        p, q = f"layers.{i}.", f"transformer.h.{i}."
-        attn = [sd.pop(p + f"self_attn.{n}_proj.weight", None) for n in "qkv"]
-        mlp = [sd.pop(p + f"mlp.{n}_proj.weight", None) for n in ("gate", "up")]
-        out.update({
-            q + "ln_1.weight": sd.pop(p + "input_layernorm.weight", None),
-            q + "attn.c_attn.weight": torch.cat(attn) if None not in attn else None,
-            q + "attn.c_proj.weight": sd.pop(p + "self_attn.o_proj.weight", None),
-            q + "ln_2.weight": sd.pop(p + "post_attention_layernorm.weight", None),
-            q + "mlp.c_fc.weight": torch.cat(mlp) if None not in mlp else None,
-            q + "mlp.c_proj.weight": sd.pop(p + "mlp.down_proj.weight", None),
-        })
+        for ours, theirs in ROPE_LAYERS[family].items():
+            parts = [sd.pop(f"layers.{i}.{name}", None) for name in (theirs if isinstance(theirs, tuple) else [theirs])]
+            out[f"transformer.h.{i}.{ours}"] = torch.cat(parts) if None not in parts else None
     sd.pop("lm_head.weight", None)  # a tied checkpoint may still carry the copy
     out.update(sd)  # whatever is left is unexpected: from_pretrained reports it
     return {k: v for k, v in out.items() if v is not None}
@@ -150,7 +192,9 @@ def llama_weights_from_hf(sd, config):
 
 HF_LOADERS = {
     "gpt2": (gpt2_config_from_hf, gpt2_weights_from_hf),
-    "llama": (llama_config_from_hf, llama_weights_from_hf),
+    "llama": (functools.partial(rope_config_from_hf, activation="silu"),
+              functools.partial(rope_weights_from_hf, family="llama")),
+    "nanochat": (nanochat_config_from_hf, functools.partial(rope_weights_from_hf, family="nanochat")),
 }
 
 
@@ -168,7 +212,7 @@ def read_hf(name_or_path):
     return hf.model_type, config_from_hf(hf), lambda config: weights_from_hf(read_hf_weights(path), config)
 
 
-HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "nanochat": "NanoChatForCausalLM"}
 
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -176,11 +220,16 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 
 
 def hf_family(c):
-    """'gpt2' or 'llama': the HF family that computes what config c computes. For any other mix, a ValueError
-    names the settings that the closest family cannot express."""
+    """'gpt2', 'llama' or 'nanochat': the HF family that computes what config c computes. For any other mix, a
+    ValueError names the settings that the closest family cannot express."""
+    later = dict(value_embeds=False, x0_lambdas=False)  # nanochat's later model: no HF class has these
+    plain = dict(embed_norm=False, qk_norm=False, logit_softcap=None, **later)  # nor GPT-2 and Llama these
     needs = {
-        "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=c.n_head, head_dim=c.n_embd / c.n_head),
-        "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+        "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", n_kv_head=c.n_head, head_dim=c.n_embd / c.n_head,
+                     **plain),
+        "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, **plain),
+        "nanochat": dict(pos="rope", norm="rmsnorm-noweight", mlp="relu2", bias=False, embed_norm=True, qk_norm=True,
+                         **later),
     }
     misfits = {arch: [f"{k}={getattr(c, k)!r}" for k, v in need.items() if getattr(c, k) != v]
                for arch, need in needs.items()}
@@ -198,7 +247,7 @@ def hf_tensors(model, family, vocab_size):
         sd[k] = sd[k][:vocab_size]  # (V, C)
     if model.config.tie_embeddings:
         del sd["lm_head.weight"]  # HF ties it to the embedding again
-    return gpt2_weights_to_hf(sd) if family == "gpt2" else llama_weights_to_hf(sd, model.config)
+    return gpt2_weights_to_hf(sd) if family == "gpt2" else rope_weights_to_hf(sd, model.config, family)
 
 
 def gpt2_weights_to_hf(sd):
@@ -211,30 +260,25 @@ def gpt2_weights_to_hf(sd):
     return out
 
 
-def llama_weights_to_hf(sd, c):
-    """The inverse of llama_weights_from_hf: our fused c_attn and c_fc cut back into q, k, v and gate, up."""
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-           "model.norm.weight": sd["transformer.ln_f.weight"]}
-    if "lm_head.weight" in sd:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+def rope_weights_to_hf(sd, c, family):
+    """The inverse of rope_weights_from_hf: our fused c_attn and c_fc cut back into q, k, v and gate, up."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    out = {theirs: sd[ours] for ours, theirs in names.items() if ours in sd}  # a weightless norm has no tensor
     kv = c.n_kv_head * c.head_dim
     for i in range(c.n_layer):
-        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
-        wq, wk, wv = sd[q + "attn.c_attn.weight"].split([c.n_head * c.head_dim, kv, kv])  # (nh*hd, C), (nkv*hd, C) x2
-        gate, up = sd[q + "mlp.c_fc.weight"].chunk(2)  # (mlp_hidden, C) each
-        out.update({
-            p + "input_layernorm.weight": sd[q + "ln_1.weight"],
-            p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
-            p + "self_attn.o_proj.weight": sd[q + "attn.c_proj.weight"],
-            p + "post_attention_layernorm.weight": sd[q + "ln_2.weight"],
-            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": sd[q + "mlp.c_proj.weight"],
-        })
-    return out
+        for ours, theirs in ROPE_LAYERS[family].items():
+            w = sd[f"transformer.h.{i}.{ours}"]
+            if theirs == QKV:
+                parts = w.split([c.n_head * c.head_dim, kv, kv])  # (nh*hd, C), (nkv*hd, C) x2
+            else:
+                theirs, parts = (theirs, w.chunk(2)) if isinstance(theirs, tuple) else ([theirs], [w])  # gate, up
+            out.update({f"model.layers.{i}.{name}": part for name, part in zip(theirs, parts)})
+    return nanochat_rope(out, c) if family == "nanochat" else out
 
 
 def hf_config(c, family, vocab_size, bos, eos):
-    """config.json: our config under GPT2Config's or LlamaConfig's names."""
+    """config.json: our config under GPT2Config's, LlamaConfig's or NanoChatConfig's names."""
     common = dict(architectures=[HF_CLASSES[family]], model_type=family, vocab_size=vocab_size, bos_token_id=bos,
                   eos_token_id=eos, tie_word_embeddings=c.tie_embeddings, torch_dtype="float32")
     if family == "gpt2":
@@ -243,11 +287,15 @@ def hf_config(c, family, vocab_size, bos, eos):
             layer_norm_epsilon=c.norm_eps, activation_function="gelu_new",  # GELU's tanh approximation
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
         )
-    return common | dict(
+    rope = common | dict(
         hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
         num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu", attention_dropout=c.dropout,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_dropout=c.dropout,
     )
+    if family == "llama":
+        return rope | dict(hidden_act="silu")
+    # NanoChatConfig's pad_token_id defaults to 1, a real token of ours
+    return rope | dict(hidden_act="relu2", final_logit_softcapping=c.logit_softcap, pad_token_id=None)
 
 
 def last_merge(piece, ranks):
@@ -391,6 +439,16 @@ def export_hf(model, tokenizer, out):
         save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
 
 
+def check_gguf_family(family):
+    """NOTE: llama.cpp has no NanoChat architecture (its src/llama-arch.cpp names none, ggml-org/llama.cpp as of
+    2026), and none of the graphs it has puts NanoChat's parts together: a norm after the embedding, weightless
+    norms, QK-norm after RoPE, ReLU² and a final soft-cap. A GGUF under another architecture's name would run
+    another model, so NanoChat is refused, before anything is written."""
+    if family not in ("gpt2", "llama"):
+        raise ValueError(f"--export-gguf: llama.cpp has no {HF_CLASSES[family]} architecture (its norms, QK-norm, "
+                         "ReLU² and soft-cap in one graph): use --export-hf, which transformers runs")
+
+
 def import_gguf():
     try:
         import gguf  # llama.cpp's own reader and writer of the format
@@ -507,8 +565,9 @@ def gguf_tokenizer(w, vocab):
 def export_gguf(model, vocab, path, dtype="f16"):
     """path: one GGUF file, the hyperparameters and tokenizer (gguf_vocab) as key-value metadata, then the
     tensors."""
-    gguf = import_gguf()
     c, family, vocab_size = model.config, hf_family(model.config), len(vocab["tokens"])
+    check_gguf_family(family)
+    gguf = import_gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if family == "gpt2" else gguf.MODEL_ARCH.LLAMA, c.n_layer)
     with staged(path) as tmp:
         w = gguf.GGUFWriter(tmp, family)
@@ -541,7 +600,8 @@ def export(model, tokenizer, hf_dir=None, gguf_path=None, gguf_dtype="f16"):
     """transformer.py's --export-hf DIR and --export-gguf FILE: check everything first (a family HF computes, a
     tokenizer GGUF can hold, outputs that are new), then write each output whole, and say what was written."""
     family = hf_family(model.config)  # refuses a mix no HF class computes, before anything is written
-    if gguf_path:  # what GGUF says of the tokenizer, or one line on why it cannot hold it
+    if gguf_path:  # a model llama.cpp runs, what GGUF says of the tokenizer, or one line on why not
+        check_gguf_family(family)
         vocab = gguf_vocab(tokenizer)
     for path, folder in ((hf_dir, True), (gguf_path, False)):
         if path:

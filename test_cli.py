@@ -38,6 +38,9 @@ TRAINING = [
     ("--ckpt-every", ["0"]),
     ("--arch", ["gpt3"]),
     ("--pos", ["sinusoidal"]),
+    ("--mlp", ["relu"]),
+    ("--norm", ["rmsnorm-weightless"]),
+    ("--logit-softcap", ["0", "-15", "nan", "x"]),  # a soft-cap is a bound on |logits|: > 0
     ("--dtype", ["float8"]),
     ("--device", ["gpu", "cuda:x", "tpu"]),
 ]
@@ -99,10 +102,23 @@ def test_a_bad_sampling_or_eval_flag_is_one_line_before_loading_anything(tmp_pat
     (["--size", "gpt2", "--n-head", "5"], "--n-embd 768 is not divisible by --n-head 5"),
     (["--init-from", "gpt2", "--block-size", "2048"], "--init-from gpt2 brings its own shape: drop --block-size"),
     (["--init-from", "gpt2", "--size", "gpt2-xl"], "--init-from gpt2 brings its own shape: drop --size"),
+    (["--init-from", "gpt2", "--no-qk-norm"], "--init-from gpt2 brings its own shape: drop --qk-norm"),
     (["--unknown-flag"], "unrecognized arguments"),
 ])
 def test_flags_that_disagree_are_one_line(tmp_path, capsys, argv, message):
     assert message in refused(capsys, transformer.main, argv)
+
+
+def test_the_architecture_flags_override_the_presets_switches():
+    def config(*flags):
+        return transformer.model_config(transformer.parse_args(["--arch", "nanochat", *flags]), vocab_size=256)
+
+    switches = ("mlp", "norm", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap", "zero_init_proj")
+    assert [getattr(config(), k) for k in switches] == ["relu2", "rmsnorm-noweight", False, True, True, 15.0, True]
+    flags = ["--mlp", "gelu", "--norm", "rmsnorm", "--tie-embeddings", "--no-embed-norm", "--no-qk-norm",
+             "--logit-softcap", "30", "--no-zero-init-proj"]
+    assert [getattr(config(*flags), k) for k in switches] == ["gelu", "rmsnorm", True, False, False, 30.0, False]
+    assert (config().value_embeds, config("--value-embeds", "--x0-lambdas").x0_lambdas) == (False, True)
 
 
 def test_total_batch_tokens_counts_the_processes_torchrun_starts(capsys, monkeypatch):

@@ -27,6 +27,7 @@ import prepare_data
 import transformer
 from conftest import NEEDS_LLAMA_CPP, english_text, large_encoding, write_dataset
 from test_transformer import max_diff, random_model, save_hf, tiny
+from tokenizer import get_tokenizer
 from transformer import GPT
 
 transformers.logging.set_verbosity_error()
@@ -90,6 +91,10 @@ CASES = {
     "llama-gqa-tied-head_dim8-theta5e5": ("llama", dict(n_kv_head=2, tie_embeddings=True, head_dim=8,
                                                         rope_theta=5e5)),
     "llama-mqa-untied": ("llama", dict(n_kv_head=1)),
+    "nanochat-gqa-untied": ("nanochat", dict(n_kv_head=2)),
+    "nanochat-tied-head_dim8-theta5e5-cap2": ("nanochat", dict(tie_embeddings=True, head_dim=8, rope_theta=5e5,
+                                                                logit_softcap=2.0)),
+    "nanochat-mqa-nocap": ("nanochat", dict(n_kv_head=1, logit_softcap=None)),
 }
 
 
@@ -132,7 +137,8 @@ def test_transformers_loads_the_export_with_equal_logits(exported):
 
 def test_the_export_names_the_hf_class_of_its_architecture(exported):
     model, out = exported
-    expected = "GPT2LMHeadModel" if model.config.pos == "learned" else "LlamaForCausalLM"
+    c = model.config
+    expected = "GPT2LMHeadModel" if c.pos == "learned" else "NanoChatForCausalLM" if c.qk_norm else "LlamaForCausalLM"
     assert type(transformers.AutoModelForCausalLM.from_pretrained(str(out))).__name__ == expected
     assert read_json(out / "config.json")["architectures"] == [expected]
 
@@ -191,16 +197,16 @@ def byte_tokenizer_files(path):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(path))
 
 
-@pytest.fixture(scope="module")
-def llama_hf_export(tmp_path_factory):
-    """A random LlamaForCausalLM (GQA, vocab 300) with a 256-token byte tokenizer, --init-from it, --export-hf.
-    Returns (hf model, source folder, exported folder)."""
-    tmp = tmp_path_factory.mktemp("llama-hf")
+@pytest.fixture(scope="module", params=["Llama", "NanoChat"])
+def rope_hf_export(request, tmp_path_factory):
+    """A random LlamaForCausalLM or NanoChatForCausalLM (GQA, vocab 300) with a 256-token byte tokenizer,
+    --init-from it, --export-hf. Returns (hf model, source folder, exported folder)."""
+    tmp = tmp_path_factory.mktemp(f"{request.param}-hf")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=False)
-    hf = save_hf(transformers.LlamaForCausalLM(config), tmp / "src")
+    config = getattr(transformers, f"{request.param}Config")(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=False)
+    hf = save_hf(getattr(transformers, f"{request.param}ForCausalLM")(config), tmp / "src")
     byte_tokenizer_files(tmp / "src")
     transformer.main(["--init-from", str(tmp / "src"), "--export-hf", str(tmp / "hf")])
     return hf, tmp / "src", tmp / "hf"
@@ -214,16 +220,16 @@ def test_an_hf_gpt2_checkpoint_exports_with_its_logits(gpt2_hf_export):
     assert max_diff(hf_logits(out, x), expected) <= ATOL_HF
 
 
-def test_an_hf_llama_checkpoint_exports_with_its_logits(llama_hf_export):
-    hf, _, out = llama_hf_export
+def test_an_hf_llama_or_nanochat_checkpoint_exports_with_its_logits(rope_hf_export):
+    hf, _, out = rope_hf_export
     x = idx(256)
     with torch.no_grad():
         expected = hf(x).logits[..., :256]  # the rows past the byte tokenizer are cut
     assert max_diff(hf_logits(out, x), expected) <= ATOL_HF
 
 
-def test_an_hf_checkpoints_tokenizer_files_are_copied(llama_hf_export):
-    _, src, out = llama_hf_export
+def test_an_hf_checkpoints_tokenizer_files_are_copied(rope_hf_export):
+    _, src, out = rope_hf_export
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert filecmp.cmp(src / name, out / name, shallow=False), name
 
@@ -274,6 +280,16 @@ def test_byte_tokenizer_export_has_no_end_of_text(exported):
 
 def test_byte_spelling_is_gpt2s():
     assert convert.byte_spelling() == bytes_to_unicode()
+
+
+def test_transformers_computes_our_loss_on_the_export(exported):
+    """HF shifts the labels itself; ours takes targets already shifted."""
+    model, out = exported
+    x = idx(256, T=24, seed=3)
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out))(x, labels=x).loss
+        _, loss = model(x[:, :-1], x[:, 1:])
+    assert loss.item() == pytest.approx(theirs.item(), abs=1e-5)
 
 
 def test_pipeline_greedy_tokens_equal_ours(exported):
@@ -555,7 +571,14 @@ def test_every_tokenizers_gguf_gives_our_logits_in_llama_cpp(tokenizer_llama_cpp
     ("llama", dict(norm="layernorm"), "norm='layernorm'"),
     ("gpt2", dict(mlp="swiglu"), "mlp='swiglu'"),
     ("gpt2", dict(n_kv_head=2), "n_kv_head=2"),
-], ids=["alibi", "gpt2-rope", "llama-layernorm", "gpt2-swiglu", "gpt2-gqa"])
+    ("llama", dict(qk_norm=True), "qk_norm=True"),
+    ("llama", dict(logit_softcap=30.0), "logit_softcap=30.0"),
+    ("nanochat", dict(norm="rmsnorm"), "norm='rmsnorm'"),
+    ("nanochat", dict(embed_norm=False), "embed_norm=False"),
+    ("nanochat", dict(value_embeds=True), "value_embeds=True"),
+    ("nanochat", dict(x0_lambdas=True), "x0_lambdas=True"),
+], ids=["alibi", "gpt2-rope", "llama-layernorm", "gpt2-swiglu", "gpt2-gqa", "llama-qk_norm", "llama-softcap",
+        "nanochat-weighted-norm", "nanochat-no-embed_norm", "nanochat-value_embeds", "nanochat-x0_lambdas"])
 def test_a_model_with_no_hf_class_is_a_one_line_error_naming_the_setting(tmp_path, one_line_error, arch, overrides,
                                                                           named):
     model = random_model(tiny(arch, **overrides))
@@ -564,6 +587,28 @@ def test_a_model_with_no_hf_class_is_a_one_line_error_naming_the_setting(tmp_pat
                            "--export-gguf", str(tmp_path / "m.gguf")])
     assert named in line and "no HF transformers class" in line
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_gguf_export_of_nanochat_is_a_one_line_error_before_anything_is_written(tmp_path, one_line_error):
+    """llama.cpp has no NanoChat architecture (convert.check_gguf_family): refused, the HF export not written either."""
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", random_model(tiny("nanochat")))
+    line = one_line_error(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf"),
+                           "--export-gguf", str(tmp_path / "m.gguf")])
+    assert "llama.cpp has no NanoChatForCausalLM architecture" in line and "use --export-hf" in line
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("variant, named", [
+    (dict(attention_bias=True), "NanoChat checkpoints with attention_bias"),
+    (dict(hidden_act="silu"), "NanoChat activation 'silu' is not supported (only relu2)"),
+], ids=["attention_bias", "silu"])
+def test_a_nanochat_folder_this_model_cannot_express_is_a_one_line_error(tmp_path, one_line_error, variant, named):
+    config = transformers.NanoChatConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, **variant)
+    transformers.NanoChatForCausalLM(config).save_pretrained(str(tmp_path / "src"))
+    byte_tokenizer_files(tmp_path / "src")
+    assert named in one_line_error(["--init-from", str(tmp_path / "src"), "--export-hf", str(tmp_path / "hf")])
+    assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
 def test_export_without_ckpt_or_init_from_is_a_one_line_error(tmp_path, one_line_error):
@@ -624,24 +669,56 @@ def test_a_failed_export_leaves_neither_output_nor_temporary_files(tmp_path, mon
 # The command line, as a user runs it, on a checkpoint from a real training run
 
 
-def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_path):
-    write_dataset(tmp_path / "data", {"train": [3000], "val": [1000]})
+def cli(cwd, *args, status=0):
+    """transformer.py *args in a process of its own, in cwd; its (stdout, stderr), and the exit status checked."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TIKTOKEN_CACHE_DIR": os.environ.get("TIKTOKEN_CACHE_DIR", ""),
            "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == status, result.stderr
+    return result.stdout, result.stderr
 
-    def cli(*args):
-        result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), *map(str, args)], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300, env=env)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
 
-    cli("--data", "data", "--out-dir", "out", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
-        "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-iters", "1", "--log-every", "1",
-        "--device", "cpu")
-    printed = cli("--ckpt", "out/ckpt.pt", "--export-hf", "hf", "--export-gguf", "model.gguf")
+def trained(tmp_path, *flags):
+    """A tiny model trained 3 steps by the command line on random bytes: the model as out/ckpt.pt holds it."""
+    write_dataset(tmp_path / "data", {"train": [3000], "val": [1000]})
+    cli(tmp_path, "--data", "data", "--out-dir", "out", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+        "--seq-len", "16", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--eval-iters", "1",
+        "--log-every", "1", "--device", "cpu", *flags)
+    return transformer.model_from_checkpoint(transformer.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))).eval()
+
+
+def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_path):
+    model = trained(tmp_path)
+    printed, _ = cli(tmp_path, "--ckpt", "out/ckpt.pt", "--export-hf", "hf", "--export-gguf", "model.gguf")
     assert "wrote hf: LlamaForCausalLM" in printed and "wrote model.gguf" in printed
-    model = transformer.model_from_checkpoint(transformer.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))).eval()
     x = idx(256)
     assert max_diff(hf_logits(tmp_path / "hf", x), ours(model, x)) <= ATOL_HF
     if transformers.utils.is_accelerate_available():
         assert max_diff(hf_logits(tmp_path, x, gguf_file="model.gguf"), ours(model, x)) <= ATOL_GGUF_F16
+
+
+def test_cli_exports_a_freshly_trained_nanochat_that_transformers_runs_as_nanochat(tmp_path):
+    """--arch nanochat, trained by the command line: transformers loads the export as NanoChat and computes our
+    logits, our loss and our greedy text; --export-gguf refuses it in one line."""
+    model = trained(tmp_path, "--arch", "nanochat", "--n-kv-head", "1")
+    assert (model.config.qk_norm, model.config.logit_softcap, model.config.n_kv_head) == (True, 15.0, 1)
+    _, err = cli(tmp_path, "--ckpt", "out/ckpt.pt", "--export-gguf", "model.gguf", status=1)
+    assert err.splitlines() == [err.strip()] and "llama.cpp has no NanoChatForCausalLM" in err
+    printed, _ = cli(tmp_path, "--ckpt", "out/ckpt.pt", "--export-hf", "hf")
+    assert "wrote hf: NanoChatForCausalLM" in printed and sorted(os.listdir(tmp_path)) == ["data", "hf", "out"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert (hf.config.model_type, type(hf).__name__) == ("nanochat", "NanoChatForCausalLM")
+    x = idx(256, T=16)
+    with torch.no_grad():
+        theirs = hf(x, labels=x)
+        _, loss = model(x[:, :-1], x[:, 1:])
+    assert max_diff(theirs.logits, ours(model, x)) <= ATOL_HF
+    assert loss.item() == pytest.approx(theirs.loss.item(), abs=1e-5)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    prompt = tok("ROMEO:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        greedy = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, 16, temperature=0)
+    assert greedy.tolist() == expected.tolist()
+    assert tok.decode(greedy[0]) == get_tokenizer("byte").decode(expected[0].tolist())

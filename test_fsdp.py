@@ -206,8 +206,9 @@ with dist.running(device):
         "tied": model.lm_head.weight is model.transformer.wte.weight,
     }
     # built on the meta device, sharded, then initialised shard by shard: the weights of a whole build, bit for bit
-    for arch in ("gpt2", "llama"):  # a tied head and learned positions; an untied head, RoPE tables, SwiGLU
-        config = transformer.GPTConfig.preset("tiny", arch, block_size=16, vocab_size=65)  # uneven shards
+    # a tied head and learned positions; an untied head, RoPE tables, SwiGLU; value embeddings and x0 lambdas
+    for arch, extra in (("gpt2", {}), ("llama", {}), ("nanochat", dict(value_embeds=True, x0_lambdas=True))):
+        config = transformer.GPTConfig.preset("tiny", arch, block_size=16, vocab_size=65, **extra)  # uneven shards
         torch.manual_seed(0)
         whole = transformer.GPT(config)
         rng_after = torch.get_rng_state()
@@ -248,7 +249,7 @@ def test_each_fsdp_process_holds_half_of_the_weights_and_of_the_adamw_state(shar
 def test_a_model_built_on_the_meta_device_gets_the_initial_weights_of_a_whole_build_bit_for_bit(shards):
     """fsdp.DeferredInit: no process ever holds the whole model, and the same seed gives the same start."""
     for r in shards:
-        for arch in ("gpt2", "llama"):
+        for arch in ("gpt2", "llama", "nanochat"):
             got = r[f"{arch}_meta_init"]
             assert got["bit_equal"] and got["same_rng_after"] and got["same_loss"], (arch, got)
         assert r["gpt2_meta_init"]["tied"]

@@ -57,6 +57,8 @@ CONFIGS = {  # name -> (arch, overrides)
     "llama-mqa": ("llama", dict(n_kv_head=1)),
     "llama-gqa-explicit-attention": ("llama", dict(n_kv_head=2, attn_impl="explicit")),
     "olmo-explicit-attention": ("olmo", dict(attn_impl="explicit")),
+    "arch-nanochat-gqa": ("nanochat", dict(n_kv_head=2)),  # QK-norm on the cached keys, the soft-cap
+    "nanochat-value_embeds-x0_lambdas": ("nanochat", dict(n_kv_head=2, value_embeds=True, x0_lambdas=True)),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import transformer
 from transformer import ARCHS, GPT, GPTConfig, alibi_slopes, apply_rope, rope_cos_sin
 
 ATOL_HF = 1e-4  # fp32 parity with transformers
@@ -61,8 +62,9 @@ def max_diff(a, b):
 OVERRIDES = [
     ("pos", "learned"), ("pos", "rope"), ("pos", "alibi"),
     ("norm", "layernorm"), ("norm", "rmsnorm"),
-    ("mlp", "gelu"), ("mlp", "swiglu"),
+    ("mlp", "gelu"), ("mlp", "swiglu"), ("mlp", "relu2"), ("norm", "rmsnorm-noweight"),
     ("n_kv_head", 2), ("n_kv_head", 1),
+    ("qk_norm", True), ("embed_norm", True), ("logit_softcap", 15.0), ("value_embeds", True), ("x0_lambdas", True),
 ]
 
 
@@ -118,28 +120,59 @@ LLAMA_SHAPES = {
 }
 
 
+ROPE_BASE = dict(  # Llama's and NanoChat's config.json share these names
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=None,
+)
+
+
 def llama_config(**kw):
-    base = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=None,
-    )
-    return transformers.LlamaConfig(**{**base, **kw})
+    return transformers.LlamaConfig(**{**ROPE_BASE, **kw})
+
+
+def saved_random(tmp_path_factory, name, model_class, config):
+    """(folder, a random HF model of model_class saved there)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name)
+    return path, save_hf(model_class(config), path)
 
 
 @pytest.fixture(scope="module", params=list(LLAMA_SHAPES), ids=list(LLAMA_SHAPES))
 def llama_checkpoint(request, tmp_path_factory):
     kw = LLAMA_SHAPES[request.param]
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp(f"llama-{request.param}")
-    return path, save_hf(transformers.LlamaForCausalLM(llama_config(**kw)), path), kw
+    model_class, config = transformers.LlamaForCausalLM, llama_config(**kw)
+    return *saved_random(tmp_path_factory, f"llama-{request.param}", model_class, config), kw
+
+
+NANOCHAT_SHAPES = {
+    "gqa-untied-cap15": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mha-head_dim8-theta5e5-cap2": dict(
+        num_attention_heads=4, num_key_value_heads=4, head_dim=8, rope_theta=500000.0, final_logit_softcapping=2.0
+    ),  # a cap of 2 on logits of ~3: the soft-cap bends them
+    "mqa-3layers-tied-nocap": dict(
+        num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3, tie_word_embeddings=True,
+        final_logit_softcapping=None,
+    ),
+}
+
+
+def nanochat_config(**kw):
+    return transformers.NanoChatConfig(**{**ROPE_BASE, **kw})
+
+
+@pytest.fixture(scope="module", params=list(NANOCHAT_SHAPES), ids=list(NANOCHAT_SHAPES))
+def nanochat_checkpoint(request, tmp_path_factory):
+    kw = NANOCHAT_SHAPES[request.param]
+    model_class, config = transformers.NanoChatForCausalLM, nanochat_config(**kw)
+    return *saved_random(tmp_path_factory, f"nanochat-{request.param}", model_class, config), kw
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +245,29 @@ def test_config_rejects_rope_with_odd_head_dim():
 def test_preset_rejects_unknown_size_or_arch(size, arch):
     with pytest.raises(ValueError, match="unknown"):
         GPTConfig.preset(size, arch)
+
+
+@pytest.mark.parametrize("cap", [0.0, -15.0, float("nan")])
+def test_config_rejects_a_soft_cap_that_is_not_positive(cap):
+    with pytest.raises(ValueError, match="logit_softcap"):
+        GPTConfig(logit_softcap=cap)
+
+
+NEW_FIELDS = ("embed_norm", "qk_norm", "logit_softcap", "zero_init_proj", "value_embeds", "x0_lambdas")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "olmo"])
+def test_a_checkpoint_config_from_before_the_switches_loads_and_resumes_as_the_same_model(arch):
+    """A checkpoint written before the switches existed stores a config without them: it reads as the model it
+    was (every switch off), and --resume with the same flags accepts it."""
+    config = tiny(arch)
+    old = {k: v for k, v in dataclasses.asdict(config).items() if k not in NEW_FIELDS}
+    assert GPTConfig(**old) == config
+    assert config.architecture().keys() >= set(NEW_FIELDS)
+    ckpt = {"config": old, "tokenizer": "byte", "args": {"optimizer": "adamw"}}
+    transformer.check_resumable(ckpt, config, "adamw", {"tokenizer": "byte"}, "ckpt.pt")  # no error
+    with pytest.raises(ValueError, match="qk_norm=False \\(now True\\)"):
+        transformer.check_resumable(ckpt, tiny(arch, qk_norm=True), "adamw", {"tokenizer": "byte"}, "ckpt.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -340,7 +396,7 @@ def test_bfloat16_model_runs_on_both_attention_paths(arch, attn_impl):
     idx = tokens(256)
     ref = our_logits(model, idx)
     low = our_logits(model.to(torch.bfloat16), idx)
-    assert low.dtype == torch.bfloat16
+    assert low.dtype == (torch.float32 if model.config.logit_softcap else torch.bfloat16)  # the soft-cap: in fp32
     assert max_diff(low.float(), ref) <= 0.15  # logits are ~3 in size; bf16 keeps ~3 significant digits
 
 
@@ -462,6 +518,155 @@ def test_learned_positions_cannot_evaluate_at_twice_the_training_length():
 
 
 # -----------------------------------------------------------------------------
+# The switches: each changes what it should and nothing else
+
+
+def same_seed_pair(arch, **switch):
+    """The preset's model and the one with the switch, both initialised from seed 0 (unperturbed)."""
+    torch.manual_seed(0)
+    base = GPT(tiny(arch)).eval()
+    torch.manual_seed(0)
+    return base, GPT(tiny(arch, **switch)).eval()
+
+
+@pytest.mark.parametrize("arch, switch, added, removed", [
+    ("llama", dict(qk_norm=True), set(), set()),
+    ("llama", dict(logit_softcap=1.0), set(), set()),
+    ("gpt2", dict(mlp="relu2"), set(), set()),
+    ("llama", dict(embed_norm=True), {"transformer.ln_emb.weight"}, set()),
+    ("llama", dict(norm="rmsnorm-noweight"), set(),
+     {"transformer.ln_f.weight"} | {f"transformer.h.{i}.ln_{j}.weight" for i in range(2) for j in (1, 2)}),
+], ids=["qk_norm", "logit_softcap", "relu2", "embed_norm", "rmsnorm-noweight"])
+def test_a_switch_draws_the_same_weights_and_changes_the_logits(arch, switch, added, removed):
+    """With one seed, a switch adds or removes only its own weights; every other weight is drawn the same."""
+    base, switched = same_seed_pair(arch, **switch)
+    a, b = base.state_dict(), switched.state_dict()
+    assert (b.keys() - a.keys(), a.keys() - b.keys()) == (added, removed)
+    assert all(torch.equal(a[k], b[k]) for k in a.keys() & b.keys())
+    perturb(base), perturb(switched)
+    idx = tokens(256)
+    assert max_diff(our_logits(base, idx), our_logits(switched, idx)) > 1e-3
+
+
+def test_a_weightless_rmsnorm_computes_what_a_fresh_rmsnorm_does():
+    """A fresh RMSNorm's weight is all ones: with the same seed, the weightless model gives the same logits."""
+    base, switched = same_seed_pair("llama", norm="rmsnorm-noweight")
+    assert torch.equal(our_logits(base, tokens(256)), our_logits(switched, tokens(256)))
+
+
+def test_zero_init_proj_zeroes_only_the_output_projections_and_starts_as_a_bigram_model():
+    base, switched = same_seed_pair("llama", zero_init_proj=True)
+    a, b = base.state_dict(), switched.state_dict()
+    assert all(not b[k].any() if k.endswith("c_proj.weight") else torch.equal(a[k], b[k]) for k in a)
+    idx = tokens(256)
+    changed = idx.clone()
+    changed[:, :-1] = (changed[:, :-1] + 1) % 256  # every token but the last
+    assert torch.equal(our_logits(switched, idx)[:, -1], our_logits(switched, changed)[:, -1])  # the last alone
+
+
+def test_logit_softcap_is_cap_times_tanh_of_the_uncapped_logits():
+    model = random_model(tiny("llama"))
+    capped = GPT.from_state_dict(tiny("llama", logit_softcap=2.0), model.state_dict(), "test").eval()
+    idx = tokens(256)
+    raw = our_logits(model, idx)
+    assert raw.abs().max() > 2  # the cap bends them
+    assert max_diff(our_logits(capped, idx), 2.0 * torch.tanh(raw / 2.0)) <= ATOL_IMPL
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
+    """q and k are divided by their RMS: scaling their weights changes nothing (but for the norm's eps); without
+    QK-norm, the scores sharpen."""
+    diffs = {}
+    for qk_norm in (True, False):
+        model = random_model(tiny("llama", qk_norm=qk_norm))
+        idx = tokens(256)
+        before = our_logits(model, idx)
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[: 2 * 64] *= 10  # the q and k rows (4 heads x 16, n_kv_head = n_head)
+        diffs[qk_norm] = max_diff(our_logits(model, idx), before)
+    assert diffs[True] <= ATOL_HF and diffs[False] > 0.1
+
+
+def test_embed_norm_makes_the_model_blind_to_the_scale_of_the_embedding():
+    """nanochat's norm after the embedding: with an untied head, scaling the embedding table changes nothing."""
+    model = random_model(tiny("nanochat", norm_eps=1e-12))  # the eps alone would see the scale
+    idx = tokens(256)
+    before = our_logits(model, idx)
+    with torch.no_grad():
+        model.transformer.wte.weight *= 10
+    assert max_diff(our_logits(model, idx), before) <= ATOL_IMPL
+
+
+def test_relu2_mlp_is_the_square_of_a_relu():
+    model = random_model(tiny("gpt2", mlp="relu2"))
+    mlp, x = model.transformer.h[0].mlp, torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert max_diff(mlp(x), mlp.c_proj(F.relu(mlp.c_fc(x)) ** 2)) <= ATOL_IMPL
+
+
+def test_nanochat_preset_sets_every_switch():
+    c = tiny("nanochat")
+    assert (c.pos, c.norm, c.mlp, c.bias, c.tie_embeddings) == ("rope", "rmsnorm-noweight", "relu2", False, False)
+    assert (c.embed_norm, c.qk_norm, c.logit_softcap, c.zero_init_proj, c.norm_eps) == (True, True, 15.0, True, 1e-6)
+    assert c.mlp_hidden == 4 * c.n_embd
+    assert not any(name.startswith("transformer.h.") and "ln_" in name for name, _ in GPT(c).named_parameters())
+
+
+# nanochat's current model: value embeddings and x0 lambdas, by their invariants
+
+
+def without(model, *fields):
+    """model's weights in the model whose config has fields off: the tensors only they add left out."""
+    config = dataclasses.replace(model.config, **dict.fromkeys(fields, False))
+    keys = GPT(config).state_dict().keys()
+    return GPT.from_state_dict(config, {k: v for k, v in model.state_dict().items() if k in keys}, "test").eval()
+
+
+@pytest.mark.parametrize("n_layer, layers", [(3, ["0", "2"]), (4, ["1", "3"])])
+def test_value_embeddings_sit_in_every_other_layer_the_last_included(n_layer, layers):
+    model = GPT(tiny("nanochat", n_layer=n_layer, n_kv_head=2, value_embeds=True))
+    assert list(model.transformer.ve) == layers
+    assert model.transformer.ve[layers[0]].weight.shape == (256, 2 * 16)  # (vocab, nkv * hd)
+    assert [str(i) for i, b in enumerate(model.transformer.h) if b.attn.ve_gate is not None] == layers
+
+
+def test_zeroed_value_embeddings_compute_the_model_without_them():
+    model = random_model(tiny("nanochat", n_kv_head=2, value_embeds=True))
+    idx = tokens(256)
+    with_them = our_logits(model, idx)
+    with torch.no_grad():
+        for table in model.transformer.ve.values():
+            table.weight.zero_()
+    assert max_diff(our_logits(model, idx), our_logits(without(model, "value_embeds"), idx)) <= ATOL_IMPL
+    assert max_diff(our_logits(model, idx), with_them) > 1e-3  # and they did act
+
+
+def test_x0_lambdas_at_their_start_compute_the_model_without_them():
+    model = random_model(tiny("nanochat", x0_lambdas=True))
+    with torch.no_grad():
+        model.resid_lambdas.fill_(1.0), model.x0_lambdas.zero_()
+    assert torch.equal(GPT(tiny("nanochat", x0_lambdas=True)).x0_lambdas, torch.zeros(2))  # where they start
+    idx = tokens(256)
+    assert max_diff(our_logits(model, idx), our_logits(without(model, "x0_lambdas"), idx)) <= ATOL_IMPL
+
+
+def test_the_first_block_reads_x0_itself_so_only_the_sum_of_its_lambdas_counts():
+    """In front of the first block the stream is x0: resid_lambdas[0] * x0 + x0_lambdas[0] * x0. A later block's
+    x0_lambda mixes in something the stream no longer is."""
+    model = random_model(tiny("nanochat", x0_lambdas=True))
+    idx = tokens(256)
+    before = our_logits(model, idx)
+    with torch.no_grad():
+        model.resid_lambdas[0] += model.x0_lambdas[0]
+        model.x0_lambdas[0] = 0.0
+    assert max_diff(our_logits(model, idx), before) <= ATOL_IMPL
+    with torch.no_grad():
+        model.x0_lambdas[1] += 0.5
+    assert max_diff(our_logits(model, idx), before) > 1e-3
+
+
+# -----------------------------------------------------------------------------
 # Every variant learns
 
 
@@ -547,21 +752,28 @@ def test_llama_checkpoint_ties_lm_head_as_its_config_says(llama_checkpoint):
     assert (model.lm_head.weight is model.transformer.wte.weight) == kw["tie_word_embeddings"]
 
 
-def test_llama_logits_match_hf(llama_checkpoint):
-    path, hf, kw = llama_checkpoint
+def assert_logits_match_hf(path, hf):
     ours = GPT.from_pretrained(str(path)).eval()
     idx = tokens(300, B=2, T=40)
     assert max_diff(our_logits(ours, idx), hf_logits(hf, idx)) <= ATOL_HF
 
 
-def test_llama_loss_matches_hf(llama_checkpoint):
-    path, hf, kw = llama_checkpoint
+def assert_loss_matches_hf(path, hf):
+    """HF shifts the labels itself; ours takes targets already shifted."""
     ours = GPT.from_pretrained(str(path)).eval()
     idx = tokens(300, B=2, T=40, seed=1)
     with torch.no_grad():
         expected = hf(idx, labels=idx).loss
         _, loss = ours(idx[:, :-1], idx[:, 1:])
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_llama_logits_match_hf(llama_checkpoint):
+    assert_logits_match_hf(*llama_checkpoint[:2])
+
+
+def test_llama_loss_matches_hf(llama_checkpoint):
+    assert_loss_matches_hf(*llama_checkpoint[:2])
 
 
 @pytest.mark.parametrize("rope_parameters", ["absent", "rope_type only"])
@@ -601,6 +813,54 @@ def test_llama_rope_scaling_is_refused(tmp_path, scaling):
     torch.manual_seed(0)
     save_hf(transformers.LlamaForCausalLM(llama_config(rope_theta=500000.0, rope_scaling=scaling)), tmp_path)
     with pytest.raises(ValueError, match=scaling["rope_type"]):
+        GPT.from_pretrained(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# from_pretrained: HF NanoChat
+
+
+def test_nanochat_checkpoint_config_is_read(nanochat_checkpoint):
+    path, hf, kw = nanochat_checkpoint
+    c = GPT.from_pretrained(str(path)).config
+    assert c.architecture() == GPTConfig.preset("gpt2", "nanochat", **dict(
+        n_layer=kw.get("num_hidden_layers", 2), n_head=kw["num_attention_heads"], n_embd=64,
+        n_kv_head=kw["num_key_value_heads"], head_dim=kw.get("head_dim"), vocab_size=300, block_size=64, mlp_hidden=96,
+        rope_theta=kw.get("rope_theta", 10000.0), tie_embeddings=kw.get("tie_word_embeddings", False),
+        logit_softcap=kw.get("final_logit_softcapping", 15.0))).architecture()
+
+
+def test_nanochat_logits_match_hf(nanochat_checkpoint):
+    assert_logits_match_hf(*nanochat_checkpoint[:2])
+
+
+def test_nanochat_loss_matches_hf(nanochat_checkpoint):
+    assert_loss_matches_hf(*nanochat_checkpoint[:2])
+
+
+def test_nanochat_greedy_tokens_with_the_kv_cache_match_hf(nanochat_checkpoint):
+    path, hf, kw = nanochat_checkpoint
+    ours = GPT.from_pretrained(str(path)).eval()
+    prompt = tokens(300, B=1, T=5, seed=2)
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.generate(prompt, 20, temperature=0).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "variant, named",
+    [
+        (dict(hidden_act="gelu"), "NanoChat activation 'gelu'"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "'linear'"),
+        (dict(final_logit_softcapping=0.0), "logit_softcap=0.0"),
+    ],
+    ids=["gelu", "attention_bias", "rope-linear", "softcap0"],
+)
+def test_nanochat_variant_that_would_not_match_is_refused(tmp_path, variant, named):
+    torch.manual_seed(0)
+    save_hf(transformers.NanoChatForCausalLM(nanochat_config(num_hidden_layers=1, **variant)), tmp_path)
+    with pytest.raises(ValueError, match=re.escape(named)):
         GPT.from_pretrained(str(tmp_path))
 
 

@@ -8,10 +8,10 @@ transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many,
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
 The file is a story, in this order:
-    1. Config       GPTConfig: sizes (tiny ... gpt2-xl), architectures (gpt2, llama, olmo), the default RECIPE
+    1. Config       GPTConfig: sizes (tiny ... gpt2-xl), architectures (gpt2, llama, olmo, nanochat), RECIPE
     2. Positions    learned, RoPE or ALiBi, decided in one place (Positions), and the attention mask
     3. Attention    causal self-attention: PyTorch's fused SDPA kernel beside an explicit reference path
-    4. MLP          GELU (GPT-2) or SwiGLU (LLaMA)
+    4. MLP          GELU (GPT-2), SwiGLU (LLaMA) or ReLU² (nanochat)
     5. Block        pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     6. Model        GPT: embeddings, blocks, tied head; init; forward; from_pretrained
     7. Data         DataLoaderLite over token shards of any vocabulary (shards.py); bits per byte
@@ -80,15 +80,21 @@ class GPTConfig:
     n_embd: int = 768
     n_kv_head: int | None = None  # < n_head: grouped-query attention (1: multi-query); None: n_head
     head_dim: int | None = None  # None: n_embd // n_head
-    mlp_hidden: int | None = None  # None: 4 * n_embd for gelu, ~8/3 * n_embd for swiglu (same params)
+    mlp_hidden: int | None = None  # None: 4 * n_embd for gelu/relu2, ~8/3 * n_embd for swiglu (same params)
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorm
     pos: str = "learned"  # 'learned' | 'rope' | 'alibi'
-    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
-    mlp: str = "gelu"  # 'gelu' | 'swiglu'
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' | 'rmsnorm-noweight'
+    mlp: str = "gelu"  # 'gelu' | 'swiglu' | 'relu2'
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head shares its weight with the token embedding
+    embed_norm: bool = False  # a norm right after the token embedding (GPT.__init__)
+    qk_norm: bool = False  # q and k divided by their RMS, after RoPE (CausalSelfAttention)
+    logit_softcap: float | None = None  # logits squashed into (-cap, cap) by cap * tanh(logits / cap) (GPT.forward)
+    zero_init_proj: bool = False  # the projections into the residual stream start at zero (GPT.__init__)
+    value_embeds: bool = False  # every other layer adds a token's own vector to its values (has_value_embed)
+    x0_lambdas: bool = False  # each block reads a learned mix of the stream and the first embedding (GPT.forward)
     attn_impl: str = "sdpa"  # 'sdpa' (fused kernel, flash on GPU) | 'explicit' (the math, spelled out)
 
     def __post_init__(self):
@@ -100,7 +106,7 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         for field, allowed in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("attn_impl", ("sdpa", "explicit"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: expected one of {', '.join(allowed)}")
@@ -108,6 +114,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim (it rotates pairs of dimensions), got {self.head_dim}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap}: a soft-cap bounds |logits|, so it must be > 0")
 
     @classmethod
     def preset(cls, size="gpt2", arch="gpt2", **overrides):
@@ -122,7 +130,9 @@ class GPTConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "attn_impl")}
 
 
-POSITIONS, NORMS, MLPS = ("learned", "rope", "alibi"), ("layernorm", "rmsnorm"), ("gelu", "swiglu")
+POSITIONS = ("learned", "rope", "alibi")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm-noweight")
+MLPS = ("gelu", "swiglu", "relu2")
 
 
 SIZES = {
@@ -141,6 +151,10 @@ ARCHS = {
     # a teaching variant under OLMo's name: ALiBi positions, LayerNorm, SwiGLU, no biases;
     # NOTE: AI2's released OLMo models use RoPE, not ALiBi
     "olmo": dict(pos="alibi", norm="layernorm", mlp="swiglu", bias=False, tie_embeddings=True),
+    # HF's NanoChatForCausalLM (Karpathy's nanochat, late 2025): weightless RMSNorms, also after the embedding and on
+    # q and k; ReLU²; an untied head; logits soft-capped at 15; and nanochat's init, output projections at zero
+    "nanochat": dict(pos="rope", norm="rmsnorm-noweight", mlp="relu2", bias=False, tie_embeddings=False,
+                     embed_norm=True, qk_norm=True, logit_softcap=15.0, zero_init_proj=True, norm_eps=1e-6),
 }
 
 
@@ -267,32 +281,55 @@ class Positions(nn.Module):
 # by softmax(q·k / sqrt(head_dim)). The causal mask is what makes this a language
 # model: no position sees the future. With grouped-query attention, several query
 # heads share one key/value head, which shrinks the KV cache.
+# QK-norm (qk_norm; ViT-22B, OLMo 2, modded-nanogpt, nanochat) divides each head's q and k by
+# their RMS before the dot product, so a score is at most sqrt(head_dim) however large the
+# weights grow: attention logits cannot run away into one-hot softmaxes, an instability that
+# these models' authors saw at large learning rates. Weightless, as nanochat's; after RoPE, as
+# HF's NanoChat (a rotation keeps a vector's RMS, so before RoPE would give the same).
+# Value embeddings (value_embeds; modded-nanogpt, nanochat's current model) give a layer a
+# second embedding table, one vector per token, added to each head's values through a gate
+# that the layer's input sets: what a token hands over can carry its identity straight from
+# the table, and the residual stream no longer has to keep it for every layer to read.
+
+
+def has_value_embed(config, layer):
+    """nanochat's choice of layers: every other one, the last included."""
+    return config.value_embeds and layer % 2 == (config.n_layer - 1) % 2
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, value_embed=False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
+        self.qk_norm, self.norm_eps = config.qk_norm, config.norm_eps
         # q, k and v for all heads in one matmul
         qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # with a value embedding: a gate per kv head, read off the first channels of x (nanochat: 12)
+        self.ve_gate = nn.Linear(min(12, config.n_embd), config.n_kv_head, bias=False) if value_embed else None
 
-    def forward(self, x, rope=None, bias=None, cache=None):
+    def forward(self, x, rope=None, bias=None, cache=None, ve=None):
         """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
         attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
-        view of the KVCache during generation, whose S keys are all its slots, filled or not."""
+        view of the KVCache during generation, whose S keys are all its slots, filled or not;
+        ve: the tokens' value embeddings (B, T, nkv*hd), or None."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(  # (B, T, nh*hd), (B, T, nkv*hd), (B, T, nkv*hd)
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
         )
+        if ve is not None:  # each kv head's values plus its gated share of the token's value embedding
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, nkv), in (0, 3)
+            v = v + gate.repeat_interleave(self.head_dim, dim=-1) * ve  # (B, T, nkv*hd)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm:  # each head's q and k to RMS 1: the cache holds normalized keys
+            q, k = (F.rms_norm(t, (self.head_dim,), eps=self.norm_eps) for t in (q, k))
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hd): every slot of the cache, these written into theirs
         dropout_p = self.dropout if self.training else 0.0
@@ -338,23 +375,27 @@ def explicit_attention(q, k, v, bias, dropout_p):
 # 4. MLP
 # After attention has moved information between positions, the MLP processes each
 # position on its own. GPT-2: Linear, GELU, Linear. LLaMA's SwiGLU gates one half of
-# a wider projection with SiLU of the other half.
+# a wider projection with SiLU of the other half. ReLU² (So et al. 2021, "Primer"; modded-nanogpt
+# and nanochat) squares a ReLU: as cheap as GELU, sparse (about half the units are exactly 0);
+# Primer found it better than GELU at the same cost, and nanochat tried SwiGLU and kept ReLU².
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        fc_out = 2 * config.mlp_hidden if self.swiglu else config.mlp_hidden  # SwiGLU: gate and up in one matmul
+        self.kind = config.mlp
+        fc_out = 2 * config.mlp_hidden if self.kind == "swiglu" else config.mlp_hidden  # SwiGLU: gate, up in one
         self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):  # (B, T, C)
         h = self.c_fc(x)  # (B, T, fc_out)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)  # (B, T, mlp_hidden) each
             h = F.silu(gate) * up  # (B, T, mlp_hidden)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
         return self.dropout(self.c_proj(h))  # (B, T, C)
@@ -367,21 +408,23 @@ class MLP(nn.Module):
 
 
 def make_norm(config):
-    if config.norm == "rmsnorm":  # scale only: x / rms(x) * weight
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    """NOTE: nanochat's RMSNorm has no weight: x / rms(x) alone ('rmsnorm-noweight'). A per-channel gain in front
+    of a Linear is one the Linear can learn itself, so nanochat drops it: fewer parameters, nothing to tune."""
+    if config.norm.startswith("rmsnorm"):  # scale only: x / rms(x) * weight
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps, elementwise_affine=config.norm == "rmsnorm")
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)  # (x - mean) / std * weight + bias
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, has_value_embed(config, layer))
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, bias=None, cache=None):  # x (B, T, C)
-        x = x + self.attn(self.ln_1(x), rope, bias, cache)
+    def forward(self, x, rope=None, bias=None, cache=None, ve=None):  # x (B, T, C)
+        x = x + self.attn(self.ln_1(x), rope, bias, cache, ve)
         x = x + self.mlp(self.ln_2(x))
         return x  # (B, T, C)
 
@@ -391,6 +434,16 @@ class Block(nn.Module):
 # Token embedding, n_layer blocks, a final norm, and the language-model head: a Linear
 # back to vocabulary logits, by default sharing its weight with the token embedding
 # (weight tying, as in GPT-2). Positions (section 2) add what the scheme needs.
+# Four switches act here. embed_norm (nanochat) normalizes the embedding before the first
+# block, so the residual stream starts at RMS 1 whatever scale the embedding table drifts to.
+# logit_softcap (Gemma 2, modded-nanogpt, nanochat: 15) squashes each logit into (-cap, cap)
+# with cap * tanh(logit / cap): nearly the identity for small logits, it keeps a confident
+# model from pushing its logits ever further. zero_init_proj (modded-nanogpt, nanochat) starts
+# every block's output projections at zero: each block starts as the identity, the model as a
+# bigram model. x0_lambdas (modded-nanogpt, nanochat) give each block two learned scalars: it
+# reads resid_lambda * x + x0_lambda * x0, x0 the stream as it entered the first block, so a deep
+# layer can scale the stream down or reach back to the tokens. They start at 1 and 0: the model
+# as without them. The value embeddings' tables (section 3) live here too.
 # from_pretrained reads HF checkpoints (convert.py).
 
 
@@ -401,21 +454,31 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
+                ln_emb=make_norm(config) if config.embed_norm else nn.Identity(),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ve=nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+                                  for i in range(config.n_layer) if has_value_embed(config, i)}),
                 ln_f=make_norm(config),
             )
         )
         self.positions = Positions(config)  # registered after ln_f, where GPT-2's wpe was: the same init order
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.x0_lambdas:  # one pair per block, set below
+            self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.tie_weights()
         self.grad_checkpointing = False
         # GPT-2's init: N(0, 0.02) weights and zero biases; the projections that write into the
-        # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth.
+        # residual stream are scaled by 1/sqrt(2 * n_layer) so its variance stays ~1 with depth
+        # (zero_init_proj: drawn with std 0, so every other weight gets the same draws as without it).
         self.apply(self._init_weights)
+        proj_std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=proj_std)
+        if config.x0_lambdas:  # 1 and 0: each block reads the stream as it is (in place: fsdp.DeferredInit replays it)
+            nn.init.ones_(self.resid_lambdas), nn.init.zeros_(self.x0_lambdas)
 
     def set_block_size(self, block_size):
         """Read a longer (or shorter) context than the model was trained on: --block-size for --eval and
@@ -456,15 +519,20 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if pos_emb is not None:
             x = x + pos_emb  # (T, C) broadcast over the batch
-        x = self.transformer.drop(x)
+        x = x0 = self.transformer.drop(self.transformer.ln_emb(x))  # ln_emb: a norm (embed_norm) or nothing
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layer(i) if cache is not None else None
+            if self.config.x0_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.transformer.ve[str(i)](idx) if str(i) in self.transformer.ve else None  # (B, T, nkv*hd)
             if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, ve, use_reentrant=False)
             else:
-                x = block(x, rope, bias, layer_cache)
+                x = block(x, rope, bias, layer_cache, ve)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:  # in fp32, as nanochat and HF do: tanh needs the precision
+            logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         loss = None
         if targets is not None:
             # (B*T, vocab) against (B*T,): the mean over every position of every sequence, in fp32
@@ -493,9 +561,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or Llama-family
-        models from the hub, or any local directory holding an HF GPT2LMHeadModel or
-        LlamaForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
+        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), Llama-family or NanoChat
+        models from the hub, or any local directory holding an HF GPT2LMHeadModel, LlamaForCausalLM or
+        NanoChatForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
         tokenizer its ids mean: convert.hf_tokenizer_name."""
         arch, fields, weights = convert.read_hf(name_or_path)  # HF's config and weights under our names
         config = GPTConfig.preset("gpt2", arch, dropout=dropout, **fields)
@@ -683,8 +751,8 @@ def check_resumable(ckpt, config, optimizer, meta, path):
             f", not on this --data's {meta['tokenizer']} tokens"
         raise ValueError(f"{path} was trained on {ckpt['tokenizer']} tokens{ours}: "
                          "resume on data made with the same tokenizer")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (now {v!r})" for k, v in config.architecture().items()
-            if ckpt["config"].get(k) != v]
+    theirs = GPTConfig(**ckpt["config"]).architecture()  # an older checkpoint's: the fields it lacks at default
+    diff = [f"{k}={theirs[k]!r} (now {v!r})" for k, v in config.architecture().items() if theirs[k] != v]
     if diff:
         raise ValueError(f"{path} was trained with another model config: {', '.join(diff)}; "
                          "use the same model flags to resume")
@@ -833,12 +901,17 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+# the flags that override the --arch preset, each a GPTConfig field
+ARCH_FLAGS = ("pos", "norm", "mlp", "n_kv_head", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap",
+              "zero_init_proj", "value_embeds", "x0_lambdas")
+
+
 def model_config(args, vocab_size):
     """The model the command line describes: an --arch and a --size preset, any single flag on top (GPTConfig
     refuses a shape that cannot exist). The vocabulary is padded to a multiple of 64 (GPT-2's 50,257 -> 50,304)
     as nanoGPT does, for whole GPU tiles; training pushes their logits down, evaluation counts them, sampling
     never draws them."""
-    flags = ("pos", "norm", "mlp", "n_kv_head", "n_layer", "n_head", "n_embd", "block_size")
+    flags = (*ARCH_FLAGS, "n_layer", "n_head", "n_embd", "block_size")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     return GPTConfig.preset(args.size or RECIPE["size"], args.arch, vocab_size=64 * math.ceil(vocab_size / 64),
                             dropout=args.dropout, **overrides)
@@ -1344,6 +1417,15 @@ def parse_args(argv=None):
     g.add_argument("--pos", choices=POSITIONS, help="override the preset's positions")
     g.add_argument("--norm", choices=NORMS, help="override the preset's norm")
     g.add_argument("--mlp", choices=MLPS, help="override the preset's MLP")
+    on_off = argparse.BooleanOptionalAction  # --qk-norm / --no-qk-norm; neither: the preset's
+    g.add_argument("--tie-embeddings", action=on_off, help="the head shares the token embedding's weight")
+    g.add_argument("--embed-norm", action=on_off, help="a norm right after the token embedding")
+    g.add_argument("--qk-norm", action=on_off, help="q and k divided by their RMS (per head) before attention")
+    g.add_argument("--logit-softcap", type=in_range(0, low_open=True), metavar="CAP", help="logits squashed to "
+                   "CAP * tanh(logits / CAP)")
+    g.add_argument("--zero-init-proj", action=on_off, help="the output projections start at zero")
+    g.add_argument("--value-embeds", action=on_off, help="every other layer adds a per-token table to its values")
+    g.add_argument("--x0-lambdas", action=on_off, help="each block reads a learned mix of the stream and the first")
     g.add_argument("--n-kv-head", type=at_least(1), help="key/value heads (grouped-query attention); default n_head")
     # the size's numbers are left None here: model_config leaves them to the preset
     g.add_argument("--size", choices=list(SIZES), help="size preset (SIZES): depth, width, context; default mini")
@@ -1442,7 +1524,7 @@ def parse_args(argv=None):
 # exports, which write a checkpoint (or HF weights) as it is, on the CPU.
 LOADING = ("ckpt", "init_from", "block_size", "device", "dtype")  # what --sample and --eval run, and where
 READS = {
-    "training": ("data", "arch", "pos", "norm", "mlp", "n_kv_head", "size", "n_layer", "n_head", "n_embd",
+    "training": ("data", "arch", *ARCH_FLAGS, "size", "n_layer", "n_head", "n_embd",
                  "block_size", "seq_len", "dropout", "init_from", "batch_size", "total_batch_tokens", "max_steps",
                  "optimizer", "lr", "muon_lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay",
                  "grad_clip", "seed", "out_dir", "log_every", "eval_every", "eval_iters", "ckpt_every", "ckpt_format",
@@ -1512,7 +1594,8 @@ def check_args(p, args, given):
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     # The model: GPTConfig is the one judge of a shape and the presets the one source of defaults, so the flags
     # build the config here (the data's vocabulary is read later, and cannot make a shape impossible).
-    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size") if getattr(args, f) is not None]
+    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size", *ARCH_FLAGS)
+             if getattr(args, f) is not None]
     if args.init_from and shape:  # HF weights fix all of these; a flag that cannot act is refused, not ignored
         p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
     args.block_size = args.block_size or args.seq_len  # --seq-len 256 alone trains a 256-token model
