@@ -223,7 +223,9 @@ def plan(env, argv, unmade=()):
         return ("parse", script, args, WHY_ONLY_PARSED["fineweb"])
     if parsed.sample:
         return ("run", script, replaced(args, "--max-new-tokens", "8") + ["--device", "cpu"])
-    if parsed.eval or parsed.export_hf or parsed.export_gguf:
+    if parsed.export_hf or parsed.export_gguf:  # the exports run on the CPU and refuse --device
+        return ("run", script, args)
+    if parsed.eval:
         return ("run", script, args + ["--device", "cpu"])
     return ("run", script, tiny_training(args))
 
