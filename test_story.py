@@ -54,6 +54,7 @@ def test_no_companion_imports_transformer(companion):
     assert not imported & {"transformer", "prepare_data", "bench"}
 
 
+@pytest.mark.slow
 def test_main_returns_under_a_gloo_process_group(tmp_path, data):
     """Library code never ends its caller's process: transformer.main under torchrun's environment (one gloo
     process) returns to its caller, who prints after it. Only transformer.py run as a program leaves with
