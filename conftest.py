@@ -15,8 +15,9 @@ The rule for a new test: mark it `@pytest.mark.slow` (above any parametrize) whe
     keep (make such a test smaller first; mark it slow only when it cannot be).
 A test that uses a fixture which does one of these (test_fsdp.py's `runs`, test_hellaswag.py's `under_torchrun`) is
 slow too. A subprocess that only checks bad input (one line, exit 2) stays fast: it is how a user meets the program.
-Each slow test's claim keeps a tiny in-process twin in the fast tier where one exists (resume in one process for
-the kill -9 loops, the mocked full disk for the real one, FSDP's refusals for FSDP's runs)."""
+Each slow test's claim keeps a tiny in-process twin in the fast tier where one exists: resume == uninterrupted and
+a save dying halfway for the kill -9 loops, a refused write for the real full disks, FSDP in a one-process group
+(test_one_fsdp_process_...) and its refusals for FSDP's torchrun runs, piped --interactive for the terminal one."""
 
 import hashlib
 import importlib.util
