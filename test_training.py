@@ -670,6 +670,16 @@ def test_resume_auto_falls_back_past_a_truncated_newest_sharded_checkpoint(data,
     assert sorted(os.listdir(out)) == ["loss.png", "metrics.jsonl", "step_000004", "step_000006"]  # rewritten
 
 
+def test_a_sharded_checkpoint_reads_in_one_process_as_the_file_checkpoint_of_the_same_run(data, tmp_path):
+    """What --sample, --eval and the exports read of a --ckpt-format sharded run: its newest step folder's weights,
+    whole, with no process group (fsdp.newest, fsdp.read_model_state); test_fsdp.py does it for 2 FSDP processes."""
+    train(data, tmp_path / "file", "--max-steps", "2")
+    train(data, tmp_path / "sharded", "--max-steps", "2", "--ckpt-format", "sharded")
+    file = transformer.load_checkpoint(str(tmp_path / "file" / "ckpt.pt"))["model"]
+    sharded = transformer.load_checkpoint(str(tmp_path / "sharded"))["model"]  # a run's --out-dir
+    assert file.keys() == sharded.keys() and all(torch.equal(file[k], sharded[k]) for k in file)
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     data, tmp_path, capsys, monkeypatch, one_line_error
 ):
