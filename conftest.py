@@ -1,6 +1,23 @@
-"""Set-up shared by every test file: offline where ../shared holds tiktoken's cache, on one torch thread, and
-the texts tests read. The suite also passes on a fresh clone with nothing beside it (a user's checkout):
-tiktoken then uses its own cache or downloads its two files, and tests make their own text."""
+"""Set-up shared by every test file: offline where ../shared holds tiktoken's cache, on one torch thread, the texts
+tests read, and the two tiers. The suite also passes on a fresh clone with nothing beside it (a user's checkout):
+tiktoken then uses its own cache or downloads its two files, and tests make their own text.
+
+Two tiers. `python -m pytest -q` is the fast tier (about 2 minutes on a quiet 2-core machine): every section of
+transformer.py and every companion at a tiny size, HF parity, cache == no cache, resume == an uninterrupted run in
+one process, each command of the CLI, and bad input. `python -m pytest -q --slow` runs everything (.ci/run does,
+with --durations=10). `-m slow` runs the slow tier alone.
+
+The rule for a new test: mark it `@pytest.mark.slow` (above any parametrize) when it
+  - starts more than one process (torchrun, HSDP's two launchers), or a subprocess that trains or is signalled
+    (kill -9 loops, SIGINT/SIGTERM, a pseudo-terminal), or mounts a full disk;
+  - builds or runs llama.cpp, runs bench.py's rows or --gpu-check, or torch.compile;
+  - or takes more than ~3 s on a quiet 2-core machine and is not the one test of something the fast tier must
+    keep (make such a test smaller first; mark it slow only when it cannot be).
+A test that uses a fixture which does one of these (test_fsdp.py's `runs`, test_hellaswag.py's `under_torchrun`) is
+slow too. A subprocess that only checks bad input (one line, exit 2) stays fast: it is how a user meets the program.
+Each slow test's claim keeps a tiny in-process twin in the fast tier where one exists: resume == uninterrupted and
+a save dying halfway for the kill -9 loops, a refused write for the real full disks, FSDP in a one-process group
+(test_one_fsdp_process_...) and its refusals for FSDP's torchrun runs, piped --interactive for the terminal one."""
 
 import hashlib
 import importlib.util
@@ -56,13 +73,39 @@ NEEDS_LLAMA_CPP = (f"needs llama-cpp-python (compiles llama.cpp, ~10 min): pip i
                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}; .ci/run installs it")
 
 
-def pytest_collection_modifyitems(items):
-    """Where llama-cpp-python is missing, every test that runs a GGUF in llama.cpp (fixture llama_cpp_model)
-    skips with one reason, which `pytest -rs` prints as one line."""
+pytest_plugins = ["pytester"]  # test_tiers.py runs pytest on a file of its own with this conftest
+SLOW_LEFT_OUT = pytest.StashKey[int]()  # how many slow tests this run left out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="run the slow tests too (marked slow: torchrun, kill -9, llama.cpp, bench.py...)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs only with --slow (the rule is in conftest.py's docstring)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --slow, the tests marked slow are deselected (pytest counts them as "deselected"); a -m expression
+    (`-m slow`: the slow tier alone) decides for itself. Where llama-cpp-python is missing, every test that runs a
+    GGUF in llama.cpp (fixture llama_cpp_model) skips with one reason, which `pytest -rs` prints as one line."""
+    if not config.getoption("--slow") and not config.option.markexpr:
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
+            config.stash[SLOW_LEFT_OUT] = len(slow)
     if importlib.util.find_spec("llama_cpp") is None:
         for item in items:
             if "llama_cpp_model" in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.skip(reason=NEEDS_LLAMA_CPP))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left_out = config.stash.get(SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(f"fast tier: {left_out} slow tests not run; `python -m pytest -q --slow` runs all")
 
 
 def english_text(n_bytes, seed=0):

@@ -24,6 +24,7 @@ def has_row(row, stdout):
     return re.search(f"^{row} ", stdout, re.MULTILINE) is not None
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_every_row(tmp_path):
     (tmp_path / "text.txt").write_bytes(english_text(100_000))
     result = bench("--quick", "--text", tmp_path / "text.txt")
@@ -34,6 +35,7 @@ def test_quick_bench_prints_every_row(tmp_path):
     assert "peak RSS" in result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_on_the_cpu_says_what_it_skips():
     result = bench("--gpu-check", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -67,6 +69,7 @@ class GPT(transformer.GPT):
 """
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_runs_every_item_at_a_tiny_size(tmp_path):
     """--gpu-check's code at a tiny size on the CPU (gloo for NCCL, the CLI's CPU defaults): every item reports
     ok, the summary table comes last, and the same summary is written as JSON under --out."""
@@ -86,6 +89,7 @@ def test_gpu_check_quick_runs_every_item_at_a_tiny_size(tmp_path):
     assert re.search(r"tiny T=64 B=4: [\d,]+ tok/s, MFU ([\d.]+%|n/a), peak [\d.]+ GiB", result.stdout)
 
 
+@pytest.mark.slow
 def test_rows_runs_only_the_rows_named():
     result = bench("--quick", "--rows", "decode")
     assert result.returncode == 0, result.stderr

@@ -389,6 +389,7 @@ def llama_cpp_model(gguf_exported):
     llm.close()
 
 
+@pytest.mark.slow
 def test_llama_cpp_tokenizes_as_utf8_bytes(llama_cpp_model):
     _, llm, _ = llama_cpp_model
     for text in TEXTS:
@@ -396,6 +397,7 @@ def test_llama_cpp_tokenizes_as_utf8_bytes(llama_cpp_model):
         assert llm.detokenize(list(text.encode())).decode() == text
 
 
+@pytest.mark.slow
 def test_llama_cpp_logits_equal_ours(llama_cpp_model):
     """Within 1e-4 for f32, but ggml's GELU reads an fp16 table: GPT-2 gets a looser bound."""
     model, llm, dtype = llama_cpp_model
@@ -406,6 +408,7 @@ def test_llama_cpp_logits_equal_ours(llama_cpp_model):
     assert max_diff(torch.tensor(llm.scores[: len(prompt)]), ours(model, torch.tensor([prompt]))[0]) <= tolerance
 
 
+@pytest.mark.slow
 def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp_model):
     model, llm, _ = llama_cpp_model
     prompt = list(b"ROMEO:")
@@ -419,6 +422,7 @@ def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp_model):
     assert tokens == expected
 
 
+@pytest.mark.slow
 def test_gguf_gpt2_tokenizer_reads_back_like_tiktoken(tmp_path):
     pytest.importorskip("gguf")
     model = random_model(tiny("llama", vocab_size=50257, n_embd=32))
@@ -545,6 +549,7 @@ def tokenizer_llama_cpp(tokenizer_export):
     llm.close()
 
 
+@pytest.mark.slow
 def test_every_tokenizers_gguf_tokenizes_like_ours_in_llama_cpp(tokenizer_llama_cpp):
     tok, _, llm = tokenizer_llama_cpp
     special = tok.name.startswith("hf:")  # an HF tokenizer reads '<|endoftext|>' in a text as its token; ours as text
@@ -553,6 +558,7 @@ def test_every_tokenizers_gguf_tokenizes_like_ours_in_llama_cpp(tokenizer_llama_
         assert llm.detokenize(tok.encode(text), special=special).decode() == text
 
 
+@pytest.mark.slow
 def test_every_tokenizers_gguf_gives_our_logits_in_llama_cpp(tokenizer_llama_cpp):
     tok, model, llm = tokenizer_llama_cpp
     ids = tok.encode("ROMEO: 12345 naïve 🙂")
@@ -688,6 +694,7 @@ def trained(tmp_path, *flags):
     return transformer.model_from_checkpoint(transformer.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))).eval()
 
 
+@pytest.mark.slow
 def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_path):
     model = trained(tmp_path)
     printed, _ = cli(tmp_path, "--ckpt", "out/ckpt.pt", "--export-hf", "hf", "--export-gguf", "model.gguf")

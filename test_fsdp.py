@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import fsdp
 import transformer
 from conftest import torchrun_leaving
 from test_training import ENV, SCRIPT, TINY, metrics, train
@@ -59,6 +60,7 @@ def runs(data, tmp_path_factory):
 # Training: 2 FSDP processes == 1 process
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_with_accumulation_and_clipping_equal_one_process(runs):
     root, result, _ = runs
     one, fsdp = metrics(root / "straight")[:4], metrics(root / "fsdp")
@@ -72,6 +74,7 @@ def test_two_fsdp_processes_with_accumulation_and_clipping_equal_one_process(run
     assert result.stdout.count("--- sample ---") == 1  # both processes sample (the weights are split), rank 0 prints
 
 
+@pytest.mark.slow
 def test_a_finished_fsdp_process_ends_before_pythons_shutdown(runs):
     """Under FSDP torch's DTensor keeps the process group, and gloo's worker threads, past destroy_process_group
     (torch 2.13); one of them freeing a tensor during Python's shutdown aborted 1 finished run in 25 to 40. So a
@@ -84,6 +87,7 @@ def test_a_finished_fsdp_process_ends_before_pythons_shutdown(runs):
 # Checkpoints: sharded under FSDP, read by any number of processes; the single file when asked for
 
 
+@pytest.mark.slow
 def test_each_fsdp_process_writes_its_own_shards_into_a_complete_step_folder(runs):
     root, *_ = runs
     assert sorted(os.listdir(root / "fsdp")) == ["loss.png", "metrics.jsonl", "step_000004"]  # no ckpt.pt, no .tmp
@@ -91,6 +95,7 @@ def test_each_fsdp_process_writes_its_own_shards_into_a_complete_step_folder(run
                                                                  "__1_0.distcp", "train.pt"]
 
 
+@pytest.mark.slow
 def test_an_fsdp_sharded_checkpoint_reads_in_one_process_as_the_one_process_weights(runs):
     root, *_ = runs
     one = transformer.load_checkpoint(str(root / "one" / "ckpt.pt"))
@@ -102,6 +107,7 @@ def test_an_fsdp_sharded_checkpoint_reads_in_one_process_as_the_one_process_weig
     assert fsdp["step"] == 4 and fsdp["loader"] == one["loader"] and fsdp["config"] == one["config"]
 
 
+@pytest.mark.slow
 def test_fsdp_with_ckpt_format_file_writes_a_one_process_checkpoint(compiled, runs):
     root, *_ = runs
     one = transformer.load_checkpoint(str(root / "one" / "ckpt.pt"))
@@ -120,6 +126,7 @@ def test_fsdp_with_ckpt_format_file_writes_a_one_process_checkpoint(compiled, ru
     assert fsdp["step"] == 2 and len(fsdp["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_an_fsdp_checkpoint_samples_in_one_process(runs, capsys):
     root, *_ = runs
     capsys.readouterr()
@@ -129,6 +136,7 @@ def test_an_fsdp_checkpoint_samples_in_one_process(runs, capsys):
     assert out.startswith("ab") and out.rstrip().endswith("-" * 40)
 
 
+@pytest.mark.slow
 def test_an_fsdp_checkpoint_evaluates_in_one_process_as_the_one_process_checkpoint(runs, data, capsys):
     root, *_ = runs
     lines = []
@@ -140,6 +148,7 @@ def test_an_fsdp_checkpoint_evaluates_in_one_process_as_the_one_process_checkpoi
     assert "perplexity" in lines[0] and loss[0] == pytest.approx(loss[1], abs=1e-4)  # the line shows 4 decimals
 
 
+@pytest.mark.slow
 def test_an_fsdp_sharded_checkpoint_resumes_in_one_process_where_it_left_off(runs, data):
     """2 -> 1: each weight and AdamW moment put together from both processes' shards."""
     root, *_ = runs
@@ -151,6 +160,7 @@ def test_an_fsdp_sharded_checkpoint_resumes_in_one_process_where_it_left_off(run
     assert checkpoint.find_checkpoints(str(out)) == [str(out / "ckpt.pt"), str(out / "step_000004")]  # the newest first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, batch", [
     ("one", FSDP),  # 1 -> 2 from a single file: every process reads the whole tensors and keeps its shard
     ("one_sharded", FSDP),  # 1 -> 2 from a sharded folder: every process reads only what its shards need
@@ -174,13 +184,35 @@ def test_a_checkpoint_resumes_under_fsdp_where_it_left_off(runs, data, source, b
 # -----------------------------------------------------------------------------
 # What each process holds, measured from inside: a small program under torchrun that shards a model with
 # fsdp.shard, takes one bf16 step, and writes this process's local sizes to rank<N>.json
-# (a file per process: two processes printing to one pipe can interleave their lines).
+# (a file per process: two processes printing to one pipe can interleave their lines). It also reports
+# meta_init_report for two architectures, which the fast tier runs in one process (test_one_fsdp_process_...).
+
+
+def meta_init_report(arch, x, **extra):
+    """A tiny arch model built on the meta device, sharded over the default group's processes, then initialised
+    shard by shard (fsdp.DeferredInit), against a whole build from the same seed: are its weights bit for bit
+    those of the whole build, are the same random numbers drawn, is the loss on x the same, is the head tied."""
+    config = transformer.GPTConfig.preset("tiny", arch, block_size=16, vocab_size=65, **extra)  # uneven shards
+    torch.manual_seed(0)
+    whole = transformer.GPT(config)
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(0)
+    with fsdp.DeferredInit() as init:
+        meta = transformer.GPT(config)
+    fsdp.shard(meta, torch.float32, init, torch.device("cpu"))
+    meta.positions.make_tables()
+    return {"bit_equal": all(torch.equal(p.full_tensor(), whole.get_parameter(n)) for n, p in meta.named_parameters()),
+            "same_rng_after": torch.equal(torch.get_rng_state(), rng_after),
+            "same_loss": meta(x, x)[1].item() == whole(x, x)[1].item(),
+            "tied": meta.lm_head.weight is meta.transformer.wte.weight}
+
 
 SHARDS = """
 import json, sys
 import torch
 import fsdp
 import transformer
+from test_fsdp import meta_init_report
 
 data, out = sys.argv[1], sys.argv[2]
 dist, device, dtype = transformer.Distributed(), torch.device("cpu"), torch.bfloat16
@@ -205,25 +237,9 @@ with dist.running(device):
         "forward_dtypes": sorted(set(forward_dtypes)),
         "tied": model.lm_head.weight is model.transformer.wte.weight,
     }
-    # built on the meta device, sharded, then initialised shard by shard: the weights of a whole build, bit for bit
-    # a tied head and learned positions; an untied head, RoPE tables, SwiGLU; value embeddings and x0 lambdas
     for arch, extra in (("gpt2", {}), ("llama", {}), ("nanochat", dict(value_embeds=True, x0_lambdas=True))):
-        config = transformer.GPTConfig.preset("tiny", arch, block_size=16, vocab_size=65, **extra)  # uneven shards
-        torch.manual_seed(0)
-        whole = transformer.GPT(config)
-        rng_after = torch.get_rng_state()
-        torch.manual_seed(0)
-        with fsdp.DeferredInit() as init:
-            meta = transformer.GPT(config)
-        fsdp.shard(meta, torch.float32, init, device)
-        meta.positions.make_tables()
-        x = buf[:, :-1] % 65
-        report[f"{arch}_meta_init"] = {
-            "bit_equal": all(torch.equal(p.full_tensor(), whole.get_parameter(n)) for n, p in meta.named_parameters()),
-            "same_rng_after": torch.equal(torch.get_rng_state(), rng_after),
-            "same_loss": meta(x, x)[1].item() == whole(x, x)[1].item(),
-            "tied": meta.lm_head.weight is meta.transformer.wte.weight,
-        }
+        # a tied head and learned positions; an untied head, RoPE tables, SwiGLU; value embeddings and x0 lambdas
+        report[f"{arch}_meta_init"] = meta_init_report(arch, buf[:, :-1] % 65, **extra)
     with open(f"{out}/rank{dist.rank}.json", "w") as f:
         json.dump(report, f)
 """
@@ -238,6 +254,7 @@ def shards(data, tmp_path_factory):
     return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_each_fsdp_process_holds_half_of_the_weights_and_of_the_adamw_state(shards):
     total = shards[0]["total"]
     assert sum(r["params"] for r in shards) == total  # every parameter in exactly one shard
@@ -246,6 +263,7 @@ def test_each_fsdp_process_holds_half_of_the_weights_and_of_the_adamw_state(shar
         assert r["adamw"] == 2 * r["params"]  # exp_avg and exp_avg_sq for this process's shard only
 
 
+@pytest.mark.slow
 def test_a_model_built_on_the_meta_device_gets_the_initial_weights_of_a_whole_build_bit_for_bit(shards):
     """fsdp.DeferredInit: no process ever holds the whole model, and the same seed gives the same start."""
     for r in shards:
@@ -255,13 +273,35 @@ def test_a_model_built_on_the_meta_device_gets_the_initial_weights_of_a_whole_bu
         assert r["gpt2_meta_init"]["tied"]
 
 
+@pytest.mark.slow
 def test_the_tied_head_stays_one_parameter_when_sharded(shards):
     assert all(r["tied"] for r in shards)
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_gathers_bf16_weights_for_the_forward_and_keeps_fp32_shards(shards):
     for r in shards:
         assert r["forward_dtypes"] == ["torch.bfloat16"] and r["stored_dtypes"] == ["torch.float32"]
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one process, in this process (what torchrun's first process joins, world size 1)."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch, extra", [("gpt2", {}), ("llama", {}),
+                                         ("nanochat", dict(value_embeds=True, x0_lambdas=True))])
+def test_one_fsdp_process_built_on_the_meta_device_starts_at_the_weights_of_a_whole_build(one_process_group, arch,
+                                                                                          extra):
+    """The fast tier's twin of the torchrun check above: fsdp.DeferredInit and fsdp.shard in one process."""
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert meta_init_report(arch, x, **extra) == {"bit_equal": True, "same_rng_after": True, "same_loss": True,
+                                         "tied": arch == "gpt2"}
 
 
 # -----------------------------------------------------------------------------
@@ -278,6 +318,7 @@ def compiled(runs, data):
     return out
 
 
+@pytest.mark.slow
 def test_compiled_fsdp_with_gradient_checkpointing_equals_one_eager_process(runs, compiled):
     root, *_ = runs
     assert losses(compiled) == pytest.approx(losses(root / "straight")[:2], abs=1e-4)
@@ -287,6 +328,7 @@ def test_compiled_fsdp_with_gradient_checkpointing_equals_one_eager_process(runs
 # HSDP: 2 "nodes" (two torchrun launchers on this machine) x 2 processes
 
 
+@pytest.mark.slow
 def test_hsdp_on_two_nodes_of_two_processes_equals_one_process(runs, data):
     """--fsdp hsdp: each weight sharded over a node's 2 processes, replicated across the 2 nodes."""
     root, *_ = runs

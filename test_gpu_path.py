@@ -173,6 +173,7 @@ def test_resuming_maps_the_checkpoint_instead_of_reading_it_into_memory(tmp_path
 # CUDA's features, on the CPU
 
 
+@pytest.mark.slow
 def test_compiled_training_with_gradient_checkpointing_equals_eager(data, tmp_path):
     train(data, tmp_path / "eager", "--max-steps", "3")
     train(data, tmp_path / "compiled", "--max-steps", "3", "--compile", "--grad-checkpointing")
@@ -221,6 +222,7 @@ def torchrun(data, out, *flags):
     return result
 
 
+@pytest.mark.slow
 def test_any_split_of_the_batch_trains_alike_across_epoch_ends_and_resumes_under_another(short_epochs, tmp_path):
     """2 processes x B 4 == 1 process x B 4 x 2 accumulation steps == 1 process x B 8, over 3 epochs of 4 steps;
     and a checkpoint of one split resumes under another, continuing exactly (dropout 0)."""
@@ -244,6 +246,7 @@ def test_any_split_of_the_batch_trains_alike_across_epoch_ends_and_resumes_under
     assert resumed == pytest.approx([r["loss"] for r in metrics(tmp_path / "one_16")][12:], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_ddp_with_gradient_checkpointing_equals_one_eager_process(data, tmp_path):
     train(data, tmp_path / "one", "--batch-size", "8", "--max-steps", "3")
     torchrun(data, tmp_path / "two", "--batch-size", "4", "--max-steps", "3", "--compile", "--grad-checkpointing")

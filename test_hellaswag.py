@@ -222,6 +222,7 @@ def under_torchrun(hf_dir, tmp_path_factory):
                             {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_print_the_one_process_line(under_torchrun, hf_dir, tmp_path, capsys):
     file = write_jsonl(tmp_path / "hs.jsonl", EXAMPLES)
     *_, line = hellaswag_line(capsys, file, "--init-from", hf_dir[0])
@@ -231,6 +232,7 @@ def test_two_processes_under_torchrun_print_the_one_process_line(under_torchrun,
     assert result.stdout.strip() == line  # once, from rank 0, with both ranks' counts: flushed before os._exit
 
 
+@pytest.mark.slow
 def test_under_torchrun_no_gloo_thread_outlives_the_process_group(under_torchrun):
     """transformers imports torch's FSDP module, whose default argument held the process group when imported
     after it was made: gloo's threads then lived into Python's shutdown and aborted a finished run 1 time in 20."""

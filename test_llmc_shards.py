@@ -134,6 +134,7 @@ def test_llmc_llama3_shards_read_as_uint32_memmaps_of_the_same_tokens_as_ours(ll
             np.testing.assert_array_equal(shard, tokens)
 
 
+@pytest.mark.slow
 def test_training_on_llmc_llama3_shards_logs_exactly_the_losses_of_the_same_tokens_in_ours(llama3_folders, tmp_path,
                                                                                          register_encoding):
     """A meta.json names the tokenizer (here a 128,256-token tiktoken encoding made for the test: Meta's is gated),

@@ -39,6 +39,7 @@ def failure(proc_or_result, what):
     return f"{what}; exit status {proc_or_result.returncode}; stderr:\n{err[-3000:]}"
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_ends_bit_identical_to_an_uninterrupted_run(data, tmp_path):
     steps = 120
     flags = ["--data", data, *RUN, "--max-steps", str(steps), "--ckpt-every", "7"]
@@ -81,6 +82,7 @@ def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_leaves_one_complete_checkpoint_and_every_rank_exits_0(data, tmp_path):
     """What a cluster scheduler does at the end of a time slot. Each rank runs inside a small shell that
     records its exit status (torchrun itself reports the signal it got, not its workers' statuses)."""
@@ -101,6 +103,7 @@ def test_sigterm_to_torchrun_leaves_one_complete_checkpoint_and_every_rank_exits
     assert not (out / "ckpt.pt.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_torchrun_run_exits_0_on_every_rank(data, tmp_path):
     """The real command line, nothing wrapped (the twin of the tests below, whose os._exit records first)."""
     result = subprocess.run(torchrun(SCRIPT, "--data", data, *RUN, "--out-dir", str(tmp_path), "--max-steps", "3"),
@@ -117,6 +120,7 @@ def finished(data, tmp_path_factory):
                             START_UP_S + 120)
 
 
+@pytest.mark.slow
 def test_a_finished_torchrun_run_ends_every_process_before_pythons_shutdown(finished):
     """The SIGABRT one finished run in 20 to 40 ended with came from Python's shutdown: a gloo worker thread
     freeing a tensor once it had begun. A finished gloo process skips it: os._exit(0) after the group is gone."""
@@ -125,6 +129,7 @@ def test_a_finished_torchrun_run_ends_every_process_before_pythons_shutdown(fini
     assert [r and r["status"] for r in left] == [0, 0], left
 
 
+@pytest.mark.slow
 def test_a_finished_torchrun_run_frees_its_process_group(finished):
     """No late import of torch's FSDP module keeps the group alive: gloo's threads end with it."""
     result, left = finished
@@ -140,6 +145,7 @@ def workers(launcher):
         return []
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_with_resume_auto_survives_kill_9_of_a_worker_bit_identical(data, tmp_path):
     """What a cluster does: a worker dies (kill -9 of one rank, at random moments timed by training progress,
     sometimes in the middle of a save). torchrun --max-restarts starts every worker again with the same command
@@ -210,6 +216,7 @@ def on_small_tmpfs(size, out, cmd, tmp_path):
     return result
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(data, tmp_path):
     """The first checkpoint (0.4 MB) fits the 640 KB disk; the second cannot sit beside it while it is written."""
     out = tmp_path / "run"
@@ -224,6 +231,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
     assert transformer.load_checkpoint(str(left / "ckpt.pt"))["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_sharded_save_under_torchrun_ends_every_rank_with_one_line(data, tmp_path):
     """The first step folder (0.85 MB, DCP's files) fits the 1200 KB disk, the second does not: said before it is
     written (free space against this save's tensors), on both ranks; each exits 1."""

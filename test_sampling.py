@@ -284,6 +284,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["learned", "rope-gqa", "alibi"])
 def test_compiled_decode_gives_the_eager_tokens_and_compiles_once(name, fresh_dynamo):
     """compile=True (--sample --compile): the one-token steps run one compiled graph, the same for every position,
@@ -480,6 +481,7 @@ def test_cli_sample_with_the_same_seed_prints_the_same_text(trained, capsys):
     assert sample(*within_context, "--no-cache") == sample(*within_context)  # the cache changes nothing
 
 
+@pytest.mark.slow
 def test_cli_sample_compiled_prints_the_eager_text(trained, capsys, fresh_dynamo):
     ckpt, _ = trained
 
@@ -494,29 +496,25 @@ def test_cli_sample_compiled_prints_the_eager_text(trained, capsys, fresh_dynamo
     assert fresh_dynamo["unique_graphs"] - graphs == 1
 
 
-def sample_cli(trained, *flags, **kwargs):
-    return subprocess.run([sys.executable, SCRIPT, "--sample", "--ckpt", trained[0], "--device", "cpu",
-                           "--max-new-tokens", "20", "--temperature", "0", *flags], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
-
-
 def sample_prompt(trained, capsys, text):
-    """What --sample --prompt text prints, with sample_cli's flags."""
+    """What --sample --prompt text prints, greedy, 20 new tokens."""
     capsys.readouterr()
     transformer.main(["--sample", "--ckpt", trained[0], "--device", "cpu", "--max-new-tokens", "20",
                       "--temperature", "0", "--prompt", text])
     return capsys.readouterr().out
 
 
-def test_cli_interactive_samples_each_piped_prompt_until_an_empty_line(trained, capsys):
+def test_cli_interactive_samples_each_piped_prompt_until_an_empty_line(trained, capsys, monkeypatch):
     one, two = sample_prompt(trained, capsys, "The king"), sample_prompt(trained, capsys, "Good night")
-    result = sample_cli(trained, "--interactive", input="The king\nGood night\n\nnever read\n")
-    assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout == one + two
-    result = sample_cli(trained, "--interactive", input="The king")  # the end of the input ends it too
-    assert result.returncode == 0 and result.stdout == one
+    for piped, expected in [("The king\nGood night\n\nnever read\n", one + two),
+                            ("The king", one)]:  # the end of the input ends it too
+        monkeypatch.setattr(sys, "stdin", io.StringIO(piped))  # a pipe: no terminal, so no '> '
+        transformer.main(["--sample", "--interactive", "--ckpt", trained[0], "--device", "cpu", "--max-new-tokens",
+                          "20", "--temperature", "0"])
+        assert capsys.readouterr() == (expected, "")
 
 
+@pytest.mark.slow
 def test_cli_interactive_on_a_terminal_prompts_and_ends_on_ctrl_d(trained, capsys):
     """On a pseudo-terminal, as a user types: a '> ' before each prompt, the continuation, and Ctrl-D ends."""
     import pty

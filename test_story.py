@@ -82,6 +82,7 @@ def test_a_one_process_run_never_imports_fsdp_or_dcp(tmp_path, data):
     assert "resumed" in result.stdout and "perplexity" in result.stdout
 
 
+@pytest.mark.slow
 def test_main_returns_under_a_gloo_process_group(tmp_path, data):
     """Library code never ends its caller's process: transformer.main under torchrun's environment (one gloo
     process) returns to its caller, who prints after it. Only transformer.py run as a program leaves with

@@ -2,6 +2,8 @@
 beyond uint16, and the byte counts bits per byte divides by. Offline and small: BPEs of a few hundred tokens trained
 on a few KB, and tiktoken encodings built here (conftest.register_encoding) where cl100k_base would be downloaded."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -369,11 +371,11 @@ def bpe_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bpe_run")
     (tmp / "in.txt").write_text(english_text(20_000).decode())
     out, meta = prepare(tmp, "--input", str(tmp / "in.txt"), "--tokenizer", "bpe:300", "--val-fraction", "0.05")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--data", str(out), "--out-dir",
-                             str(tmp / "run"), *TINY, "--max-steps", "2", "--eval-every", "2"], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
-    return out, meta, tmp / "run", result.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        transformer.main(["--data", str(out), "--out-dir", str(tmp / "run"), *TINY, "--max-steps", "2",
+                          "--eval-every", "2"])
+    return out, meta, tmp / "run", printed.getvalue()
 
 
 def test_training_logs_val_bits_per_byte_at_the_val_splits_bytes_per_token(bpe_run):

@@ -304,6 +304,7 @@ def test_total_batch_tokens_must_be_a_multiple_of_the_micro_batch(data, tmp_path
     assert "not a multiple of batch x seq-len x processes = 64" in line
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_equal_one_process(data, tmp_path):
     train(data, tmp_path / "one", "--batch-size", "8", "--max-steps", "4")
     out = tmp_path / "two"
@@ -435,6 +436,7 @@ def test_a_checkpoint_from_another_tool_is_a_clear_error(data, tmp_path, capsys,
 # Signals
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_continues_from_it(data, tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -515,22 +517,26 @@ def test_finetuning_a_model_whose_vocab_is_larger_than_the_data_tokenizer_finish
     assert status == 0, err.strip().splitlines()[-1:]
 
 
-def test_without_data_the_main_job_prepares_input_txt_as_bytes_on_first_use(tmp_path):
+def test_without_data_the_main_job_prepares_input_txt_as_bytes_on_first_use(tmp_path, monkeypatch):
     """The real path, no stubs: prepare_data.py runs as a program, then training reads its shards."""
     (tmp_path / "input.txt").write_bytes(english_text(20_000))
-    result = cli(tmp_path, "--out-dir", "out", *TINY, "--max-steps", "2")
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(tmp_path)
+    transformer.main(["--out-dir", "out", *TINY, "--max-steps", "2"])
     meta = json.loads((tmp_path / "data" / "shakespeare_byte" / "meta.json").read_text())
     assert meta["vocab_size"] == 256 and len(metrics(tmp_path / "out")) == 2
 
 
-def test_without_data_and_offline_the_main_job_stops_with_prepare_datas_one_line(tmp_path):
+def test_without_data_and_offline_the_main_job_stops_with_prepare_datas_one_line(tmp_path, monkeypatch, capfd):
     # No input.txt, and no way out: every https request goes to a closed local port (urllib reads https_proxy),
     # so the download fails here as it would offline, without the test ever touching the network.
-    offline = {**ENV, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
-    result = cli(tmp_path, "--out-dir", "out", *TINY, "--max-steps", "2", env=offline)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "prepare_data.py: error: could not download" in result.stderr
+    for name, value in [("https_proxy", "http://127.0.0.1:9"), ("HTTPS_PROXY", "http://127.0.0.1:9"), ("no_proxy", "")]:
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        transformer.main(["--out-dir", "out", *TINY, "--max-steps", "2"])
+    out, err = capfd.readouterr()  # prepare_data.py's, a program of its own: on the file descriptors
+    assert exc.value.code == 1 and out == ""
+    assert err.count("\n") == 1 and "prepare_data.py: error: could not download" in err
     assert not (tmp_path / "input.txt").exists() and not (tmp_path / "out").exists()
 
 
@@ -665,6 +671,16 @@ def test_resume_auto_falls_back_past_a_truncated_newest_sharded_checkpoint(data,
     assert sorted(os.listdir(out)) == ["loss.png", "metrics.jsonl", "step_000004", "step_000006"]  # rewritten
 
 
+def test_a_sharded_checkpoint_reads_in_one_process_as_the_file_checkpoint_of_the_same_run(data, tmp_path):
+    """What --sample, --eval and the exports read of a --ckpt-format sharded run: its newest step folder's weights,
+    whole, with no process group (fsdp.newest, fsdp.read_model_state); test_fsdp.py does it for 2 FSDP processes."""
+    train(data, tmp_path / "file", "--max-steps", "2")
+    train(data, tmp_path / "sharded", "--max-steps", "2", "--ckpt-format", "sharded")
+    file = transformer.load_checkpoint(str(tmp_path / "file" / "ckpt.pt"))["model"]
+    sharded = transformer.load_checkpoint(str(tmp_path / "sharded"))["model"]  # a run's --out-dir
+    assert file.keys() == sharded.keys() and all(torch.equal(file[k], sharded[k]) for k in file)
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     data, tmp_path, capsys, monkeypatch, one_line_error
 ):
@@ -767,6 +783,7 @@ def test_wandb_receives_every_record_of_metrics_jsonl(data, tmp_path, monkeypatc
     assert fake.logged == [(r["step"], r) for r in metrics(tmp_path)]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_with_the_real_package(data, tmp_path):
     pytest.importorskip("wandb")
     result = cli(tmp_path, "--data", data, "--out-dir", tmp_path / "out", *TINY, "--max-steps", "3", "--wandb", "p")
@@ -848,6 +865,7 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(monkeypatch, capsys):
     assert exc.value.code == 2 and "--optimizer muon needs torch >= 2.9" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_muon_under_torchrun_equals_one_process(data, tmp_path):
     train(data, tmp_path / "one", "--optimizer", "muon", "--batch-size", "8", "--max-steps", "4")
     result = subprocess.run(
