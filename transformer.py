@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 import re
@@ -59,7 +58,7 @@ import convert
 import hellaswag
 from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
 from distributed import Distributed, StopSignal, pick_device, synchronize
-from flagtypes import ArgumentParser, at_least, device_name, in_range
+from flagtypes import ARCH_FLAGS, ArgumentParser, at_least, check_flags, command, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
 from optimizers import Optimizers
 from shards import find_shards, load_shard, read_meta
@@ -901,11 +900,6 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-# the flags that override the --arch preset, each a GPTConfig field
-ARCH_FLAGS = ("pos", "norm", "mlp", "n_kv_head", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap",
-              "zero_init_proj", "value_embeds", "x0_lambdas")
-
-
 def model_config(args, vocab_size):
     """The model the command line describes: an --arch and a --size preset, any single flag on top (GPTConfig
     refuses a shape that cannot exist). The vocabulary is padded to a multiple of 64 (GPT-2's 50,257 -> 50,304)
@@ -1398,7 +1392,8 @@ def export(args):
 # 14. CLI
 # One entry point, main(). The model's numbers default to the --size preset (model_config
 # leaves them to it), training's to the default run's RECIPE (section 1). Every value is
-# checked here, before any work: a bad one is one line and exit status 2.
+# checked here, before any work: a bad one is one line and exit status 2. Which flags each
+# command reads (READS; any other is refused) and which must agree live in flagtypes.py.
 
 
 def parse_args(argv=None):
@@ -1519,79 +1514,13 @@ def parse_args(argv=None):
     return args
 
 
-# What each command reads, in one place: any other flag given to it is refused (check_args), never ignored.
-# The commands: training (the default), --sample, --eval over --data or --text, --eval --hellaswag, and the
-# exports, which write a checkpoint (or HF weights) as it is, on the CPU.
-LOADING = ("ckpt", "init_from", "block_size", "device", "dtype")  # what --sample and --eval run, and where
-READS = {
-    "training": ("data", "arch", *ARCH_FLAGS, "size", "n_layer", "n_head", "n_embd",
-                 "block_size", "seq_len", "dropout", "init_from", "batch_size", "total_batch_tokens", "max_steps",
-                 "optimizer", "lr", "muon_lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay",
-                 "grad_clip", "seed", "out_dir", "log_every", "eval_every", "eval_iters", "ckpt_every", "ckpt_format",
-                 "keep_checkpoints", "async_save", "resume", "hellaswag_every", "hellaswag", "wandb", "device",
-                 "dtype", "compile", "grad_checkpointing", "fsdp"),
-    "--sample": (*LOADING, "sample", "seed", "compile", "prompt", "num_samples", "max_new_tokens", "temperature",
-                 "top_k", "top_p", "no_stop", "no_cache", "interactive"),
-    "--eval": (*LOADING, "eval", "batch_size", "data", "text"),
-    "--eval --hellaswag": (*LOADING, "eval", "hellaswag", "batch_size"),
-    "--export-hf/--export-gguf": ("ckpt", "init_from", "export_hf", "export_gguf", "gguf_dtype"),
-}
-
-
-def command(args):
-    """Which of READS's commands a command line runs."""
-    if args.export_hf or args.export_gguf:
-        return "--export-hf/--export-gguf"
-    if args.sample:
-        return "--sample"
-    if args.eval:
-        return "--eval --hellaswag" if args.hellaswag is not None else "--eval"
-    return "training"
-
-
 def check_args(p, args, given):
-    """What no single flag can check: flags the command does not read (given: the flags set to other than their
-    defaults, by name), and flags that must agree with each other. p.error exits with one line."""
-    what = command(args)
-    for name in given:
-        if name not in READS[what]:
-            p.error(f"--{name.replace('_', '-')} is not read by {what}: drop it")
-    if "ckpt" in given and "init_from" in given:
-        p.error("give --ckpt or --init-from, not both")
-    if "data" in given and "text" in given:
-        p.error("--eval reads --data or --text, not both")
-    if "gguf_dtype" in given and not args.export_gguf:
-        p.error("--gguf-dtype is for --export-gguf")
-    # FSDP: each process holds a shard of every weight, which only a training run under torchrun can use
-    if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
-        p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
-                "--fsdp ...")
-    args.ckpt_format = args.ckpt_format or ("sharded" if args.fsdp else "file")
-    if args.ckpt_format == "file" and (args.async_save or args.keep_checkpoints > 1):  # refused, not ignored
-        p.error("--async-save and --keep-checkpoints are for --ckpt-format sharded (the default under --fsdp)")
-    if args.optimizer == "muon" and args.ckpt_format == "sharded":  # and the Optimizers pair DCP does not know
-        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP, ckpt.pt")
-    if args.fsdp and args.hellaswag_every:
-        p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
-                "examples, and FSDP needs every process in every forward")
-    # Sampling, evaluation and export need weights to start from, and none of the training flags below
-    exporting = args.export_hf or args.export_gguf
-    if args.sample or args.eval or exporting:
-        if not (args.ckpt or args.init_from):
-            what = "--sample" if args.sample else "--eval" if args.eval else "--export-hf/--export-gguf"
-            p.error(f"{what} needs --ckpt PATH or --init-from gpt2|<HF dir>")
-        if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
-            p.error(f"--prompt {args.prompt}: no such file")
+    """What no single flag can check (given: the flags set to other than their defaults, by name). check_flags
+    (flagtypes.py) refuses a flag the command does not read and flags that disagree; the model's shape is checked
+    here, by GPTConfig. p.error exits with one line."""
+    check_flags(p, args, given)
+    if command(args) != "training":
         return
-    # Training: optional packages and the flags that must agree, checked before any data or model is touched
-    if args.wandb and importlib.util.find_spec("wandb") is None:
-        p.error("--wandb needs the wandb package: pip install wandb")
-    if args.hellaswag is not None and args.hellaswag_every is None:
-        p.error("--hellaswag goes with --eval or --hellaswag-every")
-    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-    if args.min_lr > args.lr:
-        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     # The model: GPTConfig is the one judge of a shape and the presets the one source of defaults, so the flags
     # build the config here (the data's vocabulary is read later, and cannot make a shape impossible).
     shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size", *ARCH_FLAGS)
