@@ -297,8 +297,9 @@ def has_value_embed(config, layer):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, value_embed=False):
+    def __init__(self, config, layer=0):
         super().__init__()
+        self.layer = layer  # which of the KV cache's layers is this one's (HF's layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
         self.qk_norm, self.norm_eps = config.qk_norm, config.norm_eps
@@ -308,13 +309,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # with a value embedding: a gate per kv head, read off the first channels of x (nanochat: 12)
+        value_embed = has_value_embed(config, layer)
         self.ve_gate = nn.Linear(min(12, config.n_embd), config.n_kv_head, bias=False) if value_embed else None
 
     def forward(self, x, rope=None, bias=None, cache=None, ve=None):
         """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
-        attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
-        view of the KVCache during generation, whose S keys are all its slots, filled or not;
-        ve: the tokens' value embeddings (B, T, nkv*hd), or None."""
+        attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: the KVCache during
+        generation, whose S keys are all this layer's slots, filled or not; ve: the tokens' value
+        embeddings (B, T, nkv*hd), or None."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(  # (B, T, nh*hd), (B, T, nkv*hd), (B, T, nkv*hd)
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -330,7 +332,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:  # each head's q and k to RMS 1: the cache holds normalized keys
             q, k = (F.rms_norm(t, (self.head_dim,), eps=self.norm_eps) for t in (q, k))
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, nkv, S, hd): every slot of the cache, these written into theirs
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): every slot, these written into theirs
         dropout_p = self.dropout if self.training else 0.0
         if bias is not None:
             bias = bias.to(q.dtype)  # the mask is built in fp32; a bf16 model attends in bf16
@@ -418,7 +420,7 @@ class Block(nn.Module):
     def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, has_value_embed(config, layer))
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
@@ -520,14 +522,13 @@ class GPT(nn.Module):
             x = x + pos_emb  # (T, C) broadcast over the batch
         x = x0 = self.transformer.drop(self.transformer.ln_emb(x))  # ln_emb: a norm (embed_norm) or nothing
         for i, block in enumerate(self.transformer.h):
-            layer_cache = cache.layer(i) if cache is not None else None
             if self.config.x0_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.transformer.ve[str(i)](idx) if str(i) in self.transformer.ve else None  # (B, T, nkv*hd)
             if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, ve, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, cache, ve, use_reentrant=False)
             else:
-                x = block(x, rope, bias, layer_cache, ve)
+                x = block(x, rope, bias, cache, ve)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap is not None:  # in fp32, as nanochat and HF do: tanh needs the precision
@@ -1106,7 +1107,8 @@ class KVCache:
     size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
     (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
     `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
-    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots."""
+    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots, into
+    which each layer's attention writes its new keys and values (update; it knows its layer, as HF's do)."""
 
     EMPTY = 2**62
 
@@ -1127,25 +1129,14 @@ class KVCache:
         self.key_pos.index_copy_(0, self.slots, self.positions)
         self.pos += T
 
-    def layer(self, i):
-        return LayerCache(self, i)
-
-
-class LayerCache:
-    """One layer's view of the KVCache, handed to its attention."""
-
-    def __init__(self, cache, i):
-        self.cache, self.i = cache, i
-
-    def update(self, k, v):  # k, v (B, nkv, T, hd) -> the layer's whole cache, each (B, nkv, block_size, hd)
-        c, i = self.cache, self.i
-        if c.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
-            c.k[i], c.v[i] = k.new_zeros(c.shape), v.new_zeros(c.shape)
-            for buf in (c.k[i], c.v[i]):  # one address for every step: a CUDA graph replays on these tensors
+    def update(self, i, k, v):  # layer i's new k, v (B, nkv, T, hd) -> its whole cache, each (B, nkv, size, hd)
+        if self.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
+            self.k[i], self.v[i] = k.new_zeros(self.shape), v.new_zeros(self.shape)
+            for buf in (self.k[i], self.v[i]):  # one address for every step: a CUDA graph replays on these tensors
                 torch._dynamo.mark_static_address(buf)
-        c.k[i].index_copy_(2, c.slots, k)  # in place: the shapes never change
-        c.v[i].index_copy_(2, c.slots, v)
-        return c.k[i], c.v[i]
+        self.k[i].index_copy_(2, self.slots, k)  # in place: the shapes never change
+        self.v[i].index_copy_(2, self.slots, v)
+        return self.k[i], self.v[i]
 
 
 def forward_step(model, idx, cache):
@@ -1184,8 +1175,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
-
 
 
 @torch.inference_mode()
