@@ -43,10 +43,8 @@ import functools
 import math
 import os
 import re
-import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +55,11 @@ import torch.nn.functional as F
 import convert
 import hellaswag
 from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
-from distributed import Distributed, StopSignal, pick_device, synchronize
+from distributed import Distributed, StopSignal, pick_device, rng_state, seed_rng, synchronize, wrap_model
 from flagtypes import ARCH_FLAGS, ArgumentParser, at_least, check_flags, command, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
 from optimizers import Optimizers
-from shards import find_shards, load_shard, read_meta
+from shards import DEFAULT_DATA, find_shards, load_shard, prepare_default_data, read_meta
 from tokenizer import TokenizerUnavailable, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -576,7 +574,8 @@ class GPT(nn.Module):
 # waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py, llm.c's read as
 # they are), memory-mapped as uint16 or uint32. meta.json names the tokenizer and counts
 # each split's tokens and the UTF-8 bytes they spell: a loss per token also reads as bits
-# per byte, the scale on which tokenizers compare.
+# per byte, the scale on which tokenizers compare. The default run's data, tiny Shakespeare's
+# characters, is made on first use (shards.prepare_default_data).
 
 
 def bits_per_byte(loss, n_tokens, n_bytes):
@@ -655,28 +654,14 @@ class DataLoaderLite:
         self.reset(state["epoch"], state["step"])
 
 
-DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
-
-
-def prepare_default_data(dist):
-    """The default run's data: tiny Shakespeare's bytes (= characters), prepared on first use by rank 0 running
-    prepare_data.py as a program (it imports this file, never the other way round), while the others wait."""
-    if dist.master and not os.path.exists(os.path.join(DEFAULT_DATA, "meta.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", DEFAULT_DATA, "--overwrite"])
-        if done.returncode != 0:
-            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
-    dist.barrier()
-    return DEFAULT_DATA
-
-
 # -----------------------------------------------------------------------------
 # 8. Processes
 # What a run needs around the model: a device and a dtype; under torchrun, one process per
 # GPU, the model wrapped so that backward averages the gradients over them (DDP). The
 # plumbing is distributed.py's: pick_device (cuda:LOCAL_RANK under torchrun), Distributed
 # (rank, world size, the process group), StopSignal (SIGINT/SIGTERM end a run at a step's
-# end, after a save), synchronize (wait for the GPU, for honest timings).
+# end, after a save), synchronize (wait for the GPU, for honest timings), and wrap_model: the
+# model compiled, then inside DDP, or sharded in place under --fsdp (fsdp.py).
 
 
 def pick_dtype(name, device):
@@ -695,30 +680,6 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def wrap_model(model, args, dist, device, dtype, init=None):
-    """What runs the steps: the model, compiled, and under torchrun inside DDP or, with --fsdp, sharded in place
-    (fsdp.py; a model built inside init, an fsdp.DeferredInit, is then initialised shard by shard).
-    NOTE: gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy); broadcast_buffers=False:
-    our only buffers (RoPE, ALiBi) are computed from the config, the same on every process."""
-    if args.fsdp:
-        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
-
-        fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
-        if init is not None:  # built on the meta device: the position tables, computed not drawn, are still unset
-            with device:
-                model.positions.make_tables()
-    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
-        model = torch.compile(model)
-    if dist.enabled and not args.fsdp:
-        with warnings.catch_warnings():  # newer torch prefers forward_sync_buffers, which older ones lack
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
-            )
-    return model
-
-
 # -----------------------------------------------------------------------------
 # 9. Checkpoints
 # A checkpoint holds all of a run's state, so that a resumed run continues exactly, even
@@ -729,7 +690,8 @@ def wrap_model(model, args, dist, device, dtype, init=None):
 #     config, args          the model's shape and the command line that trained it
 #     tokenizer(_json)      what its ids mean; val_loss; format: CKPT_FORMAT
 # checkpoint.py writes it whole or never (ckpt.pt, or a step folder of shards under --fsdp)
-# and reads it with weights_only=True: tensors and plain containers, never code.
+# and reads it with weights_only=True: tensors and plain containers, never code. Each process's
+# RNG state is saved (rng_state) and put back for the loop (seed_rng), both in distributed.py.
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint"):
@@ -758,25 +720,6 @@ def check_resumable(ckpt, config, optimizer, meta, path):
                          "use the same model flags to resume")
     if ckpt["args"].get("optimizer", "adamw") != optimizer:
         raise ValueError(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}: resume with the same one")
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def seed_rng(ckpt, seed, dist, device):
-    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
-    so its masks continue exactly; a new run seeds each process differently, so their masks differ."""
-    if ckpt is not None and len(ckpt["rng"]) == dist.world:
-        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
-        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
-        return
-    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
-    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
 
 
 def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoints):
