@@ -25,15 +25,15 @@ The file is a story, in this order:
 Beside it, companion files hold what the story does not need first; they never import this file:
     checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files; the exports
-    distributed.py  the processes: device, rank, world size, the process group and its teardown, stop signals
+    distributed.py  the processes: device, rank, process group, stop signals, DDP/FSDP wrapping, RNG states
     fsdp.py         --fsdp: sharding the model over processes, gathering and scattering its state
     hellaswag.py    the HellaSwag benchmark: read, render, score
     metrics.py      MFU, the lines a run prints, metrics.jsonl, loss.png
     optimizers.py   Muon and AdamW stepped as one
-    files.py        files that are whole or absent: atomic writes, downloads
-    flagtypes.py    argparse types that check every value, errors on one line
+    files.py        files that are whole or absent: atomic writes, downloads; prompts typed on stdin
+    flagtypes.py    argparse types that check every value; which flags each command reads, which must agree
     tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
-    shards.py       the token shard format (ours and llm.c's) and a dataset's meta.json
+    shards.py       the token shard format (ours and llm.c's), a dataset's meta.json, the default run's data
 """
 
 import argparse
@@ -56,8 +56,9 @@ import convert
 import hellaswag
 from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
 from distributed import Distributed, StopSignal, pick_device, rng_state, seed_rng, synchronize, wrap_model
+from files import typed_prompts
 from flagtypes import ARCH_FLAGS, ArgumentParser, at_least, check_flags, command, device_name, in_range
-from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
+from metrics import MetricsLog, log_line, mfu, peak_flops, plot_run, run_summary
 from optimizers import Optimizers
 from shards import DEFAULT_DATA, find_shards, load_shard, prepare_default_data, read_meta
 from tokenizer import TokenizerUnavailable, get_tokenizer
@@ -559,10 +560,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), Llama-family or NanoChat
-        models from the hub, or any local directory holding an HF GPT2LMHeadModel, LlamaForCausalLM or
-        NanoChatForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
-        tokenizer its ids mean: convert.hf_tokenizer_name."""
+        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), Llama-family or NanoChat models
+        from the hub, or a local directory holding an HF GPT2LMHeadModel, LlamaForCausalLM or NanoChatForCausalLM
+        checkpoint (config.json + *.safetensors or pytorch_model.bin). Its ids' tokenizer: convert.hf_tokenizer_name."""
         arch, fields, weights = convert.read_hf(name_or_path)  # HF's config and weights under our names
         config = GPTConfig.preset("gpt2", arch, dropout=dropout, **fields)
         return cls.from_state_dict(config, weights(config), name_or_path)
@@ -1047,11 +1047,10 @@ def train(args, dist, device, dtype):
 
 class KVCache:
     """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, size, head_dim),
-    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
-    (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
-    `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
-    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots, into
-    which each layer's attention writes its new keys and values (update; it knows its layer, as HF's do)."""
+    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos (size,)
+    holds the position in each slot (EMPTY, far in the future, until written: attention masks it out). `pos` counts
+    every token seen; make_room gives the next T their positions (a tensor, so a compiled step reads them instead of
+    specialising on them) and slots, where each layer's attention writes its keys and values (update(layer, k, v))."""
 
     EMPTY = 2**62
 
@@ -1123,11 +1122,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 @torch.inference_mode()
 def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                     compile=False, generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True runs
-    the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
-    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (padded, or HF
-    weights fine-tuned on byte data): an id past the tokenizer spells no text. (Evaluation, which scores the
-    model rather than prints it, keeps every row: evaluate_tokens.)"""
+    """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True compiles the decode
+    steps (compiled_step); the prefill and the uncached path stay eager, as their shapes vary. Only ids < vocab_size
+    are drawn, for a tokenizer smaller than the model's vocabulary (padded, or HF weights fine-tuned on byte data):
+    an id past the tokenizer spells no text (evaluate_tokens, which scores the model, keeps every row)."""
     block_size = model.config.block_size
     # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
     # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
@@ -1172,9 +1170,6 @@ GPT.generate = generate  # and as a method, as in nanoGPT: model.generate(idx, 1
 # HellaSwag) and --export-hf / --export-gguf, each handing over to the sections above.
 
 
-NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
-
-
 def train_and_sample(args):
     """The default command: train (alone, or as one of torchrun's processes), draw loss.png, print a sample."""
     dist = Distributed()
@@ -1191,11 +1186,8 @@ def train_and_sample(args):
             if dist.master:
                 print(f"no sample: the tokenizer {read_meta(args.data)['tokenizer']} could not be loaded", flush=True)
             return
-        if dist.master:
-            # On tiny Shakespeare (1,115,394 bytes, any tokenizer) nanoGPT's CPU recipe is the loss to beat, per byte
-            shakespeare = sum(s.get("bytes", 0) for s in read_meta(args.data).get("splits", {}).values()) == 1115394
-            plot_metrics(os.path.join(args.out_dir, "metrics.jsonl"),
-                         NANOGPT_CPU_VAL_LOSS / math.log(2) if shakespeare else None, "nanoGPT CPU recipe")
+        if dist.master:  # loss.png; on tiny Shakespeare with nanoGPT's CPU recipe as the loss to beat
+            plot_run(args.out_dir, read_meta(args.data))
         # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
         # together (rank 0 prints). Otherwise rank 0 samples alone.
         if dist.master or args.fsdp:
@@ -1230,7 +1222,7 @@ def sample(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load_for_inference(args, device)
-    prompts = typed_prompts() if args.interactive else [args.prompt]
+    prompts = typed_prompts() if args.interactive else [args.prompt]  # --interactive: lines typed on stdin
     generator = torch.Generator(device).manual_seed(args.seed)  # --seed: the same samples every time
     for prompt in prompts:
         if prompt.startswith("FILE:"):
@@ -1257,18 +1249,6 @@ def sample(args):
                         print(text[len(shown):], end="", flush=True)
                         shown = text
             print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
-
-
-def typed_prompts():
-    """--interactive: the prompts typed on the terminal (or piped in), one a line, until an empty line or the
-    end of the input (Ctrl-D). A terminal gets a '> ' before each."""
-    while True:
-        if sys.stdin.isatty():
-            print("> ", end="", flush=True)  # on stdout: input() would write it to stderr
-        line = sys.stdin.readline().rstrip("\r\n")  # '' at the end of the input, as for an empty line
-        if not line:
-            return
-        yield line
 
 
 def evaluate(args):
@@ -1447,9 +1427,8 @@ def parse_args(argv=None):
 
 
 def check_args(p, args, given):
-    """What no single flag can check (given: the flags set to other than their defaults, by name). check_flags
-    (flagtypes.py) refuses a flag the command does not read and flags that disagree; the model's shape is checked
-    here, by GPTConfig. p.error exits with one line."""
+    """What no single flag can check: check_flags (flagtypes.py) refuses a flag the command does not read and flags
+    that disagree (given: those not at their defaults); here GPTConfig judges the shape. p.error: one line."""
     check_flags(p, args, given)
     if command(args) != "training":
         return
