@@ -74,9 +74,8 @@ def device_name(text):
 # transformer.py's commands and what each reads, in one place: any other flag given to it is refused (check_flags),
 # never ignored. The commands: training (the default), --sample, --eval over --data or --text, --eval --hellaswag,
 # and the exports, which write a checkpoint (or HF weights) as it is, on the CPU.
-# the flags that override the --arch preset, each a field of transformer.py's GPTConfig
 ARCH_FLAGS = ("pos", "norm", "mlp", "n_kv_head", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap",
-              "zero_init_proj", "value_embeds", "x0_lambdas")
+              "zero_init_proj", "value_embeds", "x0_lambdas")  # override the --arch preset: GPTConfig's fields
 LOADING = ("ckpt", "init_from", "block_size", "device", "dtype")  # what --sample and --eval run, and where
 READS = {
     "training": ("data", "arch", *ARCH_FLAGS, "size", "n_layer", "n_head", "n_embd",
