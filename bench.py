@@ -799,7 +799,7 @@ def row_tokenizers(sizes, rounds, device):
     once, four runs oversubscribed a 2-core machine. Each line: seconds from the run's start to its first logged
     val estimate at or under nanoGPT's CPU target in bits per byte (every --eval-every steps, so to within 100
     steps), and the run's end, measured by --eval on the whole val split. One run each: minutes, not rounds."""
-    target = transformer.NANOGPT_CPU_VAL_LOSS / math.log(2)  # nats per character; ASCII: a character is a byte
+    target = metrics.NANOGPT_CPU_VAL_LOSS / math.log(2)  # nats per character; ASCII: a character is a byte
     source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
     steps = ["--max-steps", str(sizes.to_loss_steps)] if sizes.to_loss_steps else []
     with tempfile.TemporaryDirectory() as d:

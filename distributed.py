@@ -3,12 +3,15 @@ distributed.py: the processes a run is made of. A companion of transformer.py, w
 transformer.py. Each process's device (pick_device), the process group torchrun's processes join (Distributed:
 what the story uses is its rank, world size, sum and barrier; the rest is the plumbing that makes a group start
 and end cleanly, gloo's teardown and TorchElastic's stores, each workaround beside what it works around), the
-signals that ask a run to stop (StopSignal), and waiting for the GPU (synchronize).
+signals that ask a run to stop (StopSignal), waiting for the GPU (synchronize), the model wrapped for the steps:
+compiled, in DDP or sharded by FSDP (wrap_model), and each process's RNG state, saved in a checkpoint and put back
+(rng_state, seed_rng).
 """
 
 import contextlib
 import os
 import signal
+import warnings
 
 import torch
 
@@ -106,3 +109,46 @@ class Distributed:
         # wait until every process gets here (rank 0 preparing data or downloading, the others waiting)
         if self.enabled:
             torch.distributed.barrier()
+
+
+def wrap_model(model, args, dist, device, dtype, init=None):
+    """What runs the steps: the model, compiled, and under torchrun inside DDP or, with --fsdp, sharded in place
+    (fsdp.py; a model built inside init, an fsdp.DeferredInit, is then initialised shard by shard).
+    NOTE: gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy); broadcast_buffers=False:
+    our only buffers (RoPE, ALiBi) are computed from the config, the same on every process."""
+    if args.fsdp:
+        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
+
+        fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
+        if init is not None:  # built on the meta device: the position tables, computed not drawn, are still unset
+            with device:
+                model.positions.make_tables()
+    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
+        model = torch.compile(model)
+    if dist.enabled and not args.fsdp:
+        with warnings.catch_warnings():  # newer torch prefers forward_sync_buffers, which older ones lack
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True, broadcast_buffers=False,
+            )
+    return model
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def seed_rng(ckpt, seed, dist, device):
+    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
+    so its masks continue exactly; a new run seeds each process differently, so their masks differ."""
+    if ckpt is not None and len(ckpt["rng"]) == dist.world:
+        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
+        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
+        return
+    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
+    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))

@@ -3,7 +3,8 @@ files.py: files that are whole or absent. A companion of transformer.py (checkpo
 and prepare_data.py (shards); it never imports either.
 
 A kill -9, a full disk or a lost connection at any moment must leave the old file or the complete new one,
-never half of one: each writer here writes beside its target and renames at the end.
+never half of one: each writer here writes beside its target and renames at the end. At the end, one reader:
+the prompts typed for --sample --interactive (typed_prompts).
 """
 
 import contextlib
@@ -88,3 +89,14 @@ def write_json(path, obj):
     with atomic_open(path) as f:
         f.write(text.encode())
 
+
+def typed_prompts():
+    """--interactive: the prompts typed on the terminal (or piped in), one a line, until an empty line or the
+    end of the input (Ctrl-D). A terminal gets a '> ' before each."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", flush=True)  # on stdout: input() would write it to stderr
+        line = sys.stdin.readline().rstrip("\r\n")  # '' at the end of the input, as for an empty line
+        if not line:
+            return
+        yield line

@@ -4,11 +4,12 @@ transformer.py.
   - MFU, model FLOPs utilisation: the FLOPs a step needs / the time it took / the device's peak.
   - run_summary: the lines a run prints before its first step; log_line: the line of a logged step.
   - MetricsLog: every step's record as a line of metrics.jsonl (and, with --wandb, in Weights & Biases).
-  - plot_metrics: loss.png, drawn from metrics.jsonl at the end of a run.
+  - plot_metrics: loss.png, drawn from metrics.jsonl at the end of a run (plot_run: against nanoGPT's).
 """
 
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -145,6 +146,17 @@ def keep_metrics_until(path, step):
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
+
+
+NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
+
+
+def plot_run(out_dir, meta):
+    """loss.png of the run in out_dir, on the data that meta describes. On tiny Shakespeare (1,115,394 bytes, any
+    tokenizer) nanoGPT's CPU recipe is the loss to beat, per byte."""
+    shakespeare = sum(s.get("bytes", 0) for s in meta.get("splits", {}).values()) == 1115394
+    return plot_metrics(os.path.join(out_dir, "metrics.jsonl"),
+                        NANOGPT_CPU_VAL_LOSS / math.log(2) if shakespeare else None, "nanoGPT CPU recipe")
 
 
 def plot_metrics(path, target_bpb=None, target_label="target"):

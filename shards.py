@@ -8,12 +8,14 @@ per token, then zeros) followed by the tokens: uint16 while the vocabulary fits 
 llm.c and modded-nanogpt write FineWeb as shards of the same shape under other magic numbers: (magic,
 version, token count, zeros), no meta.json, the tokenizer implied by the magic: GPT-2 (uint16) or Llama 3
 (uint32). A folder of them is read as it is; shard_header tells the formats apart. Every width is
-memory-mapped as it lies on disk: no copy.
+memory-mapped as it lies on disk: no copy. At the end, the default run's data (prepare_default_data).
 """
 
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -120,3 +122,18 @@ def read_meta(data_dir):
     if implied is not None:
         return dict(implied)
     raise ValueError(f"{data_dir}: no prepared dataset here (no meta.json); make one with prepare_data.py")
+
+
+DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
+
+
+def prepare_default_data(dist):
+    """The default run's data: tiny Shakespeare's bytes (= characters), prepared on first use by rank 0 running
+    prepare_data.py as a program (a companion never imports it), while the others wait."""
+    if dist.master and not os.path.exists(os.path.join(DEFAULT_DATA, "meta.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", DEFAULT_DATA, "--overwrite"])
+        if done.returncode != 0:
+            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
+    dist.barrier()
+    return DEFAULT_DATA

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+import flagtypes
 import prepare_data
 import transformer
 from conftest import english_text
@@ -358,7 +359,7 @@ def test_flags_of_one_command_that_cannot_act_together_are_refused(tmp_path, mon
 
 def test_every_flag_is_read_by_some_command():
     args = transformer.parse_args([])
-    assert set(vars(args)) == set().union(*transformer.READS.values())
+    assert set(vars(args)) == set().union(*flagtypes.READS.values())
 
 
 @pytest.fixture(scope="module")

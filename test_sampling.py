@@ -229,7 +229,7 @@ def test_rope_and_alibi_caches_slide_past_block_size(pos, monkeypatch):
 class GrowingCache:
     """The sliding cache written the plain way, as the reference for KVCache's ring: each layer's keys and values
     kept in the order of their positions, the new ones appended (torch.cat) and the oldest cut off past block_size.
-    It offers what the model reads of a KVCache: make_room, positions, key_pos and each layer's update."""
+    It offers what the model reads of a KVCache: make_room, positions, key_pos and update (layer i's k, v)."""
 
     def __init__(self, size, n_layer):
         self.size, self.pos, self.kv = size, 0, [None] * n_layer
@@ -239,17 +239,11 @@ class GrowingCache:
         self.pos += T
         self.key_pos = torch.arange(max(0, self.pos - self.size), self.pos)  # the last block_size positions
 
-    def layer(self, i):
-        cache = self
-
-        class Layer:
-            def update(self, k, v):
-                if cache.kv[i] is not None:
-                    k, v = torch.cat((cache.kv[i][0], k), dim=2), torch.cat((cache.kv[i][1], v), dim=2)
-                cache.kv[i] = k[:, :, -cache.size :], v[:, :, -cache.size :]
-                return cache.kv[i]
-
-        return Layer()
+    def update(self, i, k, v):
+        if self.kv[i] is not None:
+            k, v = torch.cat((self.kv[i][0], k), dim=2), torch.cat((self.kv[i][1], v), dim=2)
+        self.kv[i] = k[:, :, -self.size :], v[:, :, -self.size :]
+        return self.kv[i]
 
 
 def greedy_with(cache, model, idx, n):

@@ -25,29 +25,26 @@ The file is a story, in this order:
 Beside it, companion files hold what the story does not need first; they never import this file:
     checkpoint.py   saving, finding and loading checkpoints: ckpt.pt and sharded step folders
     convert.py      HF transformers and GGUF (llama.cpp): weights, configs, tokenizer files; the exports
-    distributed.py  the processes: device, rank, world size, the process group and its teardown, stop signals
+    distributed.py  the processes: device, rank, process group, stop signals, DDP/FSDP wrapping, RNG states
     fsdp.py         --fsdp: sharding the model over processes, gathering and scattering its state
     hellaswag.py    the HellaSwag benchmark: read, render, score
     metrics.py      MFU, the lines a run prints, metrics.jsonl, loss.png
     optimizers.py   Muon and AdamW stepped as one
-    files.py        files that are whole or absent: atomic writes, downloads
-    flagtypes.py    argparse types that check every value, errors on one line
+    files.py        files that are whole or absent: atomic writes, downloads; prompts typed on stdin
+    flagtypes.py    argparse types that check every value; which flags each command reads, which must agree
     tokenizer.py    text to ids and back: bytes, tiktoken, HF tokenizers, a BPE trained on the data
-    shards.py       the token shard format (ours and llm.c's) and a dataset's meta.json
+    shards.py       the token shard format (ours and llm.c's), a dataset's meta.json, the default run's data
 """
 
 import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 import re
-import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,11 +55,12 @@ import torch.nn.functional as F
 import convert
 import hellaswag
 from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
-from distributed import Distributed, StopSignal, pick_device, synchronize
-from flagtypes import ArgumentParser, at_least, device_name, in_range
-from metrics import MetricsLog, log_line, mfu, peak_flops, plot_metrics, run_summary
+from distributed import Distributed, StopSignal, pick_device, rng_state, seed_rng, synchronize, wrap_model
+from files import typed_prompts
+from flagtypes import ARCH_FLAGS, ArgumentParser, at_least, check_flags, command, device_name, in_range
+from metrics import MetricsLog, log_line, mfu, peak_flops, plot_run, run_summary
 from optimizers import Optimizers
-from shards import find_shards, load_shard, read_meta
+from shards import DEFAULT_DATA, find_shards, load_shard, prepare_default_data, read_meta
 from tokenizer import TokenizerUnavailable, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -298,8 +296,9 @@ def has_value_embed(config, layer):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, value_embed=False):
+    def __init__(self, config, layer=0):
         super().__init__()
+        self.layer = layer  # which of the KV cache's layers is this one's (HF's layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl, self.dropout = config.attn_impl, config.dropout
         self.qk_norm, self.norm_eps = config.qk_norm, config.norm_eps
@@ -309,13 +308,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # with a value embedding: a gate per kv head, read off the first channels of x (nanochat: 12)
+        value_embed = has_value_embed(config, layer)
         self.ve_gate = nn.Linear(min(12, config.n_embd), config.n_kv_head, bias=False) if value_embed else None
 
     def forward(self, x, rope=None, bias=None, cache=None, ve=None):
         """x (B, T, C); rope: (cos, sin) or None; bias: None for plain causal attention (see
-        attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: this layer's
-        view of the KVCache during generation, whose S keys are all its slots, filled or not;
-        ve: the tokens' value embeddings (B, T, nkv*hd), or None."""
+        attention_bias), else an additive (1, nh or 1, T, S) float mask; cache: the KVCache during
+        generation, whose S keys are all this layer's slots, filled or not; ve: the tokens' value
+        embeddings (B, T, nkv*hd), or None."""
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).split(  # (B, T, nh*hd), (B, T, nkv*hd), (B, T, nkv*hd)
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -331,7 +331,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:  # each head's q and k to RMS 1: the cache holds normalized keys
             q, k = (F.rms_norm(t, (self.head_dim,), eps=self.norm_eps) for t in (q, k))
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, nkv, S, hd): every slot of the cache, these written into theirs
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): every slot, these written into theirs
         dropout_p = self.dropout if self.training else 0.0
         if bias is not None:
             bias = bias.to(q.dtype)  # the mask is built in fp32; a bf16 model attends in bf16
@@ -419,7 +419,7 @@ class Block(nn.Module):
     def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, has_value_embed(config, layer))
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
@@ -521,14 +521,13 @@ class GPT(nn.Module):
             x = x + pos_emb  # (T, C) broadcast over the batch
         x = x0 = self.transformer.drop(self.transformer.ln_emb(x))  # ln_emb: a norm (embed_norm) or nothing
         for i, block in enumerate(self.transformer.h):
-            layer_cache = cache.layer(i) if cache is not None else None
             if self.config.x0_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.transformer.ve[str(i)](idx) if str(i) in self.transformer.ve else None  # (B, T, nkv*hd)
             if self.grad_checkpointing and self.training:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, layer_cache, ve, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, bias, cache, ve, use_reentrant=False)
             else:
-                x = block(x, rope, bias, layer_cache, ve)
+                x = block(x, rope, bias, cache, ve)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.config.logit_softcap is not None:  # in fp32, as nanochat and HF do: tanh needs the precision
@@ -561,10 +560,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), Llama-family or NanoChat
-        models from the hub, or any local directory holding an HF GPT2LMHeadModel, LlamaForCausalLM or
-        NanoChatForCausalLM checkpoint (config.json + *.safetensors or pytorch_model.bin). Which
-        tokenizer its ids mean: convert.hf_tokenizer_name."""
+        """Load HF weights: GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), Llama-family or NanoChat models
+        from the hub, or a local directory holding an HF GPT2LMHeadModel, LlamaForCausalLM or NanoChatForCausalLM
+        checkpoint (config.json + *.safetensors or pytorch_model.bin). Its ids' tokenizer: convert.hf_tokenizer_name."""
         arch, fields, weights = convert.read_hf(name_or_path)  # HF's config and weights under our names
         config = GPTConfig.preset("gpt2", arch, dropout=dropout, **fields)
         return cls.from_state_dict(config, weights(config), name_or_path)
@@ -576,7 +574,8 @@ class GPT(nn.Module):
 # waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py, llm.c's read as
 # they are), memory-mapped as uint16 or uint32. meta.json names the tokenizer and counts
 # each split's tokens and the UTF-8 bytes they spell: a loss per token also reads as bits
-# per byte, the scale on which tokenizers compare.
+# per byte, the scale on which tokenizers compare. The default run's data, tiny Shakespeare's
+# characters, is made on first use (shards.prepare_default_data).
 
 
 def bits_per_byte(loss, n_tokens, n_bytes):
@@ -655,28 +654,14 @@ class DataLoaderLite:
         self.reset(state["epoch"], state["step"])
 
 
-DEFAULT_DATA = os.path.join("data", "shakespeare_byte")  # where the default run prepares its data
-
-
-def prepare_default_data(dist):
-    """The default run's data: tiny Shakespeare's bytes (= characters), prepared on first use by rank 0 running
-    prepare_data.py as a program (it imports this file, never the other way round), while the others wait."""
-    if dist.master and not os.path.exists(os.path.join(DEFAULT_DATA, "meta.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-        done = subprocess.run([sys.executable, script, "--tokenizer", "byte", "--out", DEFAULT_DATA, "--overwrite"])
-        if done.returncode != 0:
-            raise SystemExit(done.returncode)  # prepare_data.py has said why, in one line
-    dist.barrier()
-    return DEFAULT_DATA
-
-
 # -----------------------------------------------------------------------------
 # 8. Processes
 # What a run needs around the model: a device and a dtype; under torchrun, one process per
 # GPU, the model wrapped so that backward averages the gradients over them (DDP). The
 # plumbing is distributed.py's: pick_device (cuda:LOCAL_RANK under torchrun), Distributed
 # (rank, world size, the process group), StopSignal (SIGINT/SIGTERM end a run at a step's
-# end, after a save), synchronize (wait for the GPU, for honest timings).
+# end, after a save), synchronize (wait for the GPU, for honest timings), and wrap_model: the
+# model compiled, then inside DDP, or sharded in place under --fsdp (fsdp.py).
 
 
 def pick_dtype(name, device):
@@ -695,30 +680,6 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def wrap_model(model, args, dist, device, dtype, init=None):
-    """What runs the steps: the model, compiled, and under torchrun inside DDP or, with --fsdp, sharded in place
-    (fsdp.py; a model built inside init, an fsdp.DeferredInit, is then initialised shard by shard).
-    NOTE: gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy); broadcast_buffers=False:
-    our only buffers (RoPE, ALiBi) are computed from the config, the same on every process."""
-    if args.fsdp:
-        import fsdp  # FSDP is loaded where it is used: a one-process run never pays for it
-
-        fsdp.shard(model, dtype, init, device, hsdp=args.fsdp == "hsdp")
-        if init is not None:  # built on the meta device: the position tables, computed not drawn, are still unset
-            with device:
-                model.positions.make_tables()
-    if args.compile:  # compiled first, then wrapped by DDP (as nanoGPT does)
-        model = torch.compile(model)
-    if dist.enabled and not args.fsdp:
-        with warnings.catch_warnings():  # newer torch prefers forward_sync_buffers, which older ones lack
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
-            )
-    return model
-
-
 # -----------------------------------------------------------------------------
 # 9. Checkpoints
 # A checkpoint holds all of a run's state, so that a resumed run continues exactly, even
@@ -729,7 +690,8 @@ def wrap_model(model, args, dist, device, dtype, init=None):
 #     config, args          the model's shape and the command line that trained it
 #     tokenizer(_json)      what its ids mean; val_loss; format: CKPT_FORMAT
 # checkpoint.py writes it whole or never (ckpt.pt, or a step folder of shards under --fsdp)
-# and reads it with weights_only=True: tensors and plain containers, never code.
+# and reads it with weights_only=True: tensors and plain containers, never code. Each process's
+# RNG state is saved (rng_state) and put back for the loop (seed_rng), both in distributed.py.
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint"):
@@ -758,25 +720,6 @@ def check_resumable(ckpt, config, optimizer, meta, path):
                          "use the same model flags to resume")
     if ckpt["args"].get("optimizer", "adamw") != optimizer:
         raise ValueError(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}: resume with the same one")
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def seed_rng(ckpt, seed, dist, device):
-    """Set the global RNGs (dropout masks) for the loop: a resumed run restores its own process's state,
-    so its masks continue exactly; a new run seeds each process differently, so their masks differ."""
-    if ckpt is not None and len(ckpt["rng"]) == dist.world:
-        torch.set_rng_state(ckpt["rng"][dist.rank]["cpu"])
-        if "cuda" in ckpt["rng"][dist.rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][dist.rank]["cuda"], device)
-        return
-    # A new run, or a resume under another number of processes (the masks cannot continue exactly then).
-    torch.manual_seed(seed + dist.rank + (ckpt["step"] if ckpt is not None else 0))
 
 
 def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoints):
@@ -899,11 +842,6 @@ def lr_at(step, lr, min_lr, warmup_steps, decay_steps):
         return min_lr
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# the flags that override the --arch preset, each a GPTConfig field
-ARCH_FLAGS = ("pos", "norm", "mlp", "n_kv_head", "tie_embeddings", "embed_norm", "qk_norm", "logit_softcap",
-              "zero_init_proj", "value_embeds", "x0_lambdas")
 
 
 def model_config(args, vocab_size):
@@ -1109,10 +1047,10 @@ def train(args, dist, device, dtype):
 
 class KVCache:
     """Keys and values of every layer in fixed-shape buffers: k[i] and v[i] are (B, n_kv_head, size, head_dim),
-    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos
-    (size,) holds the position in each slot (EMPTY, far in the future, until written: attention masks it out).
-    `pos` counts every token seen (the absolute position of the next one); make_room gives the next T
-    their positions (a tensor, so a compiled step reads them instead of specialising on them) and slots."""
+    size = block_size unless given, a ring: the token at absolute position p sits in slot p % size. key_pos (size,)
+    holds the position in each slot (EMPTY, far in the future, until written: attention masks it out). `pos` counts
+    every token seen; make_room gives the next T their positions (a tensor, so a compiled step reads them instead of
+    specialising on them) and slots, where each layer's attention writes its keys and values (update(layer, k, v))."""
 
     EMPTY = 2**62
 
@@ -1133,25 +1071,14 @@ class KVCache:
         self.key_pos.index_copy_(0, self.slots, self.positions)
         self.pos += T
 
-    def layer(self, i):
-        return LayerCache(self, i)
-
-
-class LayerCache:
-    """One layer's view of the KVCache, handed to its attention."""
-
-    def __init__(self, cache, i):
-        self.cache, self.i = cache, i
-
-    def update(self, k, v):  # k, v (B, nkv, T, hd) -> the layer's whole cache, each (B, nkv, block_size, hd)
-        c, i = self.cache, self.i
-        if c.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
-            c.k[i], c.v[i] = k.new_zeros(c.shape), v.new_zeros(c.shape)
-            for buf in (c.k[i], c.v[i]):  # one address for every step: a CUDA graph replays on these tensors
+    def update(self, i, k, v):  # layer i's new k, v (B, nkv, T, hd) -> its whole cache, each (B, nkv, size, hd)
+        if self.k[i] is None:  # in the keys' dtype (fp32, or bf16 under autocast); zeros, as 0 x a NaN is NaN
+            self.k[i], self.v[i] = k.new_zeros(self.shape), v.new_zeros(self.shape)
+            for buf in (self.k[i], self.v[i]):  # one address for every step: a CUDA graph replays on these tensors
                 torch._dynamo.mark_static_address(buf)
-        c.k[i].index_copy_(2, c.slots, k)  # in place: the shapes never change
-        c.v[i].index_copy_(2, c.slots, v)
-        return c.k[i], c.v[i]
+        self.k[i].index_copy_(2, self.slots, k)  # in place: the shapes never change
+        self.v[i].index_copy_(2, self.slots, v)
+        return self.k[i], self.v[i]
 
 
 def forward_step(model, idx, cache):
@@ -1192,16 +1119,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
-
-
 @torch.inference_mode()
 def generate_tokens(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                     compile=False, generator=None, vocab_size=None):
-    """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True runs
-    the decode steps compiled (compiled_step); the prefill and the uncached path stay eager, as their shapes
-    vary. Only ids < vocab_size are drawn, for a tokenizer smaller than the model's vocabulary (padded, or HF
-    weights fine-tuned on byte data): an id past the tokenizer spells no text. (Evaluation, which scores the
-    model rather than prints it, keeps every row: evaluate_tokens.)"""
+    """Yield (B, 1) next tokens for the prompts idx (B, T); generate is the way in. compile=True compiles the decode
+    steps (compiled_step); the prefill and the uncached path stay eager, as their shapes vary. Only ids < vocab_size
+    are drawn, for a tokenizer smaller than the model's vocabulary (padded, or HF weights fine-tuned on byte data):
+    an id past the tokenizer spells no text (evaluate_tokens, which scores the model, keeps every row)."""
     block_size = model.config.block_size
     # Every step attends to all the cache's slots, filled or not, so it holds only what this generation needs,
     # rounded up to a power of two (a compiled step compiles once for each size), and block_size when it slides.
@@ -1246,9 +1170,6 @@ GPT.generate = generate  # and as a method, as in nanoGPT: model.generate(idx, 1
 # HellaSwag) and --export-hf / --export-gguf, each handing over to the sections above.
 
 
-NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's README: train_shakespeare_char's val loss with its CPU flags
-
-
 def train_and_sample(args):
     """The default command: train (alone, or as one of torchrun's processes), draw loss.png, print a sample."""
     dist = Distributed()
@@ -1265,11 +1186,8 @@ def train_and_sample(args):
             if dist.master:
                 print(f"no sample: the tokenizer {read_meta(args.data)['tokenizer']} could not be loaded", flush=True)
             return
-        if dist.master:
-            # On tiny Shakespeare (1,115,394 bytes, any tokenizer) nanoGPT's CPU recipe is the loss to beat, per byte
-            shakespeare = sum(s.get("bytes", 0) for s in read_meta(args.data).get("splits", {}).values()) == 1115394
-            plot_metrics(os.path.join(args.out_dir, "metrics.jsonl"),
-                         NANOGPT_CPU_VAL_LOSS / math.log(2) if shakespeare else None, "nanoGPT CPU recipe")
+        if dist.master:  # loss.png; on tiny Shakespeare with nanoGPT's CPU recipe as the loss to beat
+            plot_run(args.out_dir, read_meta(args.data))
         # NOTE: under FSDP no process holds a whole weight; each forward gathers them from all, so all sample
         # together (rank 0 prints). Otherwise rank 0 samples alone.
         if dist.master or args.fsdp:
@@ -1304,7 +1222,7 @@ def sample(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, tokenizer = load_for_inference(args, device)
-    prompts = typed_prompts() if args.interactive else [args.prompt]
+    prompts = typed_prompts() if args.interactive else [args.prompt]  # --interactive: lines typed on stdin
     generator = torch.Generator(device).manual_seed(args.seed)  # --seed: the same samples every time
     for prompt in prompts:
         if prompt.startswith("FILE:"):
@@ -1331,18 +1249,6 @@ def sample(args):
                         print(text[len(shown):], end="", flush=True)
                         shown = text
             print(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40, flush=True)
-
-
-def typed_prompts():
-    """--interactive: the prompts typed on the terminal (or piped in), one a line, until an empty line or the
-    end of the input (Ctrl-D). A terminal gets a '> ' before each."""
-    while True:
-        if sys.stdin.isatty():
-            print("> ", end="", flush=True)  # on stdout: input() would write it to stderr
-        line = sys.stdin.readline().rstrip("\r\n")  # '' at the end of the input, as for an empty line
-        if not line:
-            return
-        yield line
 
 
 def evaluate(args):
@@ -1398,7 +1304,8 @@ def export(args):
 # 14. CLI
 # One entry point, main(). The model's numbers default to the --size preset (model_config
 # leaves them to it), training's to the default run's RECIPE (section 1). Every value is
-# checked here, before any work: a bad one is one line and exit status 2.
+# checked here, before any work: a bad one is one line and exit status 2. Which flags each
+# command reads (READS; any other is refused) and which must agree live in flagtypes.py.
 
 
 def parse_args(argv=None):
@@ -1519,79 +1426,12 @@ def parse_args(argv=None):
     return args
 
 
-# What each command reads, in one place: any other flag given to it is refused (check_args), never ignored.
-# The commands: training (the default), --sample, --eval over --data or --text, --eval --hellaswag, and the
-# exports, which write a checkpoint (or HF weights) as it is, on the CPU.
-LOADING = ("ckpt", "init_from", "block_size", "device", "dtype")  # what --sample and --eval run, and where
-READS = {
-    "training": ("data", "arch", *ARCH_FLAGS, "size", "n_layer", "n_head", "n_embd",
-                 "block_size", "seq_len", "dropout", "init_from", "batch_size", "total_batch_tokens", "max_steps",
-                 "optimizer", "lr", "muon_lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay",
-                 "grad_clip", "seed", "out_dir", "log_every", "eval_every", "eval_iters", "ckpt_every", "ckpt_format",
-                 "keep_checkpoints", "async_save", "resume", "hellaswag_every", "hellaswag", "wandb", "device",
-                 "dtype", "compile", "grad_checkpointing", "fsdp"),
-    "--sample": (*LOADING, "sample", "seed", "compile", "prompt", "num_samples", "max_new_tokens", "temperature",
-                 "top_k", "top_p", "no_stop", "no_cache", "interactive"),
-    "--eval": (*LOADING, "eval", "batch_size", "data", "text"),
-    "--eval --hellaswag": (*LOADING, "eval", "hellaswag", "batch_size"),
-    "--export-hf/--export-gguf": ("ckpt", "init_from", "export_hf", "export_gguf", "gguf_dtype"),
-}
-
-
-def command(args):
-    """Which of READS's commands a command line runs."""
-    if args.export_hf or args.export_gguf:
-        return "--export-hf/--export-gguf"
-    if args.sample:
-        return "--sample"
-    if args.eval:
-        return "--eval --hellaswag" if args.hellaswag is not None else "--eval"
-    return "training"
-
-
 def check_args(p, args, given):
-    """What no single flag can check: flags the command does not read (given: the flags set to other than their
-    defaults, by name), and flags that must agree with each other. p.error exits with one line."""
-    what = command(args)
-    for name in given:
-        if name not in READS[what]:
-            p.error(f"--{name.replace('_', '-')} is not read by {what}: drop it")
-    if "ckpt" in given and "init_from" in given:
-        p.error("give --ckpt or --init-from, not both")
-    if "data" in given and "text" in given:
-        p.error("--eval reads --data or --text, not both")
-    if "gguf_dtype" in given and not args.export_gguf:
-        p.error("--gguf-dtype is for --export-gguf")
-    # FSDP: each process holds a shard of every weight, which only a training run under torchrun can use
-    if args.fsdp and "RANK" not in os.environ:  # what Distributed reads: set by torchrun
-        p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=N transformer.py "
-                "--fsdp ...")
-    args.ckpt_format = args.ckpt_format or ("sharded" if args.fsdp else "file")
-    if args.ckpt_format == "file" and (args.async_save or args.keep_checkpoints > 1):  # refused, not ignored
-        p.error("--async-save and --keep-checkpoints are for --ckpt-format sharded (the default under --fsdp)")
-    if args.optimizer == "muon" and args.ckpt_format == "sharded":  # and the Optimizers pair DCP does not know
-        p.error("--optimizer muon needs whole matrices (Newton-Schulz on a shard is another update): use DDP, ckpt.pt")
-    if args.fsdp and args.hellaswag_every:
-        p.error("--hellaswag-every under --fsdp is not supported: each process scores its own share of the "
-                "examples, and FSDP needs every process in every forward")
-    # Sampling, evaluation and export need weights to start from, and none of the training flags below
-    exporting = args.export_hf or args.export_gguf
-    if args.sample or args.eval or exporting:
-        if not (args.ckpt or args.init_from):
-            what = "--sample" if args.sample else "--eval" if args.eval else "--export-hf/--export-gguf"
-            p.error(f"{what} needs --ckpt PATH or --init-from gpt2|<HF dir>")
-        if args.prompt.startswith("FILE:") and not os.path.isfile(args.prompt[5:]):
-            p.error(f"--prompt {args.prompt}: no such file")
+    """What no single flag can check: check_flags (flagtypes.py) refuses a flag the command does not read and flags
+    that disagree (given: those not at their defaults); here GPTConfig judges the shape. p.error: one line."""
+    check_flags(p, args, given)
+    if command(args) != "training":
         return
-    # Training: optional packages and the flags that must agree, checked before any data or model is touched
-    if args.wandb and importlib.util.find_spec("wandb") is None:
-        p.error("--wandb needs the wandb package: pip install wandb")
-    if args.hellaswag is not None and args.hellaswag_every is None:
-        p.error("--hellaswag goes with --eval or --hellaswag-every")
-    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-    if args.min_lr > args.lr:
-        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     # The model: GPTConfig is the one judge of a shape and the presets the one source of defaults, so the flags
     # build the config here (the data's vocabulary is read later, and cannot make a shape impossible).
     shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size", *ARCH_FLAGS)
