@@ -8,6 +8,7 @@ transformer.py.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -62,7 +63,14 @@ def peak_flops(device):
         name = torch.cuda.get_device_name(device)
         flops = gpu_peak_flops(name)
         return flops, f"{name}: " + ("bf16 datasheet peak" if flops else "not in GPU_PEAK_FLOPS, so MFU is unknown")
-    return matmul_peak_flops(device), f"fp32 matmul measured at start-up on {device.type}"
+    return cpu_peak_flops(device.type, torch.get_num_threads()), f"fp32 matmul measured at start-up on {device.type}"
+
+
+@functools.cache
+def cpu_peak_flops(device_type, threads):
+    """matmul_peak_flops, measured once per process for a device type and thread count: a second run in the same
+    process (bench.py's rows, a notebook, the tests) does not spend another second on the same figure."""
+    return matmul_peak_flops(torch.device(device_type))
 
 
 def mfu(tokens_per_s, flops_per_token, world, peak):

@@ -705,6 +705,7 @@ def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_pat
         assert max_diff(hf_logits(tmp_path, x, gguf_file="model.gguf"), ours(model, x)) <= ATOL_GGUF_F16
 
 
+@pytest.mark.slow  # its fast twins: the NanoChat export cases above, in process
 def test_cli_exports_a_freshly_trained_nanochat_that_transformers_runs_as_nanochat(tmp_path):
     """--arch nanochat, trained by the command line: transformers loads the export as NanoChat and computes our
     logits, our loss and our greedy text; --export-gguf refuses it in one line."""

@@ -76,6 +76,19 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch):
+    """A second run in one process (bench.py's rows, a notebook, these tests) reuses the first one's figure."""
+    timed = []
+    monkeypatch.setattr(metrics_py, "matmul_peak_flops", lambda device: timed.append(device) or 1e9 * len(timed))
+    metrics_py.cpu_peak_flops.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert metrics_py.peak_flops(cpu)[0] == metrics_py.peak_flops(cpu)[0] == 1e9 and len(timed) == 1
+        assert metrics_py.cpu_peak_flops("cpu", torch.get_num_threads() + 1) == 2e9  # another thread count: timed
+    finally:
+        metrics_py.cpu_peak_flops.cache_clear()  # the next run measures for real
+
+
 def test_positions_keep_nothing_that_changes_after_the_first_forward():
     """What a compiled graph reads must not change under it: ALiBi's slopes exist from the start, and RoPE's
     cos/sin are computed from the positions, so generating far past block_size grows no table."""
