@@ -244,7 +244,7 @@ def nanogpt_model(ours, device, folder=None):
 
 def decode_speeds(hf_fields, prompt_tokens, n, rounds, device, uncached=0):
     """Greedy decoding of n tokens after a random prompt, on the same random weights: ours eager with its KV cache,
-    ours with its decode step compiled (GPT.generate(compile=True): one fixed-shape step, compiled once), HF
+    ours with its decode step compiled (transformer.generate(compile=True): one fixed-shape step, compiled once), HF
     generate with its cache, and (uncached > 0) ours re-encoding the prefix for `uncached` tokens from the middle
     of such a run. Returns ({name: [tok/s of each round]}, seconds the compiled one's first call took over its
     median, {name: its tokens == ours eager's})."""
@@ -253,10 +253,10 @@ def decode_speeds(hf_fields, prompt_tokens, n, rounds, device, uncached=0):
     hf.eval()
     V, m = ours.config.vocab_size, uncached
     prompt = random_tokens((1, prompt_tokens), V, device)
-    names = "ours GPT.generate, KV cache", "ours GPT.generate, KV cache, compiled", "HF generate, use_cache=True"
+    names = "ours generate, KV cache", "ours generate, KV cache, compiled", "HF generate, use_cache=True"
     contenders = {
-        names[0]: lambda: ours.generate(prompt, n, temperature=0),
-        names[1]: lambda: ours.generate(prompt, n, temperature=0, compile=True),
+        names[0]: lambda: transformer.generate(ours, prompt, n, temperature=0),
+        names[1]: lambda: transformer.generate(ours, prompt, n, temperature=0, compile=True),
         names[2]: lambda: hf.generate(
             prompt, attention_mask=torch.ones_like(prompt), use_cache=True, do_sample=False,
             max_new_tokens=n, min_new_tokens=n, pad_token_id=hf.config.eos_token_id,
@@ -268,8 +268,8 @@ def decode_speeds(hf_fields, prompt_tokens, n, rounds, device, uncached=0):
         # n tokens would take minutes. The m tokens timed are the middle ones of a run of n: their mean
         # prefix is the whole run's, and so is their rate. (The prefix's content does not matter.)
         prefix = random_tokens((1, prompt_tokens + n // 2 - m // 2), V, device)
-        name = f"ours GPT.generate, no cache ({m} tokens)"
-        contenders[name], work[name] = lambda: ours.generate(prefix, m, temperature=0, use_cache=False), m
+        name = f"ours generate, no cache ({m} tokens)"
+        contenders[name], work[name] = lambda: transformer.generate(ours, prefix, m, temperature=0, use_cache=False), m
     synchronize()
     t0 = time.perf_counter()
     contenders[names[1]]()  # the first compiled call compiles: timed apart, before alternate's warm-up
@@ -633,8 +633,8 @@ def check_sampling(c):
     model.to(c.device)
     prompt = random_tokens((1, 8), c.sizes.vocab, c.device)
     n = min(32, c.sizes.seq_len - 8)
-    cached = model.generate(prompt, n, temperature=0)
-    uncached = model.generate(prompt, n, temperature=0, use_cache=False)
+    cached = transformer.generate(model, prompt, n, temperature=0)
+    uncached = transformer.generate(model, prompt, n, temperature=0, use_cache=False)
     tok_s, compile_s, same = decode_speeds(c.sizes.decode_model, 16, c.sizes.new_tokens, c.sizes.rounds, c.device)
     medians = {name: statistics.median(r) for name, r in tok_s.items()}
     eager, compiled, hf = medians.values()

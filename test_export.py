@@ -297,7 +297,7 @@ def test_pipeline_greedy_tokens_equal_ours(exported):
     prompt = "ROMEO:"
     pipe = transformers.pipeline("text-generation", model=str(out))
     theirs = pipe(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
-    expected = model.generate(torch.tensor([list(prompt.encode())]), 12, temperature=0)[0].tolist()
+    expected = transformer.generate(model, torch.tensor([list(prompt.encode())]), 12, temperature=0)[0].tolist()
     assert list(theirs) == expected
 
 
@@ -364,7 +364,7 @@ def test_gguf_greedy_tokens_equal_ours(gguf_exported):
     prompt = torch.tensor([list(b"ROMEO:")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).eval()
     theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)
-    assert theirs[0].tolist() == model.generate(prompt, 12, temperature=0)[0].tolist()
+    assert theirs[0].tolist() == transformer.generate(model, prompt, 12, temperature=0)[0].tolist()
 
 
 def test_gguf_byte_tokenizer_reads_back_as_utf8_bytes(gguf_exported):
@@ -412,7 +412,7 @@ def test_llama_cpp_logits_equal_ours(llama_cpp_model):
 def test_llama_cpp_greedy_tokens_equal_ours(llama_cpp_model):
     model, llm, _ = llama_cpp_model
     prompt = list(b"ROMEO:")
-    expected = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
+    expected = transformer.generate(model, torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
     llm.reset()
     tokens = []
     for token in llm.generate(prompt, top_k=1, temp=0.0):
@@ -727,6 +727,6 @@ def test_cli_exports_a_freshly_trained_nanochat_that_transformers_runs_as_nanoch
     prompt = tok("ROMEO:", return_tensors="pt").input_ids
     with torch.no_grad():
         greedy = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    expected = model.generate(prompt, 16, temperature=0)
+    expected = transformer.generate(model, prompt, 16, temperature=0)
     assert greedy.tolist() == expected.tolist()
     assert tok.decode(greedy[0]) == get_tokenizer("byte").decode(expected[0].tolist())

@@ -94,7 +94,7 @@ def test_positions_keep_nothing_that_changes_after_the_first_forward():
     cos/sin are computed from the positions, so generating far past block_size grows no table."""
     assert GPT(GPTConfig.preset("tiny", "gpt2", pos="alibi", n_head=4)).positions.alibi.shape == (4,)
     model = GPT(GPTConfig.preset("tiny", "llama", block_size=16)).eval()
-    model.generate(torch.zeros(1, 1, dtype=torch.long), 40, temperature=0)
+    transformer.generate(model, torch.zeros(1, 1, dtype=torch.long), 40, temperature=0)
     assert dict(model.named_buffers()) == {}
 
 

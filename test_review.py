@@ -231,7 +231,7 @@ def step_logits(model, idx, n, use_cache, monkeypatch):
     seen, real = [], transformer.sample_next
     monkeypatch.setattr(transformer, "sample_next", lambda logits, *a, **k: (seen.append(logits), real(logits, *a,
                                                                                                      **k))[1])
-    model.generate(idx, n, temperature=0, use_cache=use_cache)
+    transformer.generate(model, idx, n, temperature=0, use_cache=use_cache)
     monkeypatch.undo()
     return torch.stack(seen)  # (n, B, vocab)
 

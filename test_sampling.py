@@ -135,8 +135,8 @@ def test_kv_cache_gives_the_same_greedy_tokens_as_no_cache(name):
     model = make_model(arch, **overrides)
     idx = prompt()
     n = BLOCK - idx.size(1)  # up to the end of the context
-    cached = model.generate(idx, n, temperature=0, use_cache=True)
-    uncached = model.generate(idx, n, temperature=0, use_cache=False)
+    cached = transformer.generate(model, idx, n, temperature=0, use_cache=True)
+    uncached = transformer.generate(model, idx, n, temperature=0, use_cache=False)
     assert cached.shape == (2, BLOCK)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached[:, : idx.size(1)], idx)
@@ -171,24 +171,25 @@ def test_a_short_generation_gets_a_smaller_cache_and_the_same_tokens(name, monke
     sizes, real_init = [], KVCache.__init__
     monkeypatch.setattr(KVCache, "__init__", lambda self, *a: (real_init(self, *a), sizes.append(self.shape[2]))[0])
     idx = prompt(length=3)
-    assert torch.equal(model.generate(idx, 6, temperature=0), model.generate(idx, 6, temperature=0, use_cache=False))
+    cached = transformer.generate(model, idx, 6, temperature=0)
+    assert torch.equal(cached, transformer.generate(model, idx, 6, temperature=0, use_cache=False))
     assert sizes == [16]
 
 
 def test_streaming_yields_the_tokens_generate_returns():
     model = make_model("llama")
     idx = prompt()
-    streamed = list(model.generate(idx, 10, temperature=0, stream=True))
+    streamed = list(transformer.generate(model, idx, 10, temperature=0, stream=True))
     assert len(streamed) == 10 and all(t.shape == (2, 1) for t in streamed)
-    assert torch.equal(torch.cat([idx, *streamed], 1), model.generate(idx, 10, temperature=0))
+    assert torch.equal(torch.cat([idx, *streamed], 1), transformer.generate(model, idx, 10, temperature=0))
 
 
 def test_learned_positions_past_block_size_cached_equals_uncached():
     """Learned positions end at block_size: from there both paths re-encode the last block_size tokens."""
     model = make_model("gpt2")
     idx = prompt(length=4)
-    cached = model.generate(idx, 2 * BLOCK, temperature=0, use_cache=True)
-    uncached = model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False)
+    cached = transformer.generate(model, idx, 2 * BLOCK, temperature=0, use_cache=True)
+    uncached = transformer.generate(model, idx, 2 * BLOCK, temperature=0, use_cache=False)
     assert cached.shape == (2, 4 + 2 * BLOCK)
     assert torch.equal(cached, uncached)
     with pytest.raises(ValueError, match="longer than block_size"):  # the model itself cannot go further
@@ -213,17 +214,17 @@ def test_rope_and_alibi_caches_slide_past_block_size(pos, monkeypatch):
     monkeypatch.setattr(KVCache, "make_room", make_room)
     monkeypatch.setattr(transformer, "sample_next", sample_next)
     idx = prompt(length=5)
-    out = model.generate(idx, 2 * BLOCK, temperature=0)
+    out = transformer.generate(model, idx, 2 * BLOCK, temperature=0)
     assert out.shape == (2, 5 + 2 * BLOCK)
     assert shapes == {(2, 2, BLOCK, model.config.head_dim)}  # one shape, never more than block_size slots
     assert filled[0] == 5 and max(filled) == BLOCK and filled[-1] == BLOCK  # it filled up, then slid
     assert all(finite) and len(finite) == 2 * BLOCK
-    assert torch.equal(model.generate(idx, 2 * BLOCK, temperature=0), out)  # deterministic
-    sampled = [model.generate(idx, 2 * BLOCK, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(transformer.generate(model, idx, 2 * BLOCK, temperature=0), out)  # deterministic
+    sampled = [transformer.generate(model, idx, 2 * BLOCK, temperature=1.0, generator=torch.Generator().manual_seed(3))
                for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1])
     # the uncached path (a window of the last block_size tokens) runs past the limit too
-    assert model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False).shape == out.shape
+    assert transformer.generate(model, idx, 2 * BLOCK, temperature=0, use_cache=False).shape == out.shape
 
 
 class GrowingCache:
@@ -266,7 +267,7 @@ def test_the_fixed_shape_cache_slides_as_a_growing_one_would(name):
     model = make_model(arch, **{**overrides, "n_layer": 3})
     idx = prompt(length=5)
     expected = greedy_with(GrowingCache(BLOCK, 3), model, idx, 3 * BLOCK)
-    assert torch.equal(model.generate(idx, 3 * BLOCK, temperature=0), expected)
+    assert torch.equal(transformer.generate(model, idx, 3 * BLOCK, temperature=0), expected)
     assert torch.equal(greedy_with(KVCache(model.config, 2, idx.device), model, idx, 3 * BLOCK), expected)
 
 
@@ -288,8 +289,8 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once(name, fresh_dy
     graphs = fresh_dynamo["unique_graphs"]
     for length, n in ((5, 2 * BLOCK), (9, BLOCK)):
         idx = prompt(length=length, seed=length)
-        compiled = model.generate(idx, n, temperature=0, compile=True)
-        assert torch.equal(compiled, model.generate(idx, n, temperature=0))
+        compiled = transformer.generate(model, idx, n, temperature=0, compile=True)
+        assert torch.equal(compiled, transformer.generate(model, idx, n, temperature=0))
         assert fresh_dynamo["unique_graphs"] - graphs == 1  # not one per token, nor one per prompt
 
 
@@ -300,9 +301,9 @@ def test_the_compiled_step_is_what_runs_each_token(monkeypatch):
     monkeypatch.setattr(transformer, "compiled_step", lambda cuda: lambda *a: (calls.append(cuda),
                                                                                 transformer.forward_step(*a))[1])
     model = make_model("llama")
-    model.generate(prompt(length=5), 10, temperature=0, compile=True)
+    transformer.generate(model, prompt(length=5), 10, temperature=0, compile=True)
     assert calls == [False] * 9  # every token after the prefill's
-    model.generate(prompt(length=5), 10, temperature=0)
+    transformer.generate(model, prompt(length=5), 10, temperature=0)
     assert len(calls) == 9
 
 
@@ -313,7 +314,7 @@ def test_a_model_can_be_trained_after_it_generated(name):
     (RoPE's cos/sin tables grow to cover 2 x block_size positions and more) is reused by training."""
     arch, overrides = CONFIGS[name]
     model = make_model(arch, **overrides)
-    model.generate(prompt(length=2), 3 * BLOCK, temperature=0)
+    transformer.generate(model, prompt(length=2), 3 * BLOCK, temperature=0)
     model.train()
     x = prompt(length=BLOCK)
     _, loss = model(x, x)
@@ -328,8 +329,8 @@ def test_one_layer_sliding_cache_equals_reencoding_the_window(pos):
     tokens gives: this pins down the positions the cache uses once it slides."""
     model = make_model("llama", pos=pos, n_layer=1, n_kv_head=2)
     idx = prompt(length=5)
-    cached = model.generate(idx, 2 * BLOCK, temperature=0, use_cache=True)
-    assert torch.equal(cached, model.generate(idx, 2 * BLOCK, temperature=0, use_cache=False))
+    cached = transformer.generate(model, idx, 2 * BLOCK, temperature=0, use_cache=True)
+    assert torch.equal(cached, transformer.generate(model, idx, 2 * BLOCK, temperature=0, use_cache=False))
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +414,8 @@ def test_the_same_seed_gives_the_same_tokens_and_other_seeds_differ():
 
     def run(seed):
         torch.manual_seed(12345 + seed)  # the global RNG must not matter when a generator is given
-        return model.generate(idx, 30, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return transformer.generate(model, idx, 30, temperature=1.0, top_k=None, generator=generator)
 
     assert torch.equal(run(7), run(7))
     assert len({tuple(run(s).flatten().tolist()) for s in range(4)}) == 4
@@ -422,10 +424,11 @@ def test_the_same_seed_gives_the_same_tokens_and_other_seeds_differ():
 def test_a_prompt_longer_than_block_size_or_empty_is_a_value_error():
     model = make_model("llama")
     with pytest.raises(ValueError, match="longer than the context"):
-        model.generate(prompt(length=BLOCK + 1), 1)
+        transformer.generate(model, prompt(length=BLOCK + 1), 1)
     with pytest.raises(ValueError, match="empty prompt"):
-        model.generate(torch.zeros(1, 0, dtype=torch.long), 1)
-    assert model.generate(prompt(length=BLOCK), 2, temperature=0).shape == (2, BLOCK + 2)  # exactly full is fine
+        transformer.generate(model, torch.zeros(1, 0, dtype=torch.long), 1)
+    full = transformer.generate(model, prompt(length=BLOCK), 2, temperature=0)
+    assert full.shape == (2, BLOCK + 2)  # exactly full is fine
 
 
 # -----------------------------------------------------------------------------
@@ -448,7 +451,7 @@ def test_cli_sample_prints_the_prompt_then_streams_the_generated_text(trained, m
     monkeypatch.undo()
     model = load(ckpt)
     ids = list(b"The king")
-    new = model.generate(torch.tensor([ids]), 40, temperature=0)[0, len(ids) :].tolist()
+    new = transformer.generate(model, torch.tensor([ids]), 40, temperature=0)[0, len(ids) :].tolist()
     assert out.getvalue() == "The king" + bytes(new).decode("utf-8", errors="replace") + "\n" + "-" * 40 + "\n"
     assert all(b < 128 for b in new)  # the model learned its ASCII text
     # streamed: the prompt is out before the first token is picked, and text keeps appearing during generation

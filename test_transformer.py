@@ -844,7 +844,7 @@ def test_nanochat_greedy_tokens_with_the_kv_cache_match_hf(nanochat_checkpoint):
     prompt = tokens(300, B=1, T=5, seed=2)
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert ours.generate(prompt, 20, temperature=0).tolist() == expected.tolist()
+    assert transformer.generate(ours, prompt, 20, temperature=0).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize(

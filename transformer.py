@@ -1161,7 +1161,6 @@ def generate(model, idx, max_new_tokens, *, stream=False, **options):
     return tokens if stream else torch.cat([idx, *tokens], dim=1)
 
 
-GPT.generate = generate  # and as a method, as in nanoGPT: model.generate(idx, 100, temperature=0.8)
 
 
 # -----------------------------------------------------------------------------
@@ -1194,7 +1193,7 @@ def train_and_sample(args):
             prompt = torch.tensor([tokenizer.encode("\n")], device=device)
             model.eval()
             with autocast(device, dtype):
-                out = model.generate(prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
+                out = generate(model, prompt, 300, temperature=0.8, top_k=200, vocab_size=tokenizer.vocab_size)
             if dist.master:
                 print("--- sample ---\n" + tokenizer.decode(out[0].tolist()), flush=True)
 
@@ -1234,8 +1233,8 @@ def sample(args):
             # the tokens so far decode to, less what is already on screen, once it ends on a whole character.
             new, shown = [], ""
             with autocast(device, dtype):
-                stream = model.generate(
-                    torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
+                stream = generate(
+                    model, torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens, stream=True,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
                     compile=bool(args.compile), generator=generator, vocab_size=tokenizer.vocab_size,
                 )
