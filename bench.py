@@ -26,11 +26,17 @@ Rows
                 against eager, with MFU against the GPU's datasheet peak.
     5 to loss   wall time of the default run (`python transformer.py` in a fresh folder) to its val loss,
                 against nanoGPT's CPU recipe run the same way: nanoGPT's own train.py when
-                NANOGPT_DIR points at a nanoGPT checkout, else that recipe in our trainer.
+                NANOGPT_DIR points at a nanoGPT checkout, else that recipe in our trainer. Twice
+                each, one at a time, in alternating order (ours, theirs, theirs, ours).
     6 tokenizers  the default run's model and budget on tiny Shakespeare tokenized as bytes and as
-                trained BPEs (bpe:512, bpe:1024, bpe:4096), one run after another: which reaches
-                nanoGPT's CPU target, 1.8857 nats per character = 2.7205 bits per byte, first in
-                wall time.
+                BPEs learned from its train split (bpe:512 ... bpe:4096): seconds of training to
+                nanoGPT's CPU target, 1.8857 nats per character = 2.7205 bits per byte, on the
+                whole val split (evaluated every 25 steps), and the end. Runs one at a time.
+    7 ablation  the default run with each switch of SWITCHES alone, then together (nanochat's
+                block), and Muon: bytes and bpe:1024, measured as row 6.
+    Rows 5-7 run each contender twice (--rounds N: N times), one run at a time, in
+    alternating order (forward, then backward): two torch runs at once oversubscribe a small
+    CPU, and alternating lets a drift fall on every contender alike. Minutes each.
 
 Method
     Shared machines drift, by up to ~1.8x over minutes, so contenders are never timed one
@@ -65,6 +71,7 @@ import distributed
 import files
 import metrics
 import prepare_data
+import shards
 import transformer
 from transformer import GPT
 
@@ -72,6 +79,24 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")  # else input.txt, see corpus()
 LR, WEIGHT_DECAY, BETAS = 6e-4, 0.1, (0.9, 0.95)
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT2Config defaults to 0.1
+
+
+# Row 7's switches, each alone on top of the default run, then all together ("nanochat's block") and Muon.
+SWITCHES = {
+    "the default run": [],
+    "relu2 MLP": ["--mlp", "relu2"],
+    "qk-norm": ["--qk-norm"],
+    "tied head": ["--tie-embeddings"],
+    "logit soft-cap 15": ["--logit-softcap", "15"],
+    "zero-init projections": ["--zero-init-proj"],
+    "embedding norm": ["--embed-norm"],
+    "weightless RMSNorm": ["--norm", "rmsnorm-noweight"],
+    "value embeddings": ["--value-embeds"],
+    "x0 lambdas": ["--x0-lambdas"],
+    "--arch nanochat": ["--arch", "nanochat"],
+    "nanochat + value emb. + x0": ["--arch", "nanochat", "--value-embeds", "--x0-lambdas"],
+    "Muon": ["--optimizer", "muon"],
+}
 
 
 @dataclass
@@ -87,7 +112,11 @@ class Sizes:
     cuda_batch: int
     text: str = None  # the text file rows 3 and 5 read (None: tiny Shakespeare, see corpus())
     to_loss_steps: int = None  # row 5: None runs each recipe whole; a number cuts both to that many steps
-    race: tuple = ("byte", "bpe:512", "bpe:1024", "bpe:4096")  # row 6: the tokenizers raced
+    race: tuple = ("byte", "bpe:512", "bpe:1024", "bpe:2048", "bpe:4096")  # row 6: the tokenizers raced
+    race_every: int = 25  # rows 6 and 7 evaluate on the whole val split every this many steps
+    race_rounds: int = 2  # rows 6 and 7 run each contender this many times (--rounds overrides)
+    ablation: tuple = tuple(SWITCHES)  # row 7: the switches tried, alone and together
+    ablation_tokenizers: tuple = ("byte", "bpe:1024")  # row 7: bytes and the best train-split BPE of row 6
 
 
 FULL = Sizes(
@@ -99,7 +128,8 @@ QUICK = Sizes(
     train_model=dict(n_layer=1, n_head=2, n_embd=64, n_positions=32), train_batch=2,
     decode_model=dict(n_layer=1, n_head=2, n_embd=64), prompt_tokens=16, new_tokens=16, uncached_tokens=4,
     text_mb=1, cuda_model=dict(n_layer=1, n_head=2, n_embd=64, block_size=32), cuda_batch=2, to_loss_steps=20,
-    race=("byte", "bpe:300"),
+    race=("byte", "bpe:300"), race_every=10, race_rounds=1, ablation=("the default run", "relu2 MLP"),
+    ablation_tokenizers=("byte",),
 )
 
 
@@ -717,7 +747,8 @@ def gpu_check(quick, device, out=None, nanogpt=None):
 NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
                      "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
                      "--lr_decay_iters=2000", "--dropout=0.0"]
-NANOGPT_RECIPE_HERE = ["--arch", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--seq-len", "64",
+NANOGPT_RECIPE_HERE = ["--data", "data/shakespeare_byte", "--arch", "gpt2", "--n-layer", "4", "--n-head", "4",
+                       "--n-embd", "128", "--seq-len", "64",
                        "--batch-size", "12", "--max-steps", "2000", "--lr", "1e-3", "--min-lr", "1e-4",
                        "--warmup-steps", "100", "--eval-every", "250"]
 
@@ -727,39 +758,49 @@ def row_to_loss(sizes, rounds, device):
     preparation, start-up and the closing sample included) against nanoGPT's CPU recipe run the same way
     (nanoGPT's own prepare.py and train.py from $NANOGPT_DIR, else its recipe in our trainer). Our val loss
     is measured on the whole val split (--eval); nanoGPT's is the last one its train.py prints (20 batches).
-    One run each, in turn: minutes, not rounds."""
+    sizes.race_rounds runs each, one at a time, in alternating order (ours, theirs, theirs, ours, ...): minutes."""
     steps = sizes.to_loss_steps
-    with tempfile.TemporaryDirectory() as d:
-        source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
-        contenders = {"ours: python transformer.py (the default run)": [],
-                      "nanoGPT's CPU recipe, its own train.py" if os.environ.get("NANOGPT_DIR")
-                      else "nanoGPT's CPU recipe in our trainer (no NANOGPT_DIR)": NANOGPT_RECIPE_HERE}
-        results = {}
-        for name, flags in contenders.items():
-            folder = os.path.join(d, str(len(results)))
-            os.makedirs(folder)
-            shutil.copy(source, os.path.join(folder, "input.txt"))
-            if flags == NANOGPT_RECIPE_HERE or not name.startswith("nanoGPT"):
-                results[name] = run_ours(folder, flags + (["--max-steps", str(steps)] if steps else []))
-            else:
-                results[name] = run_nanogpt(folder, steps)
-        (ours, (t_ours, loss_ours)), (theirs, (t_theirs, loss_theirs)) = results.items()
-        line("5 to loss", ours, "s", [t_ours], f"val {loss_ours:.4f} (whole val split)")
-        ratio = t_ours / t_theirs
-        line("", theirs, "s", [t_theirs], f"val {loss_theirs:.4f} | ours {ratio:.2f}x its time (goal <= 0.33x: "
-             f"{'met' if ratio <= 0.33 and loss_ours <= 1.8857 else 'MISSED'})")
+    source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
+    contenders = {"ours: python transformer.py (the default run)": [],
+                  "nanoGPT's CPU recipe, its own train.py" if os.environ.get("NANOGPT_DIR")
+                  else "nanoGPT's CPU recipe in our trainer (no NANOGPT_DIR)": NANOGPT_RECIPE_HERE}
+    results = {name: [] for name in contenders}
+    for r in range(sizes.race_rounds):
+        for name in list(contenders) if r % 2 == 0 else list(contenders)[::-1]:
+            with tempfile.TemporaryDirectory() as folder:
+                shutil.copy(source, os.path.join(folder, "input.txt"))
+                if name.endswith("its own train.py"):
+                    results[name].append(run_nanogpt(folder, steps))
+                else:
+                    results[name].append(run_ours(folder, contenders[name] + (["--max-steps", str(steps)] if steps
+                                                                              else [])))
+    (ours, ours_runs), (theirs, theirs_runs) = results.items()
+    t_ours, t_theirs = ([t for t, _ in runs] for runs in (ours_runs, theirs_runs))
+    loss_ours, loss_theirs = (statistics.median(loss for _, loss in runs) for runs in (ours_runs, theirs_runs))
+    target = metrics.NANOGPT_CPU_VAL_LOSS
+    line("5 to loss", ours, "s", t_ours, f"val {loss_ours:.4f} = {loss_ours / math.log(2):.4f} bits/byte "
+         "(whole val split)")
+    ratio = median_ratio(t_ours, t_theirs)
+    line("", theirs, "s", t_theirs, f"val {loss_theirs:.4f} | ours {ratio:.2f}x its time (goal <= 0.33x to "
+         f"{target}: {'met' if ratio <= 0.33 and loss_ours <= target else 'MISSED'})")
 
 
 def run_ours(folder, flags):
-    """(wall seconds of `python transformer.py FLAGS` in folder, its val loss on the whole val split)."""
+    """(wall seconds of `python transformer.py FLAGS` in folder, its val loss on the whole val split in nats per
+    byte, which on ASCII text is nats per character). With --data in flags, tiny Shakespeare's bytes are prepared
+    there first (and timed: nanoGPT's prepare.py is); without, the default run prepares its own data."""
+    data = flags[flags.index("--data") + 1] if "--data" in flags else shards.DEFAULT_DATA
     t0 = time.perf_counter()
+    if "--data" in flags:
+        subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), "--tokenizer", "byte", "--out", data],
+                       cwd=folder, check=True, capture_output=True)
     subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), *flags], cwd=folder, check=True,
                    capture_output=True)
     seconds = time.perf_counter() - t0
     result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--eval", "--ckpt",
-                             "checkpoints/ckpt.pt", "--data", "data/shakespeare_byte"],
-                            cwd=folder, check=True, capture_output=True, text=True)
-    return seconds, float(re.search(r"loss (\d+\.\d+)", result.stdout)[1])
+                             "checkpoints/ckpt.pt", "--data", data], cwd=folder, check=True, capture_output=True,
+                            text=True)
+    return seconds, float(re.search(r"(\d+\.\d+) bits per byte", result.stdout)[1]) * math.log(2)
 
 
 def run_nanogpt(folder, steps):
@@ -780,54 +821,125 @@ def run_nanogpt(folder, steps):
     return seconds, float(re.findall(r"val loss (\d+\.\d+)", result.stdout)[-1])
 
 
-def run_in_turn(commands):
-    """Run each command of {name: argv} to its end before the next one starts, so that no run shares the machine
-    with another. Returns {name: [(seconds from its start, a line it printed), ...]}, each line timed as it came."""
-    logs = {}
-    for name, argv in commands.items():
-        t0 = time.perf_counter()
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
-            logs[name] = [(time.perf_counter() - t0, text) for text in proc.stdout]
-        if proc.returncode != 0:
-            raise RuntimeError(f"the run on {name} failed (exit status {proc.returncode})")
-    return logs
+def whole_val_iters(data_dir):
+    """--eval-iters with which the default run's val estimate reads every val window of its cut once: the whole
+    val split but for fewer than B x (T + 1) tokens at its ends, as many as an epoch's offset leaves out."""
+    B, T = transformer.RECIPE["batch_size"], transformer.SIZES[transformer.RECIPE["size"]]["block_size"]
+    n = sum(len(shards.load_shard(f)) for f in shards.find_shards(data_dir, "val"))
+    return max(1, (n - T) // T // B)  # the windows of the worst offset (T - 1), whole steps of B of them
+
+
+def to_target(folder, target):
+    """(seconds of training to target bits per byte, the step of the first val estimate at or under it) from a
+    run's metrics.jsonl, or (None, None); and the run's training seconds. The time is interpolated linearly between
+    that estimate and the one before. Training time only: each logged step says
+    how fast the steps since the last one ran (tokens_per_s), which leaves out start-up, the evaluations and
+    saving, so the time does not depend on how often the run evaluates."""
+    B, T = transformer.RECIPE["batch_size"], transformer.SIZES[transformer.RECIPE["size"]]["block_size"]
+    seconds, last, reached, before = 0.0, 0, (None, None), None
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        records = [json.loads(text) for text in f]
+    for record in records:
+        if "tokens_per_s" in record:
+            seconds += (record["step"] - last) * B * T / record["tokens_per_s"]
+            last = record["step"]
+        if "val_bpb" not in record or reached[0] is not None:
+            continue
+        if record["val_bpb"] <= target:  # crossed since the evaluation before: the time read off the line between
+            t0, bpb0 = before or (seconds, record["val_bpb"])
+            reached = (t0 + (seconds - t0) * (bpb0 - target) / max(bpb0 - record["val_bpb"], 1e-9), record["step"])
+        before = (seconds, record["val_bpb"])
+    return reached, seconds
+
+
+def race(runs, rounds, device, sizes):
+    """The default run once per entry of runs, {name: (prepared data folder, extra flags)}, at the default run's
+    budget (or sizes.to_loss_steps), evaluated every sizes.race_every steps on the whole val split: one run at a
+    time (two torch runs at once oversubscribe a small CPU), `rounds` times, in alternating order (forward,
+    backward, ...) so that a drift of the machine's speed falls on every run alike. Returns {name: [(seconds of
+    training to nanoGPT's CPU target or None, its step or None, the end's bits per byte on the whole val split
+    by --eval, seconds of training), one per round]}."""
+    target = metrics.NANOGPT_CPU_VAL_LOSS / math.log(2)  # nats per character; ASCII: a character is a byte
+    steps = ["--max-steps", str(sizes.to_loss_steps)] if sizes.to_loss_steps else []
+    results = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out")
+        for r in range(rounds):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                data, flags = runs[name]
+                shutil.rmtree(out, ignore_errors=True)
+                subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--data", data, "--out-dir", out,
+                                "--device", device.type, "--eval-every", str(sizes.race_every), "--log-every",
+                                str(sizes.race_every), "--eval-iters", str(whole_val_iters(data)), *steps, *flags],
+                               check=True, capture_output=True)
+                (reached, step), seconds = to_target(out, target)
+                ended = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--eval", "--ckpt",
+                                        os.path.join(out, "ckpt.pt"), "--data", data], check=True, capture_output=True,
+                                       text=True)
+                bpb = float(re.search(r"(\d+\.\d+) bits per byte", ended.stdout)[1])
+                results[name].append((reached, step, bpb, seconds))
+    return results
+
+
+def race_lines(row, results, target_name="2.7205 bits/byte"):
+    """One table line per contender: seconds of training to the target (min / median / max over the rounds),
+    then the median step it was reached at, the median end on the whole val split, and the time against the
+    first contender's."""
+    first = None
+    for i, (name, runs) in enumerate(results.items()):
+        times = [t for t, _, _, _ in runs if t is not None]
+        steps = [s for _, s, _, _ in runs if s is not None]
+        end = statistics.median(b for _, _, b, _ in runs)
+        total = statistics.median(s for _, _, _, s in runs)
+        whole = len(times) == len(runs)
+        reach = (f"at step {statistics.median(steps):.0f}" if whole else
+                 f"reached in {len(times)} of {len(runs)} runs" if times else "not reached")
+        ratio = ""
+        if whole and first:
+            ratio = f" | {statistics.median(times) / first:.2f}x the first's time"
+        first = first or (statistics.median(times) if whole else None)
+        line(row if i == 0 else "", f"{name}: to {target_name}", "s", times if whole else None,
+             f"{reach} | end {end:.4f} bits/byte in {total:.0f} s of training{ratio}")
+
+
+def prepare_race_data(d, tokenizers, source):
+    """{tokenizer: folder}: source prepared with each, in d; a BPE learns from the train split only."""
+    folders = {}
+    for name in tokenizers:
+        folders[name] = os.path.join(d, name.replace(":", "-"))
+        subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), "--input", source, "--tokenizer", name,
+                        "--out", folders[name]], check=True, capture_output=True)
+    return folders
 
 
 def row_tokenizers(sizes, rounds, device):
-    """The default run (its model, steps and val estimate) on tiny Shakespeare tokenized each way in sizes.race,
-    one run after another (run_in_turn), each with the machine to itself as the default run has it: started at
-    once, four runs oversubscribed a 2-core machine. Each line: seconds from the run's start to its first logged
-    val estimate at or under nanoGPT's CPU target in bits per byte (every --eval-every steps, so to within 100
-    steps), and the run's end, measured by --eval on the whole val split. One run each: minutes, not rounds."""
-    target = metrics.NANOGPT_CPU_VAL_LOSS / math.log(2)  # nats per character; ASCII: a character is a byte
+    """The default run (its model and steps) on tiny Shakespeare tokenized each way in sizes.race (a BPE trained on
+    the train split only), raced one at a time (race). Each line: seconds of training to nanoGPT's CPU target in
+    bits per byte, the whole val split measured every sizes.race_every steps, and the end by --eval."""
     source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
-    steps = ["--max-steps", str(sizes.to_loss_steps)] if sizes.to_loss_steps else []
     with tempfile.TemporaryDirectory() as d:
-        prepared = {}
-        for name in sizes.race:  # one after the other: the BPEs train in seconds
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), "--input", source, "--tokenizer",
-                            name, "--out", os.path.join(d, name)], check=True, capture_output=True)
-            prepared[name] = time.perf_counter() - t0
-        logs = run_in_turn({name: [sys.executable, os.path.join(REPO, "transformer.py"), "--data",
-                                   os.path.join(d, name), "--out-dir", os.path.join(d, name, "out"), "--device",
-                                   device.type, *steps] for name in sizes.race})
-        for name in sizes.race:
-            evals = [(t, int(m[1]), float(m[2])) for t, text in logs[name]
-                     if (m := re.match(r"step +(\d+) .*\((\d+\.\d+) bits/byte\)", text))]
-            reached = next(((t, step) for t, step, bpb in evals if bpb <= target), None)
-            result = subprocess.run([sys.executable, os.path.join(REPO, "transformer.py"), "--eval", "--ckpt",
-                                     os.path.join(d, name, "out", "ckpt.pt"), "--data", os.path.join(d, name)],
-                                    check=True, capture_output=True, text=True)
-            bpb = float(re.search(r"(\d+\.\d+) bits per byte", result.stdout)[1])
-            reach = f"at step {reached[1]}" if reached else f"not reached ({evals[-1][2]:.4f} at the end)"
-            line("6 tokens" if name == sizes.race[0] else "", f"{name}: to {target:.4f} bits/byte", "s",
-                 [reached[0]] if reached else None, f"{reach} | end {bpb:.4f} bits/byte (whole val split) in "
-                 f"{logs[name][-1][0]:.0f} s | prepared in {prepared[name]:.1f} s")
+        folders = prepare_race_data(d, sizes.race, source)
+        race_lines("6 tokens", race({name: (folders[name], []) for name in sizes.race}, sizes.race_rounds or rounds,
+                                    device, sizes))
+
+
+def row_ablation(sizes, rounds, device):
+    """Each of sizes.ablation's SWITCHES on the default run, with each tokenizer of sizes.ablation_tokenizers,
+    raced one at a time in alternating order (race): seconds of training to nanoGPT's CPU target on the whole
+    val split, and the end."""
+    source = sizes.text or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else prepare_data.default_input())
+    with tempfile.TemporaryDirectory() as d:
+        folders = prepare_race_data(d, sizes.ablation_tokenizers, source)
+        runs = {f"{tok}, {name}": (folders[tok], SWITCHES[name]) for tok in sizes.ablation_tokenizers
+                for name in sizes.ablation}
+        results = race(runs, sizes.race_rounds or rounds, device, sizes)
+        for tok in sizes.ablation_tokenizers:
+            race_lines("7 ablate" if tok == sizes.ablation_tokenizers[0] else "",
+                       {name: results[name] for name in runs if name.startswith(tok + ",")})
 
 
 ROWS = {"train": row_train, "decode": row_decode, "prepare": row_prepare, "cuda": row_cuda, "to-loss": row_to_loss,
-        "tokenizers": row_tokenizers}
+        "tokenizers": row_tokenizers, "ablation": row_ablation}
 
 
 def row_names(text):
@@ -893,12 +1005,13 @@ def main(argv=None):
         quiet_transformers()
         sys.exit(1 if gpu_check(args.quick, device, args.out, args.nanogpt) else 0)
     sizes, rounds = (QUICK, args.rounds or 2) if args.quick else (FULL, args.rounds or 5)
-    sizes = dataclasses.replace(sizes, text=args.text)
+    sizes = dataclasses.replace(sizes, text=args.text, race_rounds=args.rounds or sizes.race_rounds)
     device = distributed.pick_device(args.device)
     torch.manual_seed(0)
     quiet_transformers()
     print(machine(device))
-    print(f"{rounds} alternating rounds per row{' (--quick: tiny sizes, not a measurement)' if args.quick else ''}\n")
+    print(f"{rounds} alternating rounds per row, {sizes.race_rounds} runs each in rows 5-7"
+          f"{' (--quick: tiny sizes, not a measurement)' if args.quick else ''}\n")
     print(COLUMNS)
     for name in args.rows:
         ROWS[name](sizes, rounds, device)

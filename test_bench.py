@@ -2,13 +2,15 @@
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from bench import run_in_turn
+import bench as bench_py
 from conftest import english_text
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +31,7 @@ def test_quick_bench_prints_every_row(tmp_path):
     (tmp_path / "text.txt").write_bytes(english_text(100_000))
     result = bench("--quick", "--text", tmp_path / "text.txt")
     assert result.returncode == 0, result.stderr
-    for row in ("1 train", "2 decode", "3 prepare", "4 cuda", "6 tokens"):
+    for row in ("1 train", "2 decode", "3 prepare", "4 cuda", "5 to loss", "6 tokens", "7 ablate"):
         assert has_row(row, result.stdout), f"no row {row!r} in:\n{result.stdout}"
     assert "ours == HF, 16 greedy tokens: yes" in result.stdout
     assert "peak RSS" in result.stdout
@@ -101,18 +103,38 @@ def test_an_unknown_row_is_one_line_before_any_work():
     assert result.returncode == 2 and "unknown row 'sprint'" in result.stderr and result.stdout == ""
 
 
-def test_row_6_runs_its_training_runs_one_after_another(tmp_path):
-    """Started at once, row 6's four runs oversubscribed a 2-core machine: run_in_turn starts each only once the one
-    before has ended. Each command here notes its start and end in one file and prints two lines, which come back
-    in order with the seconds from its start; a failed run is an error that names it."""
-    notes = tmp_path / "notes"
-    script = ("import sys, time\n"
-              "note = lambda what: open(sys.argv[2], 'a').write(what + ' ' + sys.argv[1] + '\\n')\n"
-              "note('start'); print('first', flush=True); time.sleep(0.3); print('second'); note('end')\n")
-    logs = run_in_turn({name: [sys.executable, "-c", script, name, str(notes)] for name in ("A", "B", "C")})
-    assert notes.read_text().splitlines() == ["start A", "end A", "start B", "end B", "start C", "end C"]
-    assert list(logs) == ["A", "B", "C"]
-    for lines in logs.values():
-        assert [text for _, text in lines] == ["first\n", "second\n"] and 0 < lines[0][0] <= lines[1][0]
-    with pytest.raises(RuntimeError, match="the run on B failed"):
-        run_in_turn({"A": [sys.executable, "-c", "pass"], "B": [sys.executable, "-c", "raise SystemExit(3)"]})
+def write_metrics(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_to_target_counts_training_time_only_and_reads_the_crossing_off_the_line_between_evaluations(tmp_path):
+    """Each logged step says how fast the steps since the last one ran: 25 steps of B x T tokens at tokens_per_s. An
+    evaluation's own time is not in it. The target 2.7205 lies between 2.8 (at 2 s) and 2.6 (at 3 s)."""
+    tokens = bench_py.transformer.RECIPE["batch_size"] * 64 * 25
+    write_metrics(tmp_path, [{"step": 1, "loss": 5.0}, *[
+        {"step": s, "loss": 3.0, "tokens_per_s": tokens / 1.0, "val_bpb": bpb}
+        for s, bpb in ((25, 3.0), (50, 2.8), (75, 2.6), (100, 2.5))]])
+    (seconds, step), total = bench_py.to_target(tmp_path, 2.7205)
+    assert step == 75 and seconds == pytest.approx(2 + (2.8 - 2.7205) / 0.2) and total == pytest.approx(4.0)
+    assert bench_py.to_target(tmp_path, 2.0) == ((None, None), pytest.approx(4.0))  # never reached
+
+
+def test_race_runs_one_at_a_time_in_alternating_order(tmp_path, monkeypatch):
+    """Started at once, training runs oversubscribed a 2-core machine: race starts each with subprocess.run, which
+    returns when the run has ended, and reverses the order every other round. (bench.py --quick runs it for real.)"""
+    started = []
+
+    def run(argv, **kwargs):
+        if "--eval" in argv:
+            return subprocess.CompletedProcess(argv, 0, stdout="val: loss 1.0 | 2.5000 bits per byte\n")
+        out = argv[argv.index("--out-dir") + 1]
+        started.append(argv[argv.index("--data") + 1])
+        write_metrics(pathlib.Path(out), [{"step": 25, "loss": 1.0, "tokens_per_s": 1e9, "val_bpb": 2.5}])
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(bench_py, "whole_val_iters", lambda data: 3)
+    monkeypatch.setattr(bench_py.subprocess, "run", run)
+    results = bench_py.race({"A": ("a", []), "B": ("b", ["--mlp", "relu2"])}, 3, torch.device("cpu"), bench_py.FULL)
+    assert started == ["a", "b", "b", "a", "a", "b"]
+    assert [len(r) for r in results.values()] == [3, 3] and results["A"][0][1:3] == (25, 2.5)
