@@ -90,6 +90,22 @@ def newest(path):
     return found[0]
 
 
+def read_state(path):
+    """What a checkpoint of either format says, weights included only for ckpt.pt (memory-mapped: read as used)."""
+    return read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+
+
+def trained_args(out_dir):
+    """The command line (vars(args)) that wrote out_dir's newest readable checkpoint, or {} where there is none:
+    what --resume continues."""
+    for path in find_checkpoints(out_dir):
+        try:
+            return dict(read_state(path)["args"])
+        except (ValueError, KeyError):  # unreadable, or not ours: resuming says so, or falls back to an older one
+            continue
+    return {}
+
+
 class Unreadable(ValueError):
     """A checkpoint that is there but cannot be read (truncated, corrupt): resuming falls back to an older one."""
 

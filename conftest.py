@@ -116,10 +116,18 @@ def english_text(n_bytes, seed=0):
         return real[:n_bytes]
     words = ("the king and queen of hearts shall speak to thee my lord what say you now good night sweet prince "
              "o romeo wherefore art thou gentle sir i pray come hither and be gone with all the world").split()
+    # and 2,000 made-up words of 2-4 syllables, one word in three: the default run's bpe:1024 finds enough pairs to
+    # merge in 20 KB of it, as in tiny Shakespeare (45 words alone hold a few hundred merges)
+    syllables = [a + b for a in "bcdfghklmnprstvw" for b in "aeiou"] + ["th", "st", "ng", "ck", "sh", "qu"]
+    made_up = ["".join(random.Random(i).choices(syllables, k=2 + i % 3)) for i in range(2000)]
     speakers = ["ROMEO", "JULIET", "KING HENRY", "First Citizen", "MENENIUS", "LADY CAPULET"]
     rng, parts, size = random.Random(seed), [], 0
+
+    def word():
+        return rng.choice(made_up) if rng.random() < 1 / 3 else rng.choice(words)
+
     while size < n_bytes:
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(",.;!?:")
+        lines = [" ".join(word() for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(",.;!?:")
                  for _ in range(rng.randint(1, 5))]
         part = f"{rng.choice(speakers)}:\n" + "\n".join(lines) + "\n\n"
         parts.append(part)

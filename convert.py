@@ -446,7 +446,8 @@ def check_gguf_family(family):
     another model, so NanoChat is refused, before anything is written."""
     if family not in ("gpt2", "llama"):
         raise ValueError(f"--export-gguf: llama.cpp has no {HF_CLASSES[family]} architecture (its norms, QK-norm, "
-                         "ReLU² and soft-cap in one graph): use --export-hf, which transformers runs")
+                         "ReLU² and soft-cap in one graph): use --export-hf, which transformers runs, or train with "
+                         "--arch llama for llama.cpp")
 
 
 def import_gguf():

@@ -12,8 +12,6 @@ import importlib.util
 import math
 import os
 
-import torch
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block): 'transformer.py: error: ...', exit status 2."""
@@ -59,6 +57,8 @@ def in_range(low, high=math.inf, low_open=False, high_open=False):
 
 def device_name(text):
     """An argparse type: 'auto' or a device torch knows and this machine has (cpu, cuda, cuda:1, mps)."""
+    import torch  # here, not at the top: prepare_data.py reads flags with this file and never needs torch (~1 s)
+
     if text == "auto":
         return text
     try:
@@ -92,6 +92,15 @@ READS = {
 }
 
 
+# What --resume takes from its checkpoint's command line when not given: the data, the model and the optimization,
+# so that `--resume` alone continues the run as it was started, whatever today's defaults are. Not the machine's
+# flags (device, dtype, compile, --fsdp, the checkpoint format): a run resumes on another machine or process count.
+RESUMED = ("data", "arch", *ARCH_FLAGS, "size", "n_layer", "n_head", "n_embd", "block_size", "seq_len", "dropout",
+           "batch_size", "total_batch_tokens", "max_steps", "optimizer", "lr", "muon_lr", "min_lr", "warmup_steps",
+           "lr_decay_steps", "weight_decay", "grad_clip", "seed", "log_every", "eval_every", "eval_iters",
+           "ckpt_every", "hellaswag_every", "hellaswag")
+
+
 def command(args):
     """Which of READS's commands a command line runs."""
     if args.export_hf or args.export_gguf:
@@ -105,7 +114,7 @@ def command(args):
 
 def check_flags(p, args, given):
     """What no single flag can check, bar the model's shape (transformer.py's check_args): flags the command does not
-    read (given: the flags set to other than their defaults, by name), and flags that must agree with each other."""
+    read (given: the flags typed on the command line, by name), and flags that must agree with each other."""
     what = command(args)
     for name in given:
         if name not in READS[what]:
@@ -142,7 +151,10 @@ def check_flags(p, args, given):
         p.error("--wandb needs the wandb package: pip install wandb")
     if args.hellaswag is not None and args.hellaswag_every is None:
         p.error("--hellaswag goes with --eval or --hellaswag-every")
-    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    if args.optimizer == "muon":
+        import torch
+
+        if not hasattr(torch.optim, "Muon"):
+            p.error(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if args.min_lr > args.lr:
         p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")

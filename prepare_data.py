@@ -1,8 +1,9 @@
 """
 prepare_data.py: turn text into the token shards that transformer.py trains on.
 
-    python prepare_data.py --tokenizer byte --out data/shakespeare_byte   # tiny Shakespeare as bytes
-    python prepare_data.py --input my.txt                                 # a text file, GPT-2 BPE -> data/my_gpt2
+    python prepare_data.py --tokenizer bpe:1024 --out data/shakespeare_bpe1024   # the default run's data
+    python prepare_data.py --tokenizer byte --out data/shakespeare_byte         # tiny Shakespeare as bytes
+    python prepare_data.py --input my.txt                                       # GPT-2 BPE -> data/my_gpt2
     python prepare_data.py --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb
     python prepare_data.py --dataset json --data-files a.jsonl b.jsonl --out data/mine
 

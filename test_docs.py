@@ -21,6 +21,7 @@ import pytest
 import bench
 import conftest
 import prepare_data
+import shards
 import transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -50,8 +51,9 @@ EXTERNAL = {
     "echo": "writes a file for ollama", "cd": "a shell built-in",
     ".ci/run": "CI itself: builds a venv (checked: it exists and is executable)",
 }
-STEP_FLAGS = {"--max-steps": 850, "--warmup-steps": 50, "--eval-every": 100, "--log-every": 100,
-              "--ckpt-every": 1000, "--lr-decay-steps": None}  # None: only when the command gives it
+STEP_FLAGS = {f"--{k.replace('_', '-')}": transformer.RECIPE[k] for k in ("max_steps", "warmup_steps", "eval_every",
+                                                                          "log_every", "ckpt_every")}
+STEP_FLAGS["--lr-decay-steps"] = None  # None: only when the command gives it
 TINY_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 
 
@@ -137,7 +139,7 @@ def replaced(argv, flag, value):
 
 def tiny_training(argv):
     """A training command at a tiny size: step counts divided by 100 (rounded up, so their order stays) and at
-    most 10 (--resume to 4000 still trains on after the default run's 9 steps); a 2-layer, 32-wide model,
+    most 10 (--resume to 4000 still trains on after the default run's few steps); a 2-layer, 32-wide model,
     16-token windows of 2 sequences, one val batch, on the CPU."""
     for flag, default in STEP_FLAGS.items():
         given = value_of(argv, flag)
@@ -262,7 +264,8 @@ def workspaces(tmp_path_factory):
     with monkeypatch_context() as mp:
         mp.chdir(base)
         mp.setattr(transformer, "peak_flops", lambda device: (1e12, "docs test: not measured"))
-        prepare_data.main(["--tokenizer", "byte", "--out", "data/shakespeare_byte"])  # what the default run does
+        prepare_data.main(["--tokenizer", shards.DEFAULT_TOKENIZER, "--out", shards.DEFAULT_DATA])  # as the default
+        prepare_data.main(["--tokenizer", "byte", "--out", "data/shakespeare_byte"])  # run does; bytes, as docs show
         kind, program, argv = plan({}, DEFAULT_RUN)
         run(program, argv, mp)
     return base

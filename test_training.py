@@ -517,13 +517,15 @@ def test_finetuning_a_model_whose_vocab_is_larger_than_the_data_tokenizer_finish
     assert status == 0, err.strip().splitlines()[-1:]
 
 
-def test_without_data_the_main_job_prepares_input_txt_as_bytes_on_first_use(tmp_path, monkeypatch):
-    """The real path, no stubs: prepare_data.py runs as a program, then training reads its shards."""
+def test_without_data_the_main_job_prepares_input_txt_as_a_bpe_learned_from_its_train_split(tmp_path, monkeypatch):
+    """The real path, no stubs: prepare_data.py runs as a program (bpe:1024 on input.txt's train split), then
+    training reads its shards."""
     (tmp_path / "input.txt").write_bytes(english_text(20_000))
     monkeypatch.chdir(tmp_path)
     transformer.main(["--out-dir", "out", *TINY, "--max-steps", "2"])
-    meta = json.loads((tmp_path / "data" / "shakespeare_byte" / "meta.json").read_text())
-    assert meta["vocab_size"] == 256 and len(metrics(tmp_path / "out")) == 2
+    meta = json.loads((tmp_path / "data" / "shakespeare_bpe1024" / "meta.json").read_text())
+    assert meta["tokenizer"] == "bpe:1024" and meta["vocab_size"] <= 1024 and len(metrics(tmp_path / "out")) == 2
+    assert meta["splits"]["val"]["bytes"] == round(20_000 * 0.1)  # the tail `byte` holds out, never learned from
 
 
 def test_without_data_and_offline_the_main_job_stops_with_prepare_datas_one_line(tmp_path, monkeypatch, capfd):
@@ -548,7 +550,7 @@ def test_the_cli_defaults_are_the_mini_size_preset():
     """One source of defaults: what the flags leave open is GPTConfig.preset's."""
     args = transformer.parse_args([])
     config = transformer.model_config(args, vocab_size=256)
-    assert config == GPTConfig.preset("mini", "llama", vocab_size=256)
+    assert config == GPTConfig.preset("mini", transformer.RECIPE["arch"], vocab_size=256)
     assert args.seq_len == config.block_size == 64
 
 
@@ -854,7 +856,8 @@ def test_muon_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path):
 
 def test_resuming_with_another_optimizer_is_a_one_line_error(data, tmp_path, one_line_error):
     train(data, tmp_path, "--optimizer", "muon", "--max-steps", "2")
-    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "4", "--resume"])
+    line = one_line_error(["--data", data, "--out-dir", str(tmp_path), *TINY, "--max-steps", "4", "--resume",
+                           "--optimizer", "adamw"])  # typed, though at its default: not the checkpoint's muon
     assert "was trained with --optimizer muon" in line
 
 

@@ -3,7 +3,7 @@ transformer.py: a GPT you can read top to bottom, train on a CPU, a GPU or many,
 
     python transformer.py                          # prepare tiny Shakespeare, train, save, print a sample
     python transformer.py --sample --ckpt checkpoints/ckpt.pt --prompt "ROMEO:"
-    python transformer.py --eval --ckpt checkpoints/ckpt.pt --data data/shakespeare_byte
+    python transformer.py --eval --ckpt checkpoints/ckpt.pt --data data/shakespeare_bpe1024
     python transformer.py --export-hf out/hf --export-gguf out/model.gguf --ckpt checkpoints/ckpt.pt
     torchrun --standalone --nproc_per_node=8 transformer.py --data data/fineweb --arch gpt2 ...
 
@@ -54,10 +54,10 @@ import torch.nn.functional as F
 
 import convert
 import hellaswag
-from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_train_state
+from checkpoint import CKPT_FORMAT, Checkpoints, Unreadable, find_checkpoints, load_checkpoint, read_state, trained_args
 from distributed import Distributed, StopSignal, pick_device, rng_state, seed_rng, synchronize, wrap_model
 from files import typed_prompts
-from flagtypes import ARCH_FLAGS, ArgumentParser, at_least, check_flags, command, device_name, in_range
+from flagtypes import ARCH_FLAGS, RESUMED, ArgumentParser, at_least, check_flags, command, device_name, in_range
 from metrics import MetricsLog, log_line, mfu, peak_flops, plot_run, run_summary
 from optimizers import Optimizers
 from shards import DEFAULT_DATA, find_shards, load_shard, prepare_default_data, read_meta
@@ -135,7 +135,7 @@ MLPS = ("gelu", "swiglu", "relu2")
 
 SIZES = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),  # for tests
-    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # the default run: Shakespeare's characters, a CPU
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),  # the default run: tiny Shakespeare, a CPU
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -156,15 +156,16 @@ ARCHS = {
 }
 
 
-# The default run, as nanoGPT's train.py opens with its defaults: a small LLaMA-style model on tiny Shakespeare's
-# characters (prepared on first use), sized so that a 2-core CPU beats nanoGPT's CPU recipe in about half its time
-# (README: "Results"). The command line (section 14) takes its defaults from here; each flag overrides one.
+# The default run, as nanoGPT's train.py opens with its defaults: a small nanochat-style model (section 1's ARCHS) on
+# tiny Shakespeare in a BPE of 1,024 tokens learned from its train split (prepared on first use: shards.py), which
+# on a 2-core CPU reaches nanoGPT's CPU loss in under a third of nanoGPT's time. Each choice won a race of whole runs
+# (docs/results.md: "Tokenizers", "Ablation"). The command line (section 14) takes its defaults from here.
 RECIPE = dict(
-    arch="llama", size="mini",  # the model: GPTConfig.preset(size, arch); T = the size's block_size, 64
-    batch_size=12, max_steps=850,  # B = 12 windows of 64 characters a step, 850 steps
+    arch="nanochat", size="mini",  # the model: GPTConfig.preset(size, arch); T = the size's block_size, 64 tokens
+    batch_size=12, max_steps=350,  # B = 12 windows of 64 tokens a step, 350 steps
     lr=2e-3, min_lr=2e-4, warmup_steps=50,  # AdamW's lr: a short linear warmup, then a cosine to a tenth of it
     muon_lr=0.02, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
-    log_every=100, eval_every=100, eval_iters=20, ckpt_every=1000,  # eval: 9 points for loss.png, ~6% of the time
+    log_every=50, eval_every=50, eval_iters=20, ckpt_every=1000,  # eval: 8 points for loss.png, ~8% of the time
     seed=1337,  # the initial weights, the data order and dropout all follow from it
 )
 
@@ -574,8 +575,8 @@ class GPT(nn.Module):
 # waits for a tokenizer (tokenizer.py). The ids lie in shards (shards.py, llm.c's read as
 # they are), memory-mapped as uint16 or uint32. meta.json names the tokenizer and counts
 # each split's tokens and the UTF-8 bytes they spell: a loss per token also reads as bits
-# per byte, the scale on which tokenizers compare. The default run's data, tiny Shakespeare's
-# characters, is made on first use (shards.prepare_default_data).
+# per byte, the scale on which tokenizers compare. The default run's data, tiny Shakespeare in
+# a BPE learned from its train split, is made on first use (shards.prepare_default_data).
 
 
 def bits_per_byte(loss, n_tokens, n_bytes):
@@ -733,7 +734,7 @@ def resume(args, model, optimizer, scaler, loader, meta, dist, device, checkpoin
         raise ValueError(f"{os.path.join(args.out_dir, 'ckpt.pt')}: no such checkpoint")
     for path in found if args.resume else []:
         try:
-            ckpt = read_train_state(path) if os.path.isdir(path) else load_checkpoint(path)
+            ckpt = read_state(path)
             check_resumable(ckpt, model.config, args.optimizer, meta, path)
             ckpt = checkpoints.load(path, ckpt, model, optimizer, rng_state(device))
         except Unreadable as e:
@@ -1421,20 +1422,28 @@ def parse_args(argv=None):
     g.add_argument("--export-gguf", metavar="FILE", help="write a new GGUF file for llama.cpp (pip install gguf)")
     g.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16"], help="the matrices'; the rest stays f32")
     args = p.parse_args(argv)
-    check_args(p, args, given=[name for name, value in vars(args).items() if value != p.get_default(name)])
+    for action in p._actions:  # parsed again without defaults, only the flags typed remain: given, even at a default
+        action.default = argparse.SUPPRESS
+    check_args(p, args, given=list(vars(p.parse_args(argv))))
     return args
 
 
 def check_args(p, args, given):
     """What no single flag can check: check_flags (flagtypes.py) refuses a flag the command does not read and flags
-    that disagree (given: those not at their defaults); here GPTConfig judges the shape. p.error: one line."""
+    that disagree (given: those typed on the command line); here GPTConfig judges the shape. p.error: one line."""
     check_flags(p, args, given)
     if command(args) != "training":
         return
+    # --resume continues the run its checkpoint holds: each flag not given is that run's, not today's default (a
+    # run from --init-from took its shape from the weights, and takes it from them again)
+    shape_flags = ("size", "n_layer", "n_head", "n_embd", "block_size", *ARCH_FLAGS)
+    run = trained_args(args.out_dir) if args.resume else {}
+    for name in RESUMED:
+        if name in run and name not in given and not (run.get("init_from") and name in shape_flags):
+            setattr(args, name, run[name])
     # The model: GPTConfig is the one judge of a shape and the presets the one source of defaults, so the flags
     # build the config here (the data's vocabulary is read later, and cannot make a shape impossible).
-    shape = [f for f in ("size", "n_layer", "n_head", "n_embd", "block_size", *ARCH_FLAGS)
-             if getattr(args, f) is not None]
+    shape = [f for f in shape_flags if getattr(args, f) is not None]
     if args.init_from and shape:  # HF weights fix all of these; a flag that cannot act is refused, not ignored
         p.error(f"--init-from {args.init_from} brings its own shape: drop --{shape[0].replace('_', '-')}")
     args.block_size = args.block_size or args.seq_len  # --seq-len 256 alone trains a 256-token model
