@@ -696,7 +696,7 @@ def trained(tmp_path, *flags):
 
 @pytest.mark.slow
 def test_cli_exports_a_freshly_trained_checkpoint_that_transformers_runs(tmp_path):
-    model = trained(tmp_path)
+    model = trained(tmp_path, "--arch", "llama")  # what llama.cpp runs (the default, nanochat's, is refused below)
     printed, _ = cli(tmp_path, "--ckpt", "out/ckpt.pt", "--export-hf", "hf", "--export-gguf", "model.gguf")
     assert "wrote hf: LlamaForCausalLM" in printed and "wrote model.gguf" in printed
     x = idx(256)
