@@ -821,10 +821,15 @@ def run_nanogpt(folder, steps):
     return seconds, float(re.findall(r"val loss (\d+\.\d+)", result.stdout)[-1])
 
 
+def default_window():
+    """(B, T) of the default run: the windows a step of rows 6 and 7 reads."""
+    return transformer.RECIPE["batch_size"], transformer.SIZES[transformer.RECIPE["size"]]["block_size"]
+
+
 def whole_val_iters(data_dir):
     """--eval-iters with which the default run's val estimate reads every val window of its cut once: the whole
     val split but for fewer than B x (T + 1) tokens at its ends, as many as an epoch's offset leaves out."""
-    B, T = transformer.RECIPE["batch_size"], transformer.SIZES[transformer.RECIPE["size"]]["block_size"]
+    B, T = default_window()
     n = sum(len(shards.load_shard(f)) for f in shards.find_shards(data_dir, "val"))
     return max(1, (n - T) // T // B)  # the windows of the worst offset (T - 1), whole steps of B of them
 
@@ -835,7 +840,7 @@ def to_target(folder, target):
     that estimate and the one before. Training time only: each logged step says
     how fast the steps since the last one ran (tokens_per_s), which leaves out start-up, the evaluations and
     saving, so the time does not depend on how often the run evaluates."""
-    B, T = transformer.RECIPE["batch_size"], transformer.SIZES[transformer.RECIPE["size"]]["block_size"]
+    B, T = default_window()
     seconds, last, reached, before = 0.0, 0, (None, None), None
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         records = [json.loads(text) for text in f]

@@ -165,7 +165,7 @@ RECIPE = dict(
     batch_size=12, max_steps=350,  # B = 12 windows of 64 tokens a step, 350 steps
     lr=2e-3, min_lr=2e-4, warmup_steps=50,  # AdamW's lr: a short linear warmup, then a cosine to a tenth of it
     muon_lr=0.02, weight_decay=0.1, grad_clip=1.0, dropout=0.0,
-    log_every=50, eval_every=50, eval_iters=20, ckpt_every=1000,  # eval: 8 points for loss.png, ~8% of the time
+    log_every=50, eval_every=50, eval_iters=20, ckpt_every=1000,  # eval: 7 points for loss.png, ~8% of the time
     seed=1337,  # the initial weights, the data order and dropout all follow from it
 )
 
